@@ -1,0 +1,38 @@
+# herd: the two commands of the README, plus a few helpers.
+PYTHON ?= python3.11
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: train test test-fast lint bench clean-venv env
+
+# Create the virtual environment once; reinstall when the package metadata changes.
+# torch is pinned first so that lightning does not pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet torch==2.13.0 -e '.[dev]'
+	@touch $(STAMP)
+
+env: $(STAMP)
+
+## make train: tiny pretraining on the embedded corpus (no download).
+train: $(STAMP)
+	$(PY) -m herd.train $(ARGS)
+
+## make test: the whole suite, slow tests included.
+test: $(STAMP)
+	$(PY) -m pytest $(ARGS)
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow" $(ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests bench
+
+bench: $(STAMP)
+	$(PY) bench/backbone.py
+
+clean-venv:
+	rm -rf $(VENV)
