@@ -1,0 +1,8 @@
+"""The Llama 3 backbone in plain PyTorch: no Lightning, no Hydra, no file I/O."""
+
+from herd.model.attention import KVCache
+from herd.model.config import ModelConfig, RopeScaling
+from herd.model.generate import generate
+from herd.model.transformer import Transformer, default_position_ids
+
+__all__ = ["KVCache", "ModelConfig", "RopeScaling", "Transformer", "default_position_ids", "generate"]

@@ -1,0 +1,369 @@
+"""Read and write model directories in the Hugging Face Llama layout.
+
+A directory holds ``config.json``, the weights as ``model.safetensors`` or as shards with
+``model.safetensors.index.json``, and optionally the tokenizer files. Such a directory is what
+every herd stage starts from and exports, and what ``transformers.AutoModelForCausalLM`` loads.
+
+Only safetensors are read: pickled ``*.bin``/``*.pt`` weights are refused, never unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from herd.model import ModelConfig, Transformer
+
+SAFETENSORS_FILE = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+
+# herd parameter name <-> Hugging Face LlamaForCausalLM parameter name.
+_LAYER_NAMES = {
+    "attention.wq": "self_attn.q_proj",
+    "attention.wk": "self_attn.k_proj",
+    "attention.wv": "self_attn.v_proj",
+    "attention.wo": "self_attn.o_proj",
+    "feed_forward.w1": "mlp.gate_proj",
+    "feed_forward.w3": "mlp.up_proj",
+    "feed_forward.w2": "mlp.down_proj",
+    "attention_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+_TOP_NAMES = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+              "output.weight": "lm_head.weight"}
+_HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)\.weight$")
+_IGNORED_HF_TENSORS = re.compile(r"rotary_emb\.inv_freq$")
+
+
+class CheckpointError(ValueError):
+    """A model directory that herd cannot load as it is."""
+
+
+def herd_to_hf_name(name: str) -> str:
+    """``layers.3.attention.wq.weight`` -> ``model.layers.3.self_attn.q_proj.weight``."""
+    if name in _TOP_NAMES:
+        return _TOP_NAMES[name]
+    match = re.match(r"^layers\.(\d+)\.(.+)\.weight$", name)
+    if match and match.group(2) in _LAYER_NAMES:
+        return f"model.layers.{match.group(1)}.{_LAYER_NAMES[match.group(2)]}.weight"
+    raise KeyError(f"herd parameter {name!r} has no Hugging Face Llama name")
+
+
+def hf_to_herd_name(name: str) -> str | None:
+    """The inverse of :func:`herd_to_hf_name`; None for a name herd does not know."""
+    for herd_name, hf_name in _TOP_NAMES.items():
+        if name == hf_name:
+            return herd_name
+    match = _HF_LAYER.match(name)
+    if match:
+        for herd_part, hf_part in _LAYER_NAMES.items():
+            if match.group(2) == hf_part:
+                return f"layers.{match.group(1)}.{herd_part}.weight"
+    return None
+
+
+# ---------------------------------------------------------------------------------------- config
+
+
+def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> ModelConfig:
+    """Translate a Hugging Face Llama ``config.json`` mapping into a ModelConfig."""
+    model_type = hf.get("model_type")
+    if model_type != "llama":
+        raise CheckpointError(f"{source}: model_type is {model_type!r}; herd loads Llama checkpoints ('llama')")
+    for flag in ("attention_bias", "mlp_bias"):
+        if hf.get(flag):
+            raise CheckpointError(f"{source}: {flag}=true is not a Llama 3 architecture; herd has no biases")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise CheckpointError(f"{source}: hidden_act={hf['hidden_act']!r}; Llama 3 uses 'silu'")
+    try:
+        dim, n_heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
+        head_dim = hf.get("head_dim") or dim // n_heads
+        if head_dim * n_heads != dim:
+            raise CheckpointError(f"{source}: head_dim={head_dim} x num_attention_heads={n_heads} != hidden_size={dim}")
+        theta, scaling = _rope_from_hf(hf)
+        return ModelConfig(
+            dim=dim,
+            n_layers=int(hf["num_hidden_layers"]),
+            n_heads=n_heads,
+            n_kv_heads=int(hf.get("num_key_value_heads") or n_heads),
+            vocab_size=int(hf["vocab_size"]),
+            intermediate_size=int(hf["intermediate_size"]),
+            norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            max_seq_len=int(hf.get("max_position_embeddings", 8192)),
+            tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        )
+    except KeyError as err:
+        raise CheckpointError(f"{source} lacks the key {err.args[0]!r} that a Llama config needs") from None
+    except ValueError as err:
+        if isinstance(err, CheckpointError):
+            raise
+        raise CheckpointError(f"{source}: {err}") from None
+
+
+def _rope_from_hf(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
+    # transformers >= 5 keeps everything in rope_parameters; 4.x used rope_theta + rope_scaling.
+    params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    theta = float(params.pop("rope_theta", hf.get("rope_theta", 10000.0)))
+    kind = params.get("rope_type", params.get("type", "default"))
+    return theta, (params if kind != "default" else None)
+
+
+def config_to_hf(config: ModelConfig, *, dtype: torch.dtype, bos_token_id: int | None = None,
+                 eos_token_id: int | list[int] | None = None):
+    """A ``transformers.LlamaConfig`` describing the same model."""
+    from transformers import LlamaConfig
+
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": config.rope_theta}
+    if config.rope_scaling is not None:
+        s = config.rope_scaling
+        rope = {"rope_type": "llama3", "rope_theta": config.rope_theta, "factor": s.factor,
+                "low_freq_factor": s.low_freq_factor, "high_freq_factor": s.high_freq_factor,
+                "original_max_position_embeddings": s.original_max_position_embeddings}
+    hf = LlamaConfig(
+        vocab_size=config.vocab_size,
+        hidden_size=config.dim,
+        intermediate_size=config.ffn_hidden_dim,
+        num_hidden_layers=config.n_layers,
+        num_attention_heads=config.n_heads,
+        num_key_value_heads=config.n_kv_heads,
+        head_dim=config.head_dim,
+        hidden_act="silu",
+        max_position_embeddings=config.max_seq_len,
+        rms_norm_eps=config.norm_eps,
+        rope_parameters=rope,
+        tie_word_embeddings=config.tie_embeddings,
+        bos_token_id=bos_token_id,
+        eos_token_id=eos_token_id,
+        attention_bias=False,
+        mlp_bias=False,
+    )
+    hf.architectures = ["LlamaForCausalLM"]
+    hf.dtype = dtype
+    return hf
+
+
+# ------------------------------------------------------------------------------------------ load
+
+
+def load(path: str | Path, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> Transformer:
+    """Read a Hugging Face Llama directory into a herd Transformer.
+
+    ``dtype`` converts the weights (None keeps the stored dtype). The model is built on the meta
+    device and the stored tensors are assigned, so nothing is allocated twice.
+    """
+    path = Path(path)
+    config = read_config(path)
+    check_tokenizer(path, config)
+    files = weight_files(path)
+    with torch.device("meta"):
+        model = Transformer(config)
+    expected = {name: tuple(p.shape) for name, p in model.named_parameters()}  # tied weights listed once
+    state: dict[str, torch.Tensor] = {}
+    for file, hf_name, tensor in _iter_tensors(files, device):
+        name = hf_to_herd_name(hf_name)
+        if name is None:
+            if _IGNORED_HF_TENSORS.search(hf_name):
+                continue
+            raise CheckpointError(f"{file}: tensor {hf_name!r} is not part of a Llama model; remove it or "
+                                  "convert the checkpoint")
+        if name == "output.weight" and config.tie_embeddings:
+            continue  # some tied checkpoints store the head anyway; it is the embedding
+        if name not in expected:
+            raise CheckpointError(f"{file}: tensor {hf_name!r} does not fit config.json "
+                                  f"(n_layers={config.n_layers})")
+        if tuple(tensor.shape) != expected[name]:
+            raise CheckpointError(f"{file}: tensor {hf_name!r} has shape {tuple(tensor.shape)}, "
+                                  f"config.json implies {expected[name]}")
+        state[name] = tensor.to(dtype) if dtype is not None else tensor
+    missing = sorted(herd_to_hf_name(n) for n in expected if n not in state)
+    if missing:
+        shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        raise CheckpointError(f"{path}: the checkpoint is missing tensor(s) {shown}")
+    if config.tie_embeddings:
+        state["output.weight"] = state["tok_embeddings.weight"]
+    model.load_state_dict(state, strict=True, assign=True)
+    if config.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    model.rope.to_empty(device=device)
+    model.rope.reset_parameters()
+    return model
+
+
+def read_config(path: Path) -> ModelConfig:
+    """The ModelConfig of a model directory, with errors that name the file."""
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(f"{config_file} does not exist; a model directory needs config.json")
+    try:
+        hf = json.loads(config_file.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{config_file} is not valid JSON: {err}") from None
+    return config_from_hf(hf, str(config_file))
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The safetensors files of a directory, single or sharded (index order)."""
+    path = Path(path)
+    index = path / SAFETENSORS_INDEX
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as err:
+            raise CheckpointError(f"{index} is not a safetensors index (needs 'weight_map'): {err}") from None
+        files = [path / name for name in dict.fromkeys(weight_map.values())]
+        absent = [str(f) for f in files if not f.is_file()]
+        if absent:
+            raise CheckpointError(f"{index} lists shard(s) that do not exist: {absent}")
+        return files
+    single = path / SAFETENSORS_FILE
+    if single.is_file():
+        return [single]
+    pickled = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt*"))
+    hint = (f" It has {pickled}: herd never unpickles weights; convert them to safetensors first."
+            if pickled else "")
+    raise CheckpointError(f"{path} has neither {SAFETENSORS_FILE} nor {SAFETENSORS_INDEX}.{hint}")
+
+
+def _iter_tensors(files: list[Path], device: str | torch.device) -> Iterator[tuple[Path, str, torch.Tensor]]:
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt", device=str(device)) as f:
+                for key in f.keys():  # noqa: SIM118 - safe_open handles are not mappings
+                    yield file, key, f.get_tensor(key)
+        except CheckpointError:
+            raise
+        except Exception as err:  # safetensors raises its own error types for damaged files
+            raise CheckpointError(f"{file} is not a readable safetensors file: {err}") from None
+
+
+def check_tokenizer(path: Path, config: ModelConfig) -> None:
+    """Refuse a tokenizer whose ids do not fit the checkpoint's embedding rows."""
+    tokenizer_file = Path(path) / "tokenizer.json"
+    if not tokenizer_file.is_file():
+        return
+    from tokenizers import Tokenizer
+
+    try:
+        size = Tokenizer.from_file(str(tokenizer_file)).get_vocab_size(with_added_tokens=True)
+    except Exception as err:
+        raise CheckpointError(f"{tokenizer_file} is not a readable tokenizer: {err}") from None
+    if size > config.vocab_size:
+        raise CheckpointError(
+            f"{tokenizer_file} has {size} tokens but config.json's vocab_size is {config.vocab_size}: the "
+            "tokenizer does not belong to this checkpoint; use the tokenizer the model was trained with"
+        )
+
+
+# ------------------------------------------------------------------------------------------ save
+
+
+def save(
+    model: Transformer,
+    path: str | Path,
+    tokenizer: Any = None,
+    *,
+    dtype: torch.dtype | None = None,
+    max_shard_bytes: int = 5 * 1024**3,
+) -> Path:
+    """Write ``model`` as a Hugging Face Llama directory that ``transformers`` loads.
+
+    ``tokenizer`` is a tokenizer directory to copy, or an object with ``save_pretrained(path)`` or
+    ``save(path)``. ``dtype`` converts on the way out (default: the model's dtype). Weights above
+    ``max_shard_bytes`` are split into shards with an index.
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    state = hf_state_dict(model, dtype)
+    out_dtype = next(iter(state.values())).dtype
+    _write_weights(state, path, max_shard_bytes)
+    bos, eos = None, None
+    if tokenizer is not None:
+        bos, eos = _save_tokenizer(tokenizer, path)
+    config_to_hf(model.config, dtype=out_dtype, bos_token_id=bos, eos_token_id=eos).save_pretrained(path)
+    return path
+
+
+def hf_state_dict(model: Transformer, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Model weights under Hugging Face names (the tied head is stored once, as the embedding)."""
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if name == "output.weight" and model.config.tie_embeddings:
+            continue
+        tensor = tensor.detach().to("cpu", dtype=dtype or tensor.dtype).contiguous()
+        state[herd_to_hf_name(name)] = tensor
+    return state
+
+
+def _write_weights(state: dict[str, torch.Tensor], path: Path, max_shard_bytes: int) -> None:
+    for stale in [*path.glob("model*.safetensors"), path / SAFETENSORS_INDEX]:
+        stale.unlink(missing_ok=True)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    metadata = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], str(path / SAFETENSORS_FILE), metadata=metadata)
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, start=1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(path / name), metadata=metadata)
+        weight_map.update(dict.fromkeys(shard, name))
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (path / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _save_tokenizer(tokenizer: Any, path: Path) -> tuple[int | None, int | None]:
+    """Copy or save the tokenizer into ``path``; return its bos/eos ids when it names them."""
+    if isinstance(tokenizer, str | Path):
+        source = Path(tokenizer)
+        if not (source / "tokenizer.json").is_file():
+            raise FileNotFoundError(f"tokenizer directory {source} has no tokenizer.json")
+        if source.resolve() != path.resolve():
+            for name in TOKENIZER_FILES:
+                if (source / name).is_file():
+                    shutil.copy2(source / name, path / name)
+    elif hasattr(tokenizer, "save_pretrained"):
+        tokenizer.save_pretrained(path)
+    elif hasattr(tokenizer, "save"):
+        tokenizer.save(path)
+    else:
+        raise TypeError(f"cannot save tokenizer of type {type(tokenizer).__name__}: pass a directory or an "
+                        "object with save_pretrained(path) or save(path)")
+    return _special_ids(path)
+
+
+def _special_ids(path: Path) -> tuple[int | None, int | None]:
+    config_file, tokenizer_file = path / "tokenizer_config.json", path / "tokenizer.json"
+    if not (config_file.is_file() and tokenizer_file.is_file()):
+        return None, None
+    from tokenizers import Tokenizer
+
+    tok_config = json.loads(config_file.read_text())
+    tok = Tokenizer.from_file(str(tokenizer_file))
+
+    def token_id(key: str) -> int | None:
+        token = tok_config.get(key)
+        if isinstance(token, dict):
+            token = token.get("content")
+        return tok.token_to_id(token) if isinstance(token, str) else None
+
+    return token_id("bos_token"), token_id("eos_token")

@@ -1,0 +1,173 @@
+"""The Llama 3 decoder: embeddings -> blocks (RMSNorm, GQA + RoPE, SwiGLU) -> norm -> head."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from herd.model.attention import Attention, KVCache, build_attention_mask
+from herd.model.config import ModelConfig
+from herd.model.rope import RotaryEmbedding
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm, computed in float32 like the reference implementation."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+        return self.weight * normed
+
+    def reset_parameters(self) -> None:
+        """Unit gain."""
+        nn.init.ones_(self.weight)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm residual block: attention then feed-forward."""
+
+    def __init__(self, config: ModelConfig, layer_id: int) -> None:
+        super().__init__()
+        self.layer_id = layer_id
+        self.attention_norm = RMSNorm(config.dim, config.norm_eps)
+        self.attention = Attention(config, layer_id)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.feed_forward = FeedForward(config.dim, config.ffn_hidden_dim)
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None = None) -> torch.Tensor:
+        """x (batch, seq, dim) -> (batch, seq, dim)."""
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask, cache)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    """A Llama-3-style decoder-only language model.
+
+    Build big models on the meta device and materialise them after sharding::
+
+        with torch.device("meta"):
+            model = Transformer(config)
+        model.to_empty(device="cuda")   # or shard first, then to_empty
+        model.init_weights()
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.rope = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
+        self.layers = nn.ModuleList(TransformerBlock(config, i) for i in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        if not self.tok_embeddings.weight.is_meta:
+            self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02) -> None:
+        """Initialise every parameter and buffer in place (works after ``to_empty``).
+
+        Normal(0, std) for embeddings and projections; the projections that write into the
+        residual stream (wo, w2) are scaled by 1/sqrt(2 * n_layers); norms start at 1.
+        """
+        if self.config.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        nn.init.normal_(self.tok_embeddings.weight, std=std)
+        if not self.config.tie_embeddings:
+            nn.init.normal_(self.output.weight, std=std)
+        residual_std = std / math.sqrt(2 * self.config.n_layers)
+        for block in self.layers:
+            attn, ffn = block.attention, block.feed_forward
+            for linear in (attn.wq, attn.wk, attn.wv, ffn.w1, ffn.w3):
+                nn.init.normal_(linear.weight, std=std)
+            for linear in (attn.wo, ffn.w2):
+                nn.init.normal_(linear.weight, std=residual_std)
+            block.attention_norm.reset_parameters()
+            block.ffn_norm.reset_parameters()
+        self.norm.reset_parameters()
+        self.rope.reset_parameters()
+
+    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
+        """An empty KV cache for decoding up to ``max_len`` positions."""
+        c = self.config
+        weight = self.tok_embeddings.weight
+        return KVCache(
+            c.n_layers, batch, max_len, c.n_kv_heads, c.head_dim, dtype=dtype or weight.dtype, device=weight.device
+        )
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        *,
+        position_ids: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """tokens (batch, seq) -> logits (batch, seq, vocab).
+
+        ``document_ids`` (batch, seq) marks packed documents: attention never crosses a boundary
+        and positions restart at 0 per document unless ``position_ids`` is given. With a
+        ``cache``, positions continue from what it holds and it is advanced.
+        """
+        return self.output(self.hidden_states(tokens, position_ids=position_ids, document_ids=document_ids, cache=cache))
+
+    def hidden_states(
+        self,
+        tokens: torch.Tensor,
+        *,
+        position_ids: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """Final normed hidden states (batch, seq, dim): ``forward`` without the output head.
+
+        Stages that never need full logits (chunked cross-entropy, a reward head) call this.
+        """
+        batch, seq = tokens.shape
+        if position_ids is None:
+            position_ids = default_position_ids(tokens, document_ids, offset=cache.length if cache else 0)
+        mask = build_attention_mask(
+            self.config, batch, seq, tokens.device, document_ids=document_ids, cache=cache
+        )
+        cos, sin = self.rope(position_ids)
+        h = self.tok_embeddings(tokens)
+        for block in self.layers:
+            h = block(h, cos, sin, mask, cache)
+        if cache is not None:
+            cache.advance(seq)
+        return self.norm(h)
+
+
+def default_position_ids(
+    tokens: torch.Tensor, document_ids: torch.Tensor | None = None, offset: int = 0
+) -> torch.Tensor:
+    """Positions 0.. per row, restarting at 0 where ``document_ids`` changes."""
+    batch, seq = tokens.shape
+    index = torch.arange(seq, device=tokens.device).expand(batch, seq)
+    if document_ids is None:
+        return index + offset
+    starts = torch.ones_like(document_ids, dtype=torch.bool)
+    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    doc_start = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values
+    return index - doc_start
