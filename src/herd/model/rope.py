@@ -60,8 +60,10 @@ class RotaryEmbedding(nn.Module):
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (batch, seq, heads, head_dim) by the per-position angles (rotate-half layout)."""
-    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
-    first, second = x.float().chunk(2, dim=-1)
-    rotated = torch.cat((-second, first), dim=-1)
-    return (x.float() * cos + rotated * sin).to(x.dtype)
+    """Rotate x (batch, seq, heads, head_dim) by the per-position angles (rotate-half layout).
+
+    The angles are computed in float32; the rotation runs in x's dtype (bf16 under autocast).
+    """
+    cos, sin = cos[:, :, None, :].to(x.dtype), sin[:, :, None, :].to(x.dtype)
+    first, second = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-second, first), dim=-1) * sin
