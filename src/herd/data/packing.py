@@ -1,0 +1,155 @@
+"""Packing documents into fixed-length rows, and re-cutting rows into training samples.
+
+Prepare side: each document becomes ``<|begin_of_text|> tokens <|end_of_text|>``; a source's
+documents are concatenated in order and cut into rows of ``row_len = seq_len + 1`` tokens, with a
+parallel array of document ids. Rows are disjoint, so every token is stored exactly once. Only
+the last row of a split is padded, with ``end_of_text`` tokens whose document id is
+:data:`PAD_DOCUMENT_ID`.
+
+Read side: :class:`Rechunker` concatenates the rows of a stream and cuts samples of any
+``seq_len + 1``; with the stored length it returns the rows unchanged. A sample's document ids
+are renumbered from 0 and a new id starts wherever the document changes or two rows that were
+not neighbours in the packed stream meet, so attention masks never join unrelated text.
+Targets are the next token, or :data:`IGNORE_INDEX` where the next token belongs to another
+document or either token is padding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+PAD_DOCUMENT_ID = -1
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class PackedRows:
+    """``tokens`` and ``document_ids``, both of shape (rows, row_len)."""
+
+    tokens: np.ndarray
+    document_ids: np.ndarray
+
+
+def with_boundaries(ids: Sequence[int] | np.ndarray, bos_id: int, eos_id: int) -> np.ndarray:
+    """``[bos] + ids + [eos]`` as uint32."""
+    out = np.empty(len(ids) + 2, dtype=np.uint32)
+    out[0], out[-1] = bos_id, eos_id
+    out[1:-1] = ids
+    return out
+
+
+def num_rows(num_tokens: int, row_len: int) -> int:
+    """Rows needed to hold ``num_tokens`` (the last one padded)."""
+    return -(-num_tokens // row_len)
+
+
+def pack_documents(
+    documents: Sequence[np.ndarray], row_len: int, pad_id: int, document_ids: Sequence[int] | None = None
+) -> PackedRows:
+    """Concatenate ``documents`` (token arrays, boundaries included) and cut them into rows."""
+    ids = np.arange(len(documents)) if document_ids is None else np.asarray(document_ids)
+    flat = np.concatenate(documents) if documents else np.zeros(0, dtype=np.uint32)
+    ends = np.cumsum([len(d) for d in documents], dtype=np.int64)
+    return pack_range(flat, ends, ids, row_len, pad_id, 0, num_rows(flat.size, row_len))
+
+
+def pack_range(
+    flat: np.ndarray,
+    document_ends: np.ndarray,
+    document_ids: np.ndarray,
+    row_len: int,
+    pad_id: int,
+    first_row: int,
+    end_row: int,
+) -> PackedRows:
+    """Rows ``first_row .. end_row-1`` of the packed stream ``flat``.
+
+    ``document_ends[i]`` is the end offset of document ``i`` in ``flat``; its id is
+    ``document_ids[i]``. Positions past the end of ``flat`` are padding.
+    """
+    start, stop = first_row * row_len, min(end_row * row_len, flat.size)
+    size = (end_row - first_row) * row_len
+    tokens = np.full(size, pad_id, dtype=np.uint32)
+    tokens[: stop - start] = flat[start:stop]
+    index = np.searchsorted(document_ends, np.arange(start, stop), side="right")
+    docs = np.full(size, PAD_DOCUMENT_ID, dtype=np.int32)
+    docs[: stop - start] = np.asarray(document_ids)[index]
+    return PackedRows(tokens.reshape(-1, row_len), docs.reshape(-1, row_len))
+
+
+def next_token_targets(tokens: np.ndarray, segments: np.ndarray, pad: np.ndarray) -> np.ndarray:
+    """Targets for ``tokens[:-1]``: ``tokens[1:]``, or IGNORE_INDEX across documents and padding."""
+    valid = (segments[1:] == segments[:-1]) & ~pad[1:] & ~pad[:-1]
+    return np.where(valid, tokens[1:].astype(np.int64), IGNORE_INDEX)
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One training sequence: ``tokens``, ``document_ids`` and ``targets``, each of seq_len."""
+
+    tokens: np.ndarray
+    document_ids: np.ndarray
+    targets: np.ndarray
+
+
+class Rechunker:
+    """Cuts a stream of stored rows into samples of ``seq_len + 1`` tokens.
+
+    Feed rows in stream order with :meth:`add`; each call returns the samples completed so far.
+    ``row_index`` is the row's position in its packed split: rows continue each other only when
+    indices are consecutive. Leftover tokens shorter than a sample stay pending (drop them with
+    :meth:`reset` at the end of a pass).
+    """
+
+    def __init__(self, seq_len: int) -> None:
+        if seq_len < 1:
+            raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+        self.sample_len = seq_len + 1
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget pending tokens and the previous row."""
+        self._pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self._pending_len = 0
+        self._segment = 0
+        self._previous: tuple[int, int] | None = None  # (row_index, last document id)
+
+    def add(self, tokens: np.ndarray, document_ids: np.ndarray, row_index: int) -> list[Sample]:
+        """Append one stored row; return the samples it completes."""
+        segments = self._segments(document_ids, row_index)
+        self._pending.append((tokens, segments, document_ids < 0))
+        self._pending_len += len(tokens)
+        samples = []
+        while self._pending_len >= self.sample_len:
+            samples.append(self._cut())
+        return samples
+
+    def _segments(self, document_ids: np.ndarray, row_index: int) -> np.ndarray:
+        """Running segment numbers: +1 at each document change or stream discontinuity."""
+        change = np.empty(len(document_ids), dtype=np.int64)
+        change[1:] = document_ids[1:] != document_ids[:-1]
+        continues = self._previous == (row_index - 1, int(document_ids[0]))
+        change[0] = 0 if continues else 1
+        segments = self._segment + np.cumsum(change)
+        self._segment = int(segments[-1])
+        self._previous = (row_index, int(document_ids[-1]))
+        return segments
+
+    def _cut(self) -> Sample:
+        parts = self._pending
+        tokens, segments, pad = (
+            np.concatenate([p[i] for p in parts]) if len(parts) > 1 else parts[0][i] for i in range(3)
+        )
+        n = self.sample_len
+        rest = (tokens[n:], segments[n:], pad[n:])
+        self._pending = [rest] if len(rest[0]) else []
+        self._pending_len = len(rest[0])
+        tokens, segments, pad = tokens[:n], segments[:n], pad[:n]
+        return Sample(
+            tokens=tokens[:-1].astype(np.int64),
+            document_ids=segments[:-1] - segments[0],
+            targets=next_token_targets(tokens, segments, pad),
+        )

@@ -1,0 +1,86 @@
+"""Tokenizing many documents with several processes, results in input order.
+
+Workers rebuild the tokenizer from its JSON and run single-threaded, so ``num_proc`` processes
+use ``num_proc`` cores. The output does not depend on ``num_proc``: batches are returned in the
+order they were submitted, and tokenization itself is deterministic.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from typing import TypeVar
+
+import numpy as np
+import tokenizers
+
+_worker_tokenizer: tokenizers.Tokenizer | None = None
+T = TypeVar("T")
+
+
+def encode_texts(tokenizer: tokenizers.Tokenizer, texts: list[str]) -> list[np.ndarray]:
+    """Token ids of each text (no special tokens added) as uint32 arrays."""
+    encodings = tokenizer.encode_batch_fast(texts, add_special_tokens=False)
+    return [np.array(encoding.ids, dtype=np.uint32) for encoding in encodings]
+
+
+class ParallelEncoder:
+    """Encode batches of texts in ``num_proc`` worker processes (1 = in this process).
+
+    Use as a context manager; :meth:`map` yields each input batch with its encoded texts, in
+    order, keeping at most ``2 * num_proc`` batches in flight.
+    """
+
+    def __init__(self, tokenizer_json: str, num_proc: int = 1) -> None:
+        if num_proc < 1:
+            raise ValueError(f"num_proc must be >= 1, got {num_proc}")
+        self.num_proc = num_proc
+        self._json = tokenizer_json
+        self._pool = None
+
+    def __enter__(self) -> ParallelEncoder:
+        if self.num_proc > 1:
+            context = multiprocessing.get_context("spawn")
+            self._pool = context.Pool(self.num_proc, initializer=_init_worker, initargs=(self._json,))
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._pool is not None:
+            self._pool.terminate()
+            self._pool.join()
+            self._pool = None
+
+    def map(
+        self, batches: Iterable[T], texts: Callable[[T], list[str]]
+    ) -> Iterator[tuple[T, list[np.ndarray]]]:
+        """``(batch, encoded texts(batch))`` for each batch, in input order."""
+        if self._pool is None:
+            tokenizer = tokenizers.Tokenizer.from_str(self._json)
+            tokenizer.encode_special_tokens = True
+            for batch in batches:
+                yield batch, encode_texts(tokenizer, texts(batch))
+            return
+        pending: deque = deque()
+        for batch in batches:
+            pending.append((batch, self._pool.apply_async(_encode_in_worker, (texts(batch),))))
+            if len(pending) >= 2 * self.num_proc:
+                done, result = pending.popleft()
+                yield done, result.get()
+        while pending:
+            done, result = pending.popleft()
+            yield done, result.get()
+
+
+def _init_worker(tokenizer_json: str) -> None:
+    global _worker_tokenizer
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker process
+    _worker_tokenizer = tokenizers.Tokenizer.from_str(tokenizer_json)
+    _worker_tokenizer.encode_special_tokens = True
+
+
+def _encode_in_worker(texts: list[str]) -> list[np.ndarray]:
+    if _worker_tokenizer is None:
+        raise RuntimeError("tokenizer worker used before _init_worker ran")
+    return encode_texts(_worker_tokenizer, texts)

@@ -1,0 +1,292 @@
+"""WebDataset shards of packed rows, and the manifest that describes them.
+
+A prepared folder looks like::
+
+    manifest.json                 tokenizer, seq_len, counts, shard lists (see Manifest)
+    tokenizer/                    tokenizer.json + tokenizer_config.json
+    <source>/train-000000.tar     WebDataset shards, one sample per packed row:
+    <source>/val-000000.tar         <row>.tokens.npy        (row_len,) uint16 or uint32
+                                    <row>.document_ids.npy  (row_len,) int32, -1 = padding
+
+``<row>`` is the row's index in its packed split, zero-padded to 9 digits. Tar headers are fixed
+(mtime 0, uid/gid 0, no user names, mode 644), so the same inputs give byte-identical shards.
+
+Reading decodes only those two members, with ``numpy.load(allow_pickle=False)``; nothing is ever
+unpickled. Each shard is read whole and checked against the manifest (sha256, row count, row
+indices, shapes, dtypes, token range) before any of its rows is used, so a damaged shard never
+reaches training: it raises :class:`ShardError` naming the shard, or is skipped when the reader
+is configured to.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import webdataset as wds
+from webdataset.tariterators import group_by_keys, tar_file_expander
+
+from herd.data.packing import PackedRows
+from herd.paths import is_url
+
+MANIFEST_FILE = "manifest.json"
+FORMAT = "herd-packed-v1"
+SPLITS = ("train", "val")
+_TOKENS, _DOCS = "tokens.npy", "document_ids.npy"
+
+
+class ShardError(RuntimeError):
+    """A shard is missing, corrupt, truncated, or disagrees with its manifest."""
+
+
+class ManifestError(ValueError):
+    """A manifest is missing, malformed, or does not fit the model."""
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """One shard as listed in a manifest: where it is and what it must contain."""
+
+    url: str
+    rows: int
+    first_row: int
+    sha256: str | None = None
+
+
+# --- writing ------------------------------------------------------------------------------------
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """Smallest unsigned dtype for token ids below ``vocab_size``."""
+    return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
+
+
+def shard_bytes(rows: PackedRows, first_row: int, dtype: np.dtype) -> bytes:
+    """A deterministic tar holding ``rows`` as WebDataset samples ``first_row``, ``first_row+1``..."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for i, (tokens, docs) in enumerate(zip(rows.tokens, rows.document_ids, strict=True)):
+            key = f"{first_row + i:09d}"
+            _add_member(tar, f"{key}.{_TOKENS}", _npy(tokens.astype(dtype)))
+            _add_member(tar, f"{key}.{_DOCS}", _npy(docs.astype(np.int32)))
+    return buffer.getvalue()
+
+
+def write_shard(path: Path, rows: PackedRows, first_row: int, dtype: np.dtype) -> str:
+    """Write a shard atomically; returns its sha256."""
+    data = shard_bytes(rows, first_row, dtype)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_bytes(data)
+    os.replace(partial, path)
+    return hashlib.sha256(data).hexdigest()
+
+
+def _npy(array: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    np.save(out, np.ascontiguousarray(array), allow_pickle=False)
+    return out.getvalue()
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_manifest(folder: Path, manifest: dict[str, Any]) -> Path:
+    """Write ``manifest.json`` (sorted keys, so identical content gives identical bytes)."""
+    path = folder / MANIFEST_FILE
+    path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return path
+
+
+# --- the manifest -------------------------------------------------------------------------------
+
+
+class Manifest:
+    """A prepared dataset's ``manifest.json``: tokenizer, row length, sources and their shards.
+
+    ``location`` is a prepared folder, a manifest file, or a URL of either; shard paths in the
+    manifest are relative to the manifest's folder.
+    """
+
+    def __init__(self, data: dict[str, Any], location: str) -> None:
+        self.data = data
+        self.location = location
+        self.base = location.rsplit("/", 1)[0] if "/" in location else "."
+        for key in ("format", "row_len", "tokenizer", "sources"):
+            if key not in data:
+                raise ManifestError(f"{location}: not a herd manifest (no {key!r}); re-run herd.prepare")
+        if data["format"] != FORMAT:
+            raise ManifestError(
+                f"{location}: format {data['format']!r} is not {FORMAT!r}; re-run herd.prepare"
+            )
+
+    @classmethod
+    def load(cls, location: str | os.PathLike[str]) -> Manifest:
+        """Read a manifest from a prepared folder, a manifest path or a URL."""
+        location = str(location)
+        if not location.endswith(".json"):
+            location = location.rstrip("/") + "/" + MANIFEST_FILE
+        try:
+            with wds.gopen(location, "rb") as stream:
+                data = json.loads(stream.read())
+        except FileNotFoundError:
+            raise ManifestError(
+                f"manifest not found: {location}. Prepare the data first (python -m herd.prepare) "
+                "or point data_dir at a prepared folder."
+            ) from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ManifestError(
+                f"manifest {location} is not valid JSON ({err}); re-run herd.prepare"
+            ) from None
+        return cls(data, location)
+
+    @property
+    def row_len(self) -> int:
+        """Tokens per stored row (seq_len + 1)."""
+        return int(self.data["row_len"])
+
+    @property
+    def vocab_size(self) -> int:
+        """Vocabulary size of the tokenizer the shards were made with."""
+        return int(self.data["tokenizer"]["vocab_size"])
+
+    @property
+    def fingerprint(self) -> str:
+        """Fingerprint of the tokenizer the shards were made with."""
+        return str(self.data["tokenizer"]["fingerprint"])
+
+    @property
+    def tokenizer_location(self) -> str:
+        """Where the tokenizer folder saved with the shards is."""
+        return f"{self.base}/{self.data['tokenizer']['path']}"
+
+    def source_names(self) -> list[str]:
+        """Names of the sources in this dataset."""
+        return list(self.data["sources"])
+
+    def shards(self, source: str, split: str) -> list[ShardInfo]:
+        """The shards of ``source``'s ``split``, with locations resolved."""
+        if source not in self.data["sources"]:
+            raise ManifestError(
+                f"source {source!r} is not in manifest {self.location} (it has {self.source_names()})"
+            )
+        listed = self.data["sources"][source]["splits"].get(split, {}).get("shards", [])
+        return [
+            ShardInfo(self._resolve(s["path"]), int(s["rows"]), int(s["first_row"]), s.get("sha256"))
+            for s in listed
+        ]
+
+    def check_tokenizer(
+        self, expected_vocab_size: int | None, expected_fingerprint: str | None = None
+    ) -> None:
+        """Refuse shards made with another tokenizer than the model expects."""
+        if expected_vocab_size is not None and int(expected_vocab_size) != self.vocab_size:
+            raise ManifestError(
+                f"vocab size mismatch: the model expects {expected_vocab_size} but the shards in "
+                f"{self.location} were made with a tokenizer of {self.vocab_size}. Prepare the data "
+                "with the model's tokenizer, or set the model's vocab_size to match."
+            )
+        if expected_fingerprint is not None and expected_fingerprint != self.fingerprint:
+            raise ManifestError(
+                f"tokenizer fingerprint mismatch: the model expects {expected_fingerprint} but the "
+                f"shards in {self.location} were made with {self.fingerprint}. Prepare the data "
+                "with the model's tokenizer."
+            )
+
+    def _resolve(self, path: str) -> str:
+        return path if is_url(path) or Path(path).is_absolute() else f"{self.base}/{path}"
+
+
+# --- reading ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Row:
+    """One stored row: its index in the packed split, token ids and document ids."""
+
+    index: int
+    tokens: np.ndarray
+    document_ids: np.ndarray
+
+
+def read_shard(shard: ShardInfo, row_len: int, vocab_size: int) -> list[Row]:
+    """All rows of ``shard``, checked against the manifest; raises ShardError naming the shard."""
+    data = _fetch(shard.url)
+    if shard.sha256 is not None and hashlib.sha256(data).hexdigest() != shard.sha256:
+        raise ShardError(
+            f"shard {shard.url} is corrupt or truncated: its sha256 differs from the manifest's. "
+            "Re-run herd.prepare or restore the file (or set on_corrupt_shard=skip to skip it)."
+        )
+    try:
+        rows = [_decode(sample, row_len, vocab_size) for sample in _samples(data, shard.url)]
+    except ShardError:
+        raise
+    except Exception as err:  # tarfile, numpy and webdataset raise many kinds on damaged bytes
+        raise ShardError(f"shard {shard.url} is corrupt or truncated: {err}") from err
+    expected = list(range(shard.first_row, shard.first_row + shard.rows))
+    if [row.index for row in rows] != expected:
+        raise ShardError(
+            f"shard {shard.url} is truncated or altered: it holds {len(rows)} rows but the manifest "
+            f"lists {shard.rows} (rows {shard.first_row}..{shard.first_row + shard.rows - 1})"
+        )
+    return rows
+
+
+def _fetch(url: str) -> bytes:
+    try:
+        with wds.gopen(url, "rb") as stream:
+            return stream.read()
+    except FileNotFoundError:
+        raise ShardError(
+            f"shard not found: {url}. Re-run herd.prepare or fix data_dir/shard paths."
+        ) from None
+
+
+def _samples(data: bytes, url: str):
+    """WebDataset samples (dicts of raw member bytes) of an in-memory tar."""
+    files = tar_file_expander([{"url": url, "stream": io.BytesIO(data)}])
+    return group_by_keys(files)
+
+
+def _decode(sample: dict[str, Any], row_len: int, vocab_size: int) -> Row:
+    """A Row from one sample's npy members; checks shapes, dtypes and token range."""
+    key = sample["__key__"]
+    missing = [name for name in (_TOKENS, _DOCS) if name not in sample]
+    if missing or not key.isdigit():
+        raise ShardError(f"sample {key!r} in {sample['__url__']} is malformed (missing {missing})")
+    tokens = _load_npy(sample[_TOKENS], key, sample["__url__"])
+    docs = _load_npy(sample[_DOCS], key, sample["__url__"])
+    if (
+        tokens.shape != (row_len,)
+        or docs.shape != (row_len,)
+        or tokens.dtype.kind != "u"
+        or docs.dtype.kind != "i"
+    ):
+        raise ShardError(
+            f"sample {key} in {sample['__url__']}: expected {row_len} unsigned tokens and int document "
+            f"ids, got {tokens.dtype}{tokens.shape} and {docs.dtype}{docs.shape}"
+        )
+    if tokens.size and int(tokens.max()) >= vocab_size:
+        raise ShardError(
+            f"sample {key} in {sample['__url__']}: token id {int(tokens.max())} >= vocab size {vocab_size}"
+        )
+    return Row(int(key), tokens, docs)
+
+
+def _load_npy(data: bytes, key: str, url: str) -> np.ndarray:
+    try:
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    except ValueError as err:
+        raise ShardError(f"sample {key} in {url} is not a plain numpy array ({err})") from None

@@ -1,0 +1,231 @@
+"""Documents for herd.prepare: the embedded stdlib corpus, text files, folders and jsonl.
+
+Every source yields :class:`Document` objects in a deterministic order. A document's ``id`` is
+stable across machines (paths are relative), so hashing it assigns the same documents to the
+validation split everywhere.
+
+The embedded corpus comes from the running Python's standard library, so herd runs offline:
+
+- ``stdlib:prose``: per module, the docstrings of the module, its classes and its functions,
+  read with :mod:`ast` (nothing is imported), each headed by the qualified name and signature.
+- ``stdlib:code``: per module, the ``.py`` source.
+
+Both skip site-packages, the test suites (``test/``, ``tests/``, ``idlelib/idle_test``) and files
+that resolve outside the Python install; modules are taken in sorted path order.
+"""
+
+from __future__ import annotations
+
+import ast
+import io
+import json
+import logging
+import os
+import sysconfig
+import tokenize
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+STDLIB_PROSE = "stdlib:prose"
+STDLIB_CODE = "stdlib:code"
+_SKIPPED_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"})
+_JSONL_SUFFIXES = (".jsonl", ".ndjson")
+
+
+@dataclass(frozen=True)
+class Document:
+    """One document: a stable id (used to assign the split) and its text."""
+
+    id: str
+    text: str
+
+
+def iter_documents(
+    inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    text_field: str = "text",
+    glob: str = "**/*",
+) -> Iterator[Document]:
+    """Documents of one source's inputs, in order.
+
+    Each input is ``stdlib:prose``, ``stdlib:code``, a text file (one document), a ``.jsonl``
+    file (one document per line, text in ``text_field``) or a folder (every file matching
+    ``glob``, sorted, each read as text or jsonl by its suffix).
+    """
+    for item in [inputs] if isinstance(inputs, (str, os.PathLike)) else inputs:
+        yield from _documents_of(str(item), text_field, glob)
+
+
+def _documents_of(item: str, text_field: str, glob: str) -> Iterator[Document]:
+    if item == STDLIB_PROSE:
+        yield from stdlib_prose()
+    elif item == STDLIB_CODE:
+        yield from stdlib_code()
+    else:
+        path = Path(item).expanduser()
+        if path.is_dir():
+            yield from folder_documents(path, text_field, glob)
+        elif path.is_file():
+            yield from file_documents(path, path.name, text_field)
+        else:
+            raise FileNotFoundError(
+                f"input not found: {path} (neither a file nor a folder). Fix the source's input "
+                f"path, or use {STDLIB_PROSE!r} / {STDLIB_CODE!r} for the embedded corpus."
+            )
+
+
+def folder_documents(folder: Path, text_field: str = "text", glob: str = "**/*") -> Iterator[Document]:
+    """Every non-hidden file under ``folder`` matching ``glob``, in sorted order."""
+    files = sorted(
+        p
+        for p in folder.glob(glob)
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
+    if not files:
+        raise FileNotFoundError(f"no files match {glob!r} in {folder}; check the input folder or the glob")
+    for file in files:
+        yield from file_documents(file, file.relative_to(folder).as_posix(), text_field)
+
+
+def file_documents(path: Path, doc_id: str, text_field: str = "text") -> Iterator[Document]:
+    """The documents of one file: one per line for jsonl, else the whole file."""
+    if path.suffix.lower() in _JSONL_SUFFIXES:
+        yield from jsonl_documents(path, doc_id, text_field)
+    else:
+        yield Document(doc_id, _read_text(path))
+
+
+def jsonl_documents(path: Path, doc_id: str | None = None, text_field: str = "text") -> Iterator[Document]:
+    """One document per non-blank line of a jsonl file; errors name ``file:line``."""
+    doc_id = doc_id or path.name
+    with open(path, encoding="utf-8") as lines:
+        for line_number, line in enumerate(lines, start=1):
+            if line.strip():
+                yield Document(
+                    f"{doc_id}:{line_number}", _jsonl_text(line, f"{path}:{line_number}", text_field)
+                )
+
+
+def _jsonl_text(line: str, where: str, text_field: str) -> str:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise ValueError(
+            f"{where}: malformed JSON ({err.msg} at column {err.colno}); fix or remove the line"
+        ) from None
+    if not isinstance(record, dict):
+        raise ValueError(
+            f"{where}: expected a JSON object with a {text_field!r} field, got {type(record).__name__}"
+        )
+    if text_field not in record:
+        raise ValueError(
+            f"{where}: no {text_field!r} field (fields: {sorted(record)}); set the source's "
+            "text_field to the field that holds the text"
+        )
+    text = record[text_field]
+    if not isinstance(text, str):
+        raise ValueError(f"{where}: field {text_field!r} must be a string, got {type(text).__name__}")
+    return text
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"{path} is not UTF-8 text ({err.reason} at byte {err.start}); convert it or narrow "
+            "the source's glob to text files"
+        ) from None
+
+
+# --- the embedded stdlib corpus -------------------------------------------------------------
+
+
+def stdlib_dir() -> Path:
+    """The running Python's standard library folder."""
+    return Path(sysconfig.get_paths()["stdlib"]).resolve()
+
+
+def stdlib_files(root: Path | None = None) -> list[Path]:
+    """The stdlib's ``.py`` files in sorted order, without tests, site-packages or outside links."""
+    root = (root or stdlib_dir()).resolve()
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d not in _SKIPPED_DIRS and not d.startswith(".")]
+        for name in filenames:
+            path = Path(dirpath, name)
+            if name.endswith(".py") and path.resolve().is_relative_to(root):
+                found.append(path)
+    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
+
+
+def stdlib_code(root: Path | None = None) -> Iterator[Document]:
+    """One document per stdlib module: its source text."""
+    root = (root or stdlib_dir()).resolve()
+    for path in stdlib_files(root):
+        yield Document(path.relative_to(root).as_posix(), _read_source(path))
+
+
+def stdlib_prose(root: Path | None = None) -> Iterator[Document]:
+    """One document per stdlib module: its docstrings (empty when it has none)."""
+    root = (root or stdlib_dir()).resolve()
+    for path in stdlib_files(root):
+        relative = path.relative_to(root).as_posix()
+        yield Document(relative, module_docstrings(path.read_bytes(), _module_name(relative)))
+
+
+def module_docstrings(source: bytes | str, module: str) -> str:
+    """The docstrings of a module and of its classes and functions, as one text.
+
+    Each docstring is headed by the qualified name (and signature for functions); entries
+    without a docstring are left out, so a module without any gives ``""``.
+    """
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError) as err:
+        logger.warning("skipping docstrings of %s: it does not parse (%s)", module, err)
+        return ""
+    sections = []
+    if doc := ast.get_docstring(tree):
+        sections.append(f"Module {module}\n\n{doc}")
+    sections += [f"{header}\n\n{doc}" for header, doc in _definitions(tree.body, module)]
+    return "\n\n\n".join(sections)
+
+
+def _definitions(body: list[ast.stmt], prefix: str) -> Iterator[tuple[str, str]]:
+    """(header, docstring) of the classes and functions in ``body``, in source order."""
+    for node in body:
+        if isinstance(node, ast.ClassDef):
+            name = f"{prefix}.{node.name}"
+            bases = ", ".join(ast.unparse(base) for base in node.bases)
+            if doc := ast.get_docstring(node):
+                yield f"class {name}({bases})" if bases else f"class {name}", doc
+            yield from _definitions(node.body, name)
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            if doc := ast.get_docstring(node):
+                kind = "async def" if isinstance(node, ast.AsyncFunctionDef) else "def"
+                yield f"{kind} {prefix}.{node.name}({ast.unparse(node.args)})", doc
+        elif isinstance(node, (ast.If, ast.Try, ast.With)):
+            yield from _definitions(_nested_statements(node), prefix)
+
+
+def _nested_statements(node: ast.If | ast.Try | ast.With) -> list[ast.stmt]:
+    """Statements inside an if/try/with block, in source order (definitions often hide there)."""
+    statements = list(node.body)
+    for handler in getattr(node, "handlers", []):
+        statements += handler.body
+    return statements + list(getattr(node, "orelse", [])) + list(getattr(node, "finalbody", []))
+
+
+def _module_name(relative: str) -> str:
+    parts = relative.removesuffix(".py").split("/")
+    return ".".join(parts[:-1] if parts[-1] == "__init__" and len(parts) > 1 else parts)
+
+
+def _read_source(path: Path) -> str:
+    """A Python file's text, decoded by its coding cookie (utf-8 by default)."""
+    data = path.read_bytes()
+    encoding, _ = tokenize.detect_encoding(io.BytesIO(data).readline)
+    return data.decode(encoding, errors="replace")

@@ -1,0 +1,39 @@
+"""Where herd finds its repository, configs and data.
+
+Relative paths in herd's configs (``data/prepared/stdlib``, ``configs/``) are resolved against
+the repository root, not the current directory, so that commands behave the same wherever they
+are started. Set ``HERD_ROOT`` to point herd at another checkout or working folder.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+_MARKERS = ("pyproject.toml", "configs")
+
+
+def repo_root() -> Path:
+    """The herd repository root: ``$HERD_ROOT``, else the checkout holding this package, else the cwd."""
+    if env := os.environ.get("HERD_ROOT"):
+        return Path(env).expanduser().resolve()
+    for parent in Path(__file__).resolve().parents:
+        if all((parent / marker).exists() for marker in _MARKERS):
+            return parent
+    return Path.cwd()
+
+
+def resolve(path: str | os.PathLike[str]) -> Path:
+    """``path`` itself if absolute, else ``path`` under :func:`repo_root`. ``~`` is expanded."""
+    path = Path(path).expanduser()
+    return path if path.is_absolute() else repo_root() / path
+
+
+def is_url(location: str) -> bool:
+    """True for locations that webdataset opens itself (``http://``, ``s3://``, ``pipe:`` ...)."""
+    return "://" in location or location.startswith("pipe:")
+
+
+def resolve_location(location: str) -> str:
+    """A local path resolved like :func:`resolve`, or a URL unchanged."""
+    return location if is_url(location) else str(resolve(location))
