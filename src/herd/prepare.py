@@ -33,9 +33,9 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from herd.data.packing import num_rows, pack_range, with_boundaries
+from herd.data.packing import with_boundaries
 from herd.data.parallel import ParallelEncoder
-from herd.data.shards import FORMAT, SPLITS, token_dtype, write_manifest, write_shard
+from herd.data.shards import FORMAT, SPLITS, token_dtype, write_manifest, write_split
 from herd.data.sources import Document, iter_documents
 from herd.data.tokenizer import Tokenizer, train_tokenizer
 from herd.paths import repo_root, resolve
@@ -110,7 +110,7 @@ def prepare(cfg: DictConfig | Mapping[str, Any]) -> Path:
         for spec in sources:
             buffers, counts = _tokenize(spec, tokenizer, encoder, val_fraction, tmp, progress)
             counts["splits"] = {
-                split: _write_split(out, spec.name, split, buffers[split], seq_len + 1, tokenizer, cfg.shards)
+                split: _write(out, spec.name, split, buffers[split], seq_len, tokenizer, cfg.shards)
                 for split in SPLITS
             }
             stats[spec.name] = counts
@@ -204,26 +204,20 @@ def _describe(name: str, counts: dict[str, int]) -> str:
     return f"tokenize {name}: {counts['documents']:,} docs, {counts['tokens']:,} tokens"
 
 
-def _write_split(out, source, split, buffer, row_len, tokenizer, shard_cfg) -> dict[str, Any]:
-    """Pack one split into rows and write its shards; returns the split's manifest entry."""
-    rows = num_rows(buffer.total, row_len)
-    per_shard = max(1, min(int(shard_cfg.max_rows), -(-rows // int(shard_cfg.min_count))))
-    flat, ends, ids = buffer.tokens(), np.asarray(buffer.ends, np.int64), np.asarray(buffer.ids, np.int64)
-    dtype = token_dtype(tokenizer.vocab_size)
-    shards = []
-    for index, first in enumerate(range(0, rows, per_shard)):
-        end = min(rows, first + per_shard)
-        packed = pack_range(flat, ends, ids, row_len, tokenizer.eos_id, first, end)
-        relative = f"{source}/{split}-{index:06d}.tar"
-        digest = write_shard(out / relative, packed, first, dtype)
-        shards.append({"path": relative, "rows": end - first, "first_row": first, "sha256": digest})
-    return {
-        "documents": len(buffer.ids),
-        "tokens": buffer.total,
-        "rows": rows,
-        "padding_tokens": rows * row_len - buffer.total,
-        "shards": shards,
-    }
+def _write(out, source, split, buffer, seq_len, tokenizer, shard_cfg) -> dict[str, Any]:
+    """Pack one split's buffer into shards; returns its manifest entry."""
+    return write_split(
+        out,
+        f"{source}/{split}",
+        buffer.tokens(),
+        np.asarray(buffer.ends, np.int64),
+        np.asarray(buffer.ids, np.int64),
+        row_len=seq_len + 1,
+        pad_id=tokenizer.eos_id,
+        dtype=token_dtype(tokenizer.vocab_size),
+        max_rows=int(shard_cfg.max_rows),
+        min_count=int(shard_cfg.min_count),
+    )
 
 
 def _remove_old_shards(out: Path, sources: list[SourceSpec]) -> None:

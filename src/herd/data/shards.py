@@ -33,7 +33,7 @@ import numpy as np
 import webdataset as wds
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from herd.data.packing import PackedRows
+from herd.data.packing import PackedRows, num_rows, pack_range
 from herd.paths import is_url
 
 MANIFEST_FILE = "manifest.json"
@@ -101,6 +101,41 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info.uid = info.gid = 0
     info.uname = info.gname = ""
     tar.addfile(info, io.BytesIO(data))
+
+
+def write_split(
+    folder: Path,
+    prefix: str,
+    flat: np.ndarray,
+    document_ends: np.ndarray,
+    document_ids: np.ndarray,
+    row_len: int,
+    pad_id: int,
+    dtype: np.dtype,
+    max_rows: int = 2048,
+    min_count: int = 8,
+) -> dict[str, Any]:
+    """Pack a split's token stream into rows and write it as ``<prefix>-000000.tar``, ...
+
+    Uses at most ``max_rows`` rows per shard and at least ``min_count`` shards when there are
+    enough rows. Returns the split's manifest entry (counts and the shard list).
+    """
+    rows = num_rows(flat.size, row_len)
+    per_shard = max(1, min(max_rows, -(-rows // min_count)))
+    shards = []
+    for index, first in enumerate(range(0, rows, per_shard)):
+        end = min(rows, first + per_shard)
+        packed = pack_range(flat, document_ends, document_ids, row_len, pad_id, first, end)
+        relative = f"{prefix}-{index:06d}.tar"
+        digest = write_shard(folder / relative, packed, first, dtype)
+        shards.append({"path": relative, "rows": end - first, "first_row": first, "sha256": digest})
+    return {
+        "documents": len(document_ids),
+        "tokens": int(flat.size),
+        "rows": rows,
+        "padding_tokens": rows * row_len - int(flat.size),
+        "shards": shards,
+    }
 
 
 def write_manifest(folder: Path, manifest: dict[str, Any]) -> Path:
