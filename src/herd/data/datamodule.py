@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterator, Mapping
+from dataclasses import replace
 from pathlib import PurePosixPath
 from typing import Any
 
@@ -200,7 +201,7 @@ class PackedDataModule(L.LightningDataModule):
             self._segments.append(Segment(plan))
             return
         last = self._segments[-1].plan
-        plan = Plan(**{**plan.to_dict(), "epoch": last.epoch})
+        plan = replace(plan, epoch=last.epoch)
         if plan == last:
             return
         if not plan.same_layout(last):
@@ -208,7 +209,7 @@ class PackedDataModule(L.LightningDataModule):
                 "data stream restarts with a new shard order: ranks/workers/sources/seed changed "
                 "(%s -> %s), so read positions cannot carry over", _layout(last), _layout(plan)
             )  # fmt: skip
-            plan = Plan(**{**plan.to_dict(), "epoch": last.epoch + 1})
+            plan = replace(plan, epoch=last.epoch + 1)
         self._segments.append(Segment(plan))
 
     def _data_parallel_rank(self) -> tuple[int, int]:

@@ -1,0 +1,161 @@
+"""Shards and manifests: deterministic writing, checked reading, no pickles, clear errors."""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import tarfile
+
+import numpy as np
+import pytest
+
+from herd.data.packing import pack_documents, with_boundaries
+from herd.data.shards import (
+    Manifest,
+    ManifestError,
+    ShardError,
+    ShardInfo,
+    read_shard,
+    shard_bytes,
+    write_shard,
+)
+
+ROW_LEN = 9
+
+
+def _packed():
+    docs = [with_boundaries(np.arange(i, i + 5), 500, 501) for i in range(0, 50, 5)]
+    return pack_documents(docs, ROW_LEN, pad_id=501)
+
+
+def _write(tmp_path, name="s.tar"):
+    packed = _packed()
+    path = tmp_path / name
+    digest = write_shard(path, packed, first_row=10, dtype=np.dtype(np.uint16))
+    return path, ShardInfo(str(path), len(packed.tokens), 10, digest), packed
+
+
+def test_round_trip_and_deterministic_bytes(tmp_path):
+    path, info, packed = _write(tmp_path)
+    rows = read_shard(info, ROW_LEN, vocab_size=1000)
+    assert [r.index for r in rows] == list(range(10, 10 + len(packed.tokens)))
+    np.testing.assert_array_equal(np.stack([r.tokens for r in rows]), packed.tokens)
+    np.testing.assert_array_equal(np.stack([r.document_ids for r in rows]), packed.document_ids)
+    assert shard_bytes(packed, 10, np.dtype(np.uint16)) == path.read_bytes()
+    with tarfile.open(path) as tar:
+        members = tar.getmembers()
+    assert members[0].name == "000000010.tokens.npy"
+    assert {(m.mtime, m.uid, m.gid, m.uname, m.gname, m.mode) for m in members} == {(0, 0, 0, "", "", 0o644)}
+
+
+def test_a_flipped_byte_is_caught_by_the_checksum(tmp_path):
+    path, info, _ = _write(tmp_path)
+    data = bytearray(path.read_bytes())
+    data[2000] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(ShardError, match=f"shard {path} is corrupt or truncated"):
+        read_shard(info, ROW_LEN, 1000)
+
+
+@pytest.mark.parametrize("keep", [0.5, 4 * 1024])
+def test_truncation_is_caught_without_a_checksum(tmp_path, keep):
+    path, info, _ = _write(tmp_path)
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep) if keep < 1 else int(keep)])
+    unchecked = ShardInfo(info.url, info.rows, info.first_row, sha256=None)
+    with pytest.raises(ShardError, match=str(path)):
+        read_shard(unchecked, ROW_LEN, 1000)
+
+
+def test_missing_shard_names_itself(tmp_path):
+    with pytest.raises(ShardError, match=f"shard not found: {tmp_path / 'gone.tar'}"):
+        read_shard(ShardInfo(str(tmp_path / "gone.tar"), 1, 0), ROW_LEN, 1000)
+
+
+def test_out_of_range_tokens_are_refused(tmp_path):
+    _, info, _ = _write(tmp_path)
+    with pytest.raises(ShardError, match="token id 501 >= vocab size 501"):
+        read_shard(info, ROW_LEN, vocab_size=501)
+
+
+class _Payload:
+    """Unpickling this would create a marker file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def _member(tar, name, data):
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def test_pickles_are_never_loaded(tmp_path):
+    marker = tmp_path / "pwned"
+    evil = pickle.dumps(_Payload(marker))
+    buffer = io.BytesIO()
+    np.save(buffer, np.array([_Payload(marker)] * ROW_LEN, dtype=object), allow_pickle=True)
+    good = io.BytesIO()
+    np.save(good, np.zeros(ROW_LEN, np.int32))
+    with tarfile.open(tmp_path / "evil.tar", "w") as tar:
+        _member(tar, "000000000.pyd", evil)  # an extra member: ignored, never decoded
+        _member(tar, "000000000.tokens.npy", buffer.getvalue())  # an object array: refused
+        _member(tar, "000000000.document_ids.npy", good.getvalue())
+    with pytest.raises(ShardError, match="not a plain numpy array"):
+        read_shard(ShardInfo(str(tmp_path / "evil.tar"), 1, 0), ROW_LEN, 1000)
+    assert not marker.exists()
+
+
+def _manifest(tmp_path, **tokenizer):
+    data = {
+        "format": "herd-packed-v1",
+        "row_len": ROW_LEN,
+        "tokenizer": {"path": "tokenizer", "fingerprint": "abc", "vocab_size": 640, **tokenizer},
+        "sources": {
+            "code": {
+                "splits": {
+                    "train": {"shards": [{"path": "code/train-000000.tar", "rows": 2, "first_row": 0}]}
+                }
+            }
+        },
+    }
+    (tmp_path / "manifest.json").write_text(json.dumps(data))
+    return Manifest.load(tmp_path)
+
+
+def test_manifest_resolves_shards_and_tokenizer(tmp_path):
+    manifest = _manifest(tmp_path)
+    assert manifest.shards("code", "train") == [ShardInfo(f"{tmp_path}/code/train-000000.tar", 2, 0, None)]
+    assert manifest.shards("code", "val") == []
+    assert manifest.tokenizer_location == f"{tmp_path}/tokenizer"
+    with pytest.raises(ManifestError, match="source 'prose' is not in manifest"):
+        manifest.shards("prose", "train")
+
+
+def test_tokenizer_mismatches_name_both_values_and_the_manifest(tmp_path):
+    manifest = _manifest(tmp_path)
+    manifest.check_tokenizer(640, "abc")
+    with pytest.raises(
+        ManifestError, match=f"model expects 8192 but the shards in {tmp_path}/manifest.json .* of 640"
+    ):
+        manifest.check_tokenizer(8192)
+    with pytest.raises(
+        ManifestError, match=f"model expects fff but the shards in {tmp_path}/manifest.json .* with abc"
+    ):
+        manifest.check_tokenizer(640, "fff")
+
+
+def test_missing_or_broken_manifests_are_explained(tmp_path):
+    with pytest.raises(ManifestError, match=f"manifest not found: {tmp_path}/manifest.json.*herd.prepare"):
+        Manifest.load(tmp_path)
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(ManifestError, match="not valid JSON"):
+        Manifest.load(tmp_path)
+    (tmp_path / "manifest.json").write_text('{"format": "herd-packed-v1"}')
+    with pytest.raises(ManifestError, match="not a herd manifest"):
+        Manifest.load(tmp_path)
