@@ -2,22 +2,21 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
 from herd.model import ModelConfig
+from herd.paths import repo_root
 
 
 def config_dir() -> Path:
-    """The configs/ folder: ``$HERD_CONFIG_DIR`` if set, else the one beside src/ in the checkout."""
-    override = os.environ.get("HERD_CONFIG_DIR")
-    path = Path(override) if override else Path(__file__).resolve().parents[2] / "configs"
+    """The configs/ folder of the repository root (``$HERD_ROOT`` moves it)."""
+    path = repo_root() / "configs"
     if not path.is_dir():
         raise FileNotFoundError(
             f"herd's configs folder {path} does not exist; install herd from a checkout (pip install -e .) "
-            "or point HERD_CONFIG_DIR at the configs/ folder"
+            "or point HERD_ROOT at a folder that has configs/"
         )
     return path
 

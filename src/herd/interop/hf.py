@@ -24,7 +24,12 @@ from herd.model import ModelConfig, Transformer
 
 SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+)
 
 # herd parameter name <-> Hugging Face LlamaForCausalLM parameter name.
 _LAYER_NAMES = {
@@ -38,8 +43,11 @@ _LAYER_NAMES = {
     "attention_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
 }
-_TOP_NAMES = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
-              "output.weight": "lm_head.weight"}
+_TOP_NAMES = {
+    "tok_embeddings.weight": "model.embed_tokens.weight",
+    "norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
 _HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)\.weight$")
 _IGNORED_HF_TENSORS = re.compile(r"rotary_emb\.inv_freq$")
 
@@ -78,7 +86,9 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> ModelConf
     """Translate a Hugging Face Llama ``config.json`` mapping into a ModelConfig."""
     model_type = hf.get("model_type")
     if model_type != "llama":
-        raise CheckpointError(f"{source}: model_type is {model_type!r}; herd loads Llama checkpoints ('llama')")
+        raise CheckpointError(
+            f"{source}: model_type is {model_type!r}; herd loads Llama checkpoints ('llama')"
+        )
     for flag in ("attention_bias", "mlp_bias"):
         if hf.get(flag):
             raise CheckpointError(f"{source}: {flag}=true is not a Llama 3 architecture; herd has no biases")
@@ -88,7 +98,9 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> ModelConf
         dim, n_heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
         head_dim = hf.get("head_dim") or dim // n_heads
         if head_dim * n_heads != dim:
-            raise CheckpointError(f"{source}: head_dim={head_dim} x num_attention_heads={n_heads} != hidden_size={dim}")
+            raise CheckpointError(
+                f"{source}: head_dim={head_dim} x num_attention_heads={n_heads} != hidden_size={dim}"
+            )
         theta, scaling = _rope_from_hf(hf)
         return ModelConfig(
             dim=dim,
@@ -119,17 +131,27 @@ def _rope_from_hf(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     return theta, (params if kind != "default" else None)
 
 
-def config_to_hf(config: ModelConfig, *, dtype: torch.dtype, bos_token_id: int | None = None,
-                 eos_token_id: int | list[int] | None = None):
+def config_to_hf(
+    config: ModelConfig,
+    *,
+    dtype: torch.dtype,
+    bos_token_id: int | None = None,
+    eos_token_id: int | list[int] | None = None,
+):
     """A ``transformers.LlamaConfig`` describing the same model."""
     from transformers import LlamaConfig
 
     rope: dict[str, Any] = {"rope_type": "default", "rope_theta": config.rope_theta}
     if config.rope_scaling is not None:
         s = config.rope_scaling
-        rope = {"rope_type": "llama3", "rope_theta": config.rope_theta, "factor": s.factor,
-                "low_freq_factor": s.low_freq_factor, "high_freq_factor": s.high_freq_factor,
-                "original_max_position_embeddings": s.original_max_position_embeddings}
+        rope = {
+            "rope_type": "llama3",
+            "rope_theta": config.rope_theta,
+            "factor": s.factor,
+            "low_freq_factor": s.low_freq_factor,
+            "high_freq_factor": s.high_freq_factor,
+            "original_max_position_embeddings": s.original_max_position_embeddings,
+        }
     hf = LlamaConfig(
         vocab_size=config.vocab_size,
         hidden_size=config.dim,
@@ -156,14 +178,25 @@ def config_to_hf(config: ModelConfig, *, dtype: torch.dtype, bos_token_id: int |
 # ------------------------------------------------------------------------------------------ load
 
 
-def load(path: str | Path, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> Transformer:
+SHAPE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "ffn_hidden_dim", "tie_embeddings")
+
+
+def load(
+    path: str | Path,
+    *,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    config: ModelConfig | None = None,
+) -> Transformer:
     """Read a Hugging Face Llama directory into a herd Transformer.
 
     ``dtype`` converts the weights (None keeps the stored dtype). The model is built on the meta
-    device and the stored tensors are assigned, so nothing is allocated twice.
+    device and the stored tensors are assigned, so nothing is allocated twice. ``config``, when
+    given, must have the checkpoint's shape; its other fields (attention backend, context length,
+    RoPE settings) replace the stored ones - that is how a stage extends a model's context.
     """
     path = Path(path)
-    config = read_config(path)
+    config = _checked_override(read_config(path), config, path)
     check_tokenizer(path, config)
     files = weight_files(path)
     with torch.device("meta"):
@@ -175,16 +208,21 @@ def load(path: str | Path, *, dtype: torch.dtype | None = None, device: str | to
         if name is None:
             if _IGNORED_HF_TENSORS.search(hf_name):
                 continue
-            raise CheckpointError(f"{file}: tensor {hf_name!r} is not part of a Llama model; remove it or "
-                                  "convert the checkpoint")
+            raise CheckpointError(
+                f"{file}: tensor {hf_name!r} is not part of a Llama model; remove it or "
+                "convert the checkpoint"
+            )
         if name == "output.weight" and config.tie_embeddings:
             continue  # some tied checkpoints store the head anyway; it is the embedding
         if name not in expected:
-            raise CheckpointError(f"{file}: tensor {hf_name!r} does not fit config.json "
-                                  f"(n_layers={config.n_layers})")
+            raise CheckpointError(
+                f"{file}: tensor {hf_name!r} does not fit config.json (n_layers={config.n_layers})"
+            )
         if tuple(tensor.shape) != expected[name]:
-            raise CheckpointError(f"{file}: tensor {hf_name!r} has shape {tuple(tensor.shape)}, "
-                                  f"config.json implies {expected[name]}")
+            raise CheckpointError(
+                f"{file}: tensor {hf_name!r} has shape {tuple(tensor.shape)}, "
+                f"config.json implies {expected[name]}"
+            )
         state[name] = tensor.to(dtype) if dtype is not None else tensor
     missing = sorted(herd_to_hf_name(n) for n in expected if n not in state)
     if missing:
@@ -198,6 +236,22 @@ def load(path: str | Path, *, dtype: torch.dtype | None = None, device: str | to
     model.rope.to_empty(device=device)
     model.rope.reset_parameters()
     return model
+
+
+def _checked_override(stored: ModelConfig, wanted: ModelConfig | None, path: Path) -> ModelConfig:
+    if wanted is None:
+        return stored
+    differ = [
+        f"{f}: checkpoint {getattr(stored, f)} vs config {getattr(wanted, f)}"
+        for f in SHAPE_FIELDS
+        if getattr(stored, f) != getattr(wanted, f)
+    ]
+    if differ:
+        raise CheckpointError(
+            f"{path} does not have the configured model shape ({'; '.join(differ)}); choose the "
+            "model preset that matches the checkpoint, e.g. model=llama3_8b"
+        )
+    return wanted
 
 
 def read_config(path: Path) -> ModelConfig:
@@ -230,8 +284,11 @@ def weight_files(path: Path) -> list[Path]:
     if single.is_file():
         return [single]
     pickled = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt*"))
-    hint = (f" It has {pickled}: herd never unpickles weights; convert them to safetensors first."
-            if pickled else "")
+    hint = (
+        f" It has {pickled}: herd never unpickles weights; convert them to safetensors first."
+        if pickled
+        else ""
+    )
     raise CheckpointError(f"{path} has neither {SAFETENSORS_FILE} nor {SAFETENSORS_INDEX}.{hint}")
 
 
@@ -346,8 +403,10 @@ def _save_tokenizer(tokenizer: Any, path: Path) -> tuple[int | None, int | None]
     elif hasattr(tokenizer, "save"):
         tokenizer.save(path)
     else:
-        raise TypeError(f"cannot save tokenizer of type {type(tokenizer).__name__}: pass a directory or an "
-                        "object with save_pretrained(path) or save(path)")
+        raise TypeError(
+            f"cannot save tokenizer of type {type(tokenizer).__name__}: pass a directory or an "
+            "object with save_pretrained(path) or save(path)"
+        )
     return _special_ids(path)
 
 

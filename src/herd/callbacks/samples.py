@@ -1,0 +1,74 @@
+"""Greedy continuations of fixed prompts, logged to TensorBoard as text every N steps."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
+
+from herd.data.tokenizer import Tokenizer
+from herd.model import generate
+
+
+class TextSamples(L.Callback):
+    """Every ``every_n_steps`` optimizer steps (and at the end of training), continue each prompt greedily.
+
+    ``tokenizer`` is a tokenizer directory (the one the data was prepared with).
+    """
+
+    def __init__(
+        self, tokenizer: str, prompts: Sequence[str], every_n_steps: int = 200, max_new_tokens: int = 48
+    ) -> None:
+        self.tokenizer_path = tokenizer
+        self.prompts = list(prompts)
+        self.every_n_steps = every_n_steps
+        self.max_new_tokens = max_new_tokens
+        self._tokenizer: Tokenizer | None = None
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        if self.tokenizer_path is None:
+            self.tokenizer_path = getattr(trainer.datamodule, "tokenizer", None)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.every_n_steps > 0 and step % self.every_n_steps == 0 and step != getattr(self, "_last", None):
+            self._last = step
+            self.log_samples(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if trainer.global_step != getattr(self, "_last", None):
+            self.log_samples(trainer, pl_module)
+
+    @rank_zero_only
+    def log_samples(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Generate and write one text entry per prompt at the current step."""
+        loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+        if not loggers or not self.prompts or self.tokenizer_path is None:
+            return
+        texts = self.complete(pl_module.model)
+        for i, text in enumerate(texts):
+            for logger in loggers:
+                logger.experiment.add_text(f"samples/{i}", text, global_step=trainer.global_step)
+
+    def complete(self, model) -> list[str]:
+        """The greedy continuation of every prompt, as ``prompt`` + continuation text."""
+        if self._tokenizer is None:
+            self._tokenizer = Tokenizer.load(self.tokenizer_path)
+        tok = self._tokenizer
+        was_training = model.training
+        model.eval()
+        device = next(model.parameters()).device
+        texts = []
+        try:
+            for prompt in self.prompts:
+                ids = torch.tensor([[tok.bos_id, *tok.encode(prompt)]], device=device)
+                out = generate(model, ids, self.max_new_tokens, stop_ids=[tok.eos_id])
+                continuation = tok.decode(out[0, ids.shape[1] :].tolist())
+                # An indented block renders verbatim in TensorBoard's markdown (code keeps its layout).
+                texts.append("\n".join("    " + line for line in (prompt + continuation).splitlines()))
+        finally:
+            model.train(was_training)
+        return texts

@@ -1,0 +1,136 @@
+"""What every stage shares: building the backbone, the optimizer and schedule, token accounting.
+
+A stage subclasses :class:`BackboneStage`, writes ``training_step``/``validation_step`` with its own
+loss, and gets from here:
+- ``configure_model``: the backbone from a ModelConfig, or from a Hugging Face directory (``init_from``);
+- ``configure_optimizers``: AdamW (or any ``_partial_`` optimizer) with no weight decay on norms
+  and a per-step schedule;
+- ``tokens_seen``, counted over all ranks and stored in checkpoints;
+- gradient-norm logging before clipping.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from herd.interop import hf
+from herd.model import ModelConfig, Transformer
+from herd.stages.schedule import WarmupCosineAnneal
+
+
+class BackboneStage(L.LightningModule):
+    """A LightningModule around one :class:`~herd.model.Transformer`."""
+
+    def __init__(
+        self,
+        model: ModelConfig | None = None,
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        scheduler: Callable[..., Any] | None = None,
+        init_from: str | None = None,
+        anneal_tokens: int = 0,
+    ) -> None:
+        super().__init__()
+        if model is None and init_from is None:
+            raise ValueError(
+                "a stage needs a model config (model=...) or a model directory (stage.init_from=...)"
+            )
+        self.model_config = model
+        self.optimizer_factory = optimizer or (lambda params: torch.optim.AdamW(params, lr=3e-4))
+        self.scheduler_factory = scheduler
+        self.init_from = init_from
+        self.anneal_tokens = anneal_tokens
+        self.model: Transformer | None = None
+        self.tokens_seen = 0
+        self.lr_schedule: WarmupCosineAnneal | None = None
+        if init_from is not None and not (Path(init_from) / "config.json").is_file():
+            raise FileNotFoundError(
+                f"stage.init_from={init_from} is not a model directory (no config.json there)"
+            )
+
+    # ------------------------------------------------------------------------------- model
+
+    def configure_model(self) -> None:
+        """Build (or load) the backbone once; strategies shard it from here (later issues)."""
+        if self.model is not None:
+            return
+        if self.init_from is not None:
+            self.model = hf.load(self.init_from, dtype=torch.float32, config=self.model_config)
+        else:
+            self.model = Transformer(self.model_config)
+        self.model_config = self.model.config
+
+    def forward(self, tokens: torch.Tensor, **kwargs) -> torch.Tensor:
+        """Logits of the backbone."""
+        return self.model(tokens, **kwargs)
+
+    # -------------------------------------------------------------------------- optimizer
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        """The partial optimizer over decay/no-decay groups, plus the per-step LR schedule."""
+        optimizer = self.optimizer_factory(parameter_groups(self.model, self._weight_decay()))
+        if self.scheduler_factory is None:
+            return {"optimizer": optimizer}
+        scheduler = self.scheduler_factory(optimizer, **self._schedule_lengths())
+        self.lr_schedule = next(
+            (f for f in getattr(scheduler, "lr_lambdas", []) if isinstance(f, WarmupCosineAnneal)), None
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _weight_decay(self) -> float:
+        keywords = getattr(self.optimizer_factory, "keywords", {})
+        return float(keywords.get("weight_decay", 0.0))
+
+    def _schedule_lengths(self) -> dict[str, int]:
+        keywords = getattr(self.scheduler_factory, "keywords", {})
+        lengths = {}
+        if keywords.get("total_steps") is None:
+            if self.trainer.max_steps is None or self.trainer.max_steps < 0:
+                raise ValueError("the LR schedule needs trainer.max_steps (or stage.scheduler.total_steps)")
+            lengths["total_steps"] = self.trainer.max_steps
+        if self.anneal_tokens:
+            lengths["anneal_steps"] = math.ceil(self.anneal_tokens / self.final_tokens_per_step())
+        return lengths
+
+    def final_tokens_per_step(self) -> int:
+        """Global batch in tokens at the end of training (after any batch-size ramp)."""
+        for callback in self.trainer.callbacks:
+            if hasattr(callback, "final_tokens_per_step"):
+                return callback.final_tokens_per_step(self.trainer)
+        datamodule = self.trainer.datamodule
+        return datamodule.batch_size * datamodule.seq_len * self.trainer.world_size
+
+    # ------------------------------------------------------------------------- accounting
+
+    def count_tokens(self, tokens: torch.Tensor) -> int:
+        """Add this step's global token count (every rank reads an equal batch) to ``tokens_seen``."""
+        self.tokens_seen += tokens.numel() * self.trainer.world_size
+        return self.tokens_seen
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Log the gradient norm before clipping, and the learning rate."""
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if grads:
+            self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads), on_step=True, on_epoch=False)
+        self.log("train/lr", optimizer.param_groups[0]["lr"], on_step=True, on_epoch=False)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["herd"] = {"tokens_seen": self.tokens_seen, "model_config": self.model_config.to_dict()}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.tokens_seen = int(checkpoint.get("herd", {}).get("tokens_seen", 0))
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay matrices; never decay norms (1-D weights). Tied weights appear once."""
+    decay, no_decay = [], []
+    for param in model.parameters():  # parameters() yields a tied weight once
+        if param.requires_grad:
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

@@ -1,0 +1,137 @@
+"""herd's training entry point: the one place where config becomes objects.
+
+``train(cfg)`` instantiates the model config, DataModule, stage, callbacks, loggers and trainer,
+fits, optionally tests, and exports the final model as a Hugging Face directory. ``main()`` only
+wraps it for the command line::
+
+    python -m herd.train                                  # tiny pretraining on the embedded corpus
+    python -m herd.train model=llama3_8b trainer=gpu strategy=ddp trainer.devices=8
+    python -m herd.train debug=fast                       # one batch of everything
+    python -m herd.train resume=auto                      # continue the newest run of this task
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from lightning.pytorch.utilities import rank_zero_info
+from omegaconf import DictConfig, OmegaConf
+
+from herd.callbacks.checkpoint_io import AtomicCheckpointIO
+from herd.interop import hf
+from herd.model import ModelConfig
+from herd.paths import repo_root
+from herd.presets import config_dir
+
+OmegaConf.register_new_resolver("herd_root", lambda: str(repo_root()), replace=True)
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the key and the fix."""
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Fit the configured stage and export the result; returns the final metrics and paths."""
+    output_dir = Path(cfg.paths.output_dir)
+    objects = build(cfg)
+    trainer, stage, datamodule = objects["trainer"], objects["stage"], objects["datamodule"]
+    for logger in trainer.loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    ckpt_path = resume_checkpoint(cfg, output_dir)
+    start = {}
+    if cfg.validate_first and ckpt_path is None and not trainer.fast_dev_run:
+        start = {k: float(v) for k, v in trainer.validate(stage, datamodule=datamodule, verbose=False)[0].items()}
+    trainer.fit(stage, datamodule=datamodule, ckpt_path=ckpt_path)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    if cfg.test:
+        metrics |= {f"test/{k}": float(v) for k, v in trainer.test(stage, datamodule=datamodule)[0].items()}
+    result: dict[str, Any] = {"metrics": metrics, "start": start, "output_dir": str(output_dir),
+                              "trainer": trainer, "stage": stage}
+    if cfg.export and trainer.is_global_zero:
+        tokenizer = getattr(datamodule, "tokenizer", None)
+        result["export_dir"] = str(hf.save(stage.model, output_dir / "export", tokenizer=tokenizer))
+    if trainer.is_global_zero:
+        print_summary(cfg, result)
+    return result
+
+
+def build(cfg: DictConfig) -> dict[str, Any]:
+    """Instantiate every object of a run without training (tests use it for every config group)."""
+    L.seed_everything(cfg.seed, workers=True)
+    try:
+        model_config = ModelConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))
+        datamodule = instantiate(cfg.data)
+        # Partial first: Hydra would turn a dataclass keyword argument into a DictConfig.
+        stage = instantiate(cfg.stage, _partial_=True)(model=model_config)
+        callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
+        loggers = [instantiate(c) for c in cfg.logger.values() if c is not None] if cfg.logger else False
+        trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, plugins=[AtomicCheckpointIO()])
+    except InstantiationException as err:
+        raise ConfigError(_explain(err)) from err
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    return {"model_config": model_config, "datamodule": datamodule, "stage": stage, "trainer": trainer}
+
+
+def _explain(err: InstantiationException) -> str:
+    """Hydra wraps the real error; surface its message, which names the key."""
+    cause = err.__cause__
+    return f"{err}" if cause is None else f"{err}\n  caused by {type(cause).__name__}: {cause}"
+
+
+def resume_checkpoint(cfg: DictConfig, output_dir: Path) -> str | None:
+    """``ckpt_path``, or with ``resume=auto`` the newest ``last.ckpt`` of an earlier run of this task."""
+    if cfg.ckpt_path:
+        path = Path(cfg.ckpt_path)
+        if not path.exists():
+            raise ConfigError(f"ckpt_path={cfg.ckpt_path} does not exist")
+        return str(path)
+    if cfg.resume in (None, False):
+        return None
+    if cfg.resume != "auto":
+        raise ConfigError(f"resume={cfg.resume!r}: use resume=auto, or ckpt_path=<file> for a given checkpoint")
+    runs = Path(cfg.paths.log_dir) / str(cfg.task) / "runs"
+    candidates = [p for p in runs.glob("*/checkpoints/last.ckpt") if output_dir not in p.parents]
+    if not candidates:
+        rank_zero_info(f"resume=auto: no last.ckpt under {runs}; starting fresh")
+        return None
+    newest = max(candidates, key=lambda p: p.stat().st_mtime)
+    rank_zero_info(f"resume=auto: continuing from {newest}")
+    return str(newest)
+
+
+def print_summary(cfg: DictConfig, result: dict[str, Any]) -> None:
+    """Where things are, and how the validation loss moved."""
+    metrics, start = result["metrics"], result["start"]
+    vocab = result["stage"].model_config.vocab_size
+    lines = ["", "herd: training finished."]
+    if "val/loss" in start and "val/loss" in metrics:
+        lines.append(f"  val/loss {start['val/loss']:.3f} -> {metrics['val/loss']:.3f} "
+                     f"(uniform guess ln({vocab}) = {math.log(vocab):.3f})")
+    lines.append(f"  run folder:       {result['output_dir']}")
+    if "export_dir" in result:
+        lines.append(f"  exported model:   {result['export_dir']}")
+    if cfg.logger and "tensorboard" in cfg.logger:
+        lines.append(f"  TensorBoard:      tensorboard --logdir {Path(cfg.paths.log_dir) / str(cfg.task)}")
+    print("\n".join(lines), flush=True)
+
+
+@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
+def main(cfg: DictConfig) -> None:
+    """Command-line entry; a user error prints one clear message and exits with status 2."""
+    try:
+        train(cfg)
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"herd: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
