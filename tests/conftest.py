@@ -17,3 +17,68 @@ def _seed():
 def small_config() -> ModelConfig:
     """Two layers, GQA (4 query heads per KV head... 4/2), untied: fast and covers every code path."""
     return ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, multiple_of=16, max_seq_len=256)
+
+
+# ----------------------------------------------------------------------------- training runs
+
+import shutil  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from hydra import compose, initialize_config_dir  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from omegaconf import DictConfig, open_dict  # noqa: E402
+
+CORPUS_MODULES = ("argparse", "base64", "bisect", "calendar", "colorsys", "csv", "dataclasses", "difflib",
+                  "enum", "fnmatch", "fractions", "functools", "getopt", "glob", "heapq", "hmac", "ipaddress",
+                  "keyword", "linecache", "numbers", "operator", "pprint", "queue", "random", "sched", "shlex",
+                  "statistics", "string", "textwrap", "timeit", "tokenize", "uuid", "warnings", "weakref")
+TRAIN_VOCAB = 512
+
+
+@pytest.fixture(scope="session")
+def prepared_corpus(tmp_path_factory) -> Path:
+    """34 stdlib modules prepared as shards (BPE of 512 ids, rows of 64): real text that a model learns."""
+    import sysconfig
+
+    from herd.data.sources import module_docstrings
+    from herd.prepare import prepare
+    from herd.presets import config_dir
+
+    root = tmp_path_factory.mktemp("corpus")
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    (root / "code").mkdir()
+    (root / "prose").mkdir()
+    for name in CORPUS_MODULES:
+        shutil.copy(stdlib / f"{name}.py", root / "code" / f"{name}.py")
+        (root / "prose" / f"{name}.txt").write_text(module_docstrings((stdlib / f"{name}.py").read_text(), name))
+    out = root / "prepared"
+    sources = f"+sources={{prose: {{input: {root / 'prose'}}}, code: {{input: {root / 'code'}}}}}"
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose("prepare", overrides=[
+            f"output_dir={out}", "~sources", sources, "seq_len=64",
+            "val_fraction=0.1", "num_proc=1", "progress=false", f"tokenizer.vocab_size={TRAIN_VOCAB}",
+            "shards.max_rows=256", "shards.min_count=4"])
+    prepare(cfg)
+    return out
+
+
+def small_overrides(data_dir: Path) -> list[str]:
+    """Command-line overrides that shrink a run to the test fixture's data and a 2-layer model."""
+    return [f"data.data_dir={data_dir}", f"model.vocab_size={TRAIN_VOCAB}", "model.dim=64", "model.n_layers=2",
+            "model.n_heads=4", "model.n_kv_heads=2", "data.seq_len=64", "data.batch_size=8", "data.num_workers=0",
+            "trainer.limit_val_batches=2", "trainer.enable_progress_bar=false", "callbacks.progress_bar=null",
+            "trainer.enable_model_summary=false"]
+
+
+def compose_train(tmp_path: Path, data_dir: Path, *overrides: str) -> DictConfig:
+    """The ``train`` config as the command line would compose it, shrunk for tests and rooted in tmp_path."""
+    from herd.presets import config_dir
+
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose("train", return_hydra_config=True, overrides=[*small_overrides(data_dir), *overrides])
+    with open_dict(cfg):
+        cfg.paths.log_dir = str(tmp_path / "logs")
+        cfg.paths.output_dir = str(tmp_path / "logs" / "run")
+        cfg.hydra.runtime.output_dir = cfg.paths.output_dir
+    HydraConfig.instance().set_config(cfg)
+    return cfg

@@ -19,6 +19,7 @@ from typing import Any
 
 import hydra
 import lightning as L
+import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_info
@@ -42,8 +43,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     output_dir = Path(cfg.paths.output_dir)
     objects = build(cfg)
     trainer, stage, datamodule = objects["trainer"], objects["stage"], objects["datamodule"]
+    hyperparameters = {k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
+                       for k, v in cfg.items() if k != "hydra"}
     for logger in trainer.loggers:
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        logger.log_hyperparams(hyperparameters)
     ckpt_path = resume_checkpoint(cfg, output_dir)
     start = {}
     if cfg.validate_first and ckpt_path is None and not trainer.fast_dev_run:
@@ -75,9 +78,19 @@ def build(cfg: DictConfig) -> dict[str, Any]:
         trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, plugins=[AtomicCheckpointIO()])
     except InstantiationException as err:
         raise ConfigError(_explain(err)) from err
-    except ValueError as err:
+    except (ValueError, FileNotFoundError) as err:
         raise ConfigError(str(err)) from err
+    _check_optimizer(stage)
     return {"model_config": model_config, "datamodule": datamodule, "stage": stage, "trainer": trainer}
+
+
+def _check_optimizer(stage) -> None:
+    """Build the optimizer once on a probe parameter, so bad values fail now, not after setup."""
+    try:
+        stage.optimizer_factory([torch.nn.Parameter(torch.zeros(1))])
+    except (TypeError, ValueError) as err:
+        keywords = dict(getattr(stage.optimizer_factory, "keywords", {}))
+        raise ConfigError(f"stage.optimizer {keywords} is invalid: {err}") from err
 
 
 def _explain(err: InstantiationException) -> str:

@@ -18,6 +18,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from herd.interop import hf
@@ -95,7 +96,12 @@ class BackboneStage(L.LightningModule):
                 raise ValueError("the LR schedule needs trainer.max_steps (or stage.scheduler.total_steps)")
             lengths["total_steps"] = self.trainer.max_steps
         if self.anneal_tokens:
-            lengths["anneal_steps"] = math.ceil(self.anneal_tokens / self.final_tokens_per_step())
+            total = lengths.get("total_steps", keywords.get("total_steps"))
+            anneal_steps = math.ceil(self.anneal_tokens / self.final_tokens_per_step())
+            if anneal_steps > total:
+                rank_zero_warn(f"stage.anneal_tokens={self.anneal_tokens} needs {anneal_steps} steps, more than the "
+                               f"run's {total}: the whole run anneals")
+            lengths["anneal_steps"] = min(anneal_steps, total)
         return lengths
 
     def final_tokens_per_step(self) -> int:

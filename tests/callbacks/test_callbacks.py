@@ -1,0 +1,103 @@
+"""Batch/sequence ramp, checkpoint averaging, throughput/MFU and atomic checkpoint writes."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+
+from conftest import compose_train
+from herd.callbacks.averaging import CheckpointAveraging
+from herd.callbacks.checkpoint_io import AtomicCheckpointIO
+from herd.callbacks.schedules import BatchRamp
+from herd.train import build
+
+
+class Recorder(L.Callback):
+    """Remembers each training batch's shape, the LR, and the weights after every optimizer step."""
+
+    def __init__(self):
+        self.shapes, self.lrs, self.weights = [], [], {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.shapes.append(tuple(batch["tokens"].shape))
+        self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+        self.weights[trainer.global_step] = {n: p.detach().clone() for n, p in pl_module.model.named_parameters()}
+
+
+def fit(cfg, *extra_callbacks):
+    objects = build(cfg)
+    trainer = objects["trainer"]
+    trainer.callbacks.extend(extra_callbacks)
+    trainer.fit(objects["stage"], datamodule=objects["datamodule"])
+    return objects
+
+
+RAMP = ("callbacks.batch_ramp={_target_: herd.callbacks.schedules.BatchRamp, stages: ["
+        "{after_tokens: 0, batch_size: 8, seq_len: 64}, {after_tokens: 2048, batch_size: 4, seq_len: 128}, "
+        "{after_tokens: 4096, batch_size: 8, seq_len: 128}]}")
+
+
+def test_batch_ramp_switches_shapes_at_the_token_thresholds(tmp_path, prepared_corpus):
+    cfg = compose_train(tmp_path, prepared_corpus, RAMP, "trainer.max_steps=10", "trainer.val_check_interval=10",
+                        "callbacks.text_samples=null", "logger=csv")
+    recorder = Recorder()
+    objects = fit(cfg, recorder)
+    # 8 x 64 = 512 tokens a step: 4 steps reach 2,048; then 4 x 128 = 512 a step up to 4,096; then 8 x 128.
+    assert recorder.shapes == [(8, 64)] * 4 + [(4, 128)] * 4 + [(8, 128)] * 2
+    assert objects["stage"].tokens_seen == 4 * 512 + 4 * 512 + 2 * 1024
+
+
+def test_batch_ramp_reports_its_final_batch_and_refuses_a_late_start():
+    ramp = BatchRamp([{"after_tokens": 0, "batch_size": 2, "seq_len": 8}, {"after_tokens": 100, "batch_size": 4,
+                                                                          "seq_len": 16}])
+    assert ramp.stage_at(99) == 0 and ramp.stage_at(100) == 1
+    with pytest.raises(ValueError, match="after_tokens: 0"):
+        BatchRamp([{"after_tokens": 5, "batch_size": 1, "seq_len": 8}])
+
+
+def test_averaging_over_annealing_is_the_mean_of_those_checkpoints(tmp_path, prepared_corpus):
+    cfg = compose_train(tmp_path, prepared_corpus, "trainer.max_steps=10", "trainer.val_check_interval=10",
+                        "stage.scheduler.warmup_steps=2", "stage.scheduler.anneal_steps=4",
+                        "callbacks.averaging={_target_: herd.callbacks.averaging.CheckpointAveraging}",
+                        "callbacks.text_samples=null", "logger=csv")
+    recorder = Recorder()
+    objects = fit(cfg, recorder)
+    averaging = next(c for c in objects["trainer"].callbacks if isinstance(c, CheckpointAveraging))
+    window = [step for step in recorder.weights if step >= 6]
+    assert averaging.count == len(window) == 5
+    assert recorder.lrs[-1] == pytest.approx(0.0, abs=1e-12)  # annealed to zero at the last step
+    final = dict(objects["stage"].model.named_parameters())
+    for name, param in final.items():
+        expected = torch.stack([recorder.weights[s][name] for s in window]).mean(0)
+        assert torch.allclose(param, expected, atol=1e-6), name
+    assert not torch.equal(final["norm.weight"], recorder.weights[10]["norm.weight"])
+
+
+def test_throughput_logs_tokens_per_second_and_mfu(tmp_path, prepared_corpus):
+    cfg = compose_train(tmp_path, prepared_corpus, "trainer.max_steps=3", "trainer.val_check_interval=3",
+                        "callbacks.throughput.peak_flops_per_device=1e12", "callbacks.text_samples=null",
+                        "trainer.log_every_n_steps=1", "logger=csv")
+    objects = fit(cfg)
+    metrics = objects["trainer"].callback_metrics
+    tokens_per_s = float(metrics["train/tokens_per_s"])
+    flops = objects["stage"].model_config.flops_per_token(64)
+    assert tokens_per_s > 0
+    assert float(metrics["train/mfu"]) == pytest.approx(flops * tokens_per_s / 1e12, rel=1e-4)
+
+
+def test_atomic_checkpoint_survives_a_write_that_dies_midway(tmp_path, monkeypatch):
+    io = AtomicCheckpointIO()
+    target = tmp_path / "last.ckpt"
+    io.save_checkpoint({"step": torch.tensor(1)}, target)
+
+    def dying_save(obj, f, *args, **kwargs):
+        f.write(b"partial bytes of a checkpoint")
+        raise KeyboardInterrupt("killed while writing")
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"step": torch.tensor(2)}, target)
+    monkeypatch.undo()
+    assert io.load_checkpoint(target)["step"].item() == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
