@@ -1,7 +1,7 @@
 """Tokenizing many documents with several processes, results in input order.
 
 Workers rebuild the tokenizer from its JSON and run single-threaded, so ``num_proc`` processes
-use ``num_proc`` cores. The output does not depend on ``num_proc``: batches are returned in the
+use ``num_proc`` cores (``num_proc=1`` tokenizes in the calling process, on one thread). The output does not depend on ``num_proc``: batches are returned in the
 order they were submitted, and tokenization itself is deterministic.
 """
 
@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import sys
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import TypeVar
 
 import numpy as np
@@ -42,8 +44,12 @@ class ParallelEncoder:
 
     def __enter__(self) -> ParallelEncoder:
         if self.num_proc > 1:
-            context = multiprocessing.get_context("spawn")
-            self._pool = context.Pool(self.num_proc, initializer=_init_worker, initargs=(self._json,))
+            # fork where it is safe (Linux): no re-import of __main__, no start-up cost. Workers
+            # are single-threaded; the variable also silences tokenizers' after-fork warning.
+            method = "fork" if sys.platform == "linux" else "spawn"
+            with _environment("TOKENIZERS_PARALLELISM", "false"):
+                context = multiprocessing.get_context(method)
+                self._pool = context.Pool(self.num_proc, initializer=_init_worker, initargs=(self._json,))
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -60,7 +66,9 @@ class ParallelEncoder:
             tokenizer = tokenizers.Tokenizer.from_str(self._json)
             tokenizer.encode_special_tokens = True
             for batch in batches:
-                yield batch, encode_texts(tokenizer, texts(batch))
+                with _environment("TOKENIZERS_PARALLELISM", "false"):  # one process, one core
+                    encoded = encode_texts(tokenizer, texts(batch))
+                yield batch, encoded
             return
         pending: deque = deque()
         for batch in batches:
@@ -71,6 +79,20 @@ class ParallelEncoder:
         while pending:
             done, result = pending.popleft()
             yield done, result.get()
+
+
+@contextmanager
+def _environment(key: str, value: str) -> Iterator[None]:
+    """Set an environment variable for the duration of a block."""
+    old = os.environ.get(key)
+    os.environ[key] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[key]
+        else:
+            os.environ[key] = old
 
 
 def _init_worker(tokenizer_json: str) -> None:
