@@ -33,6 +33,7 @@ ASSUMED_TRAIN_TOKENS_PER_S = 5_000
 
 
 def main() -> None:
+    """Measure and print every rate (see the module docstring)."""
     args = _arguments()
     cores = len(os.sched_getaffinity(0))
     from herd.data.sources import stdlib_code

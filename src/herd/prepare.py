@@ -35,7 +35,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from herd.data.packing import with_boundaries
 from herd.data.parallel import ParallelEncoder
-from herd.data.shards import FORMAT, SPLITS, token_dtype, write_manifest, write_split
+from herd.data.shards import FORMAT, MANIFEST_FILE, SPLITS, token_dtype, write_manifest, write_split
 from herd.data.sources import Document, iter_documents
 from herd.data.tokenizer import Tokenizer, train_tokenizer
 from herd.paths import repo_root, resolve
@@ -72,15 +72,18 @@ class _SplitBuffer:
         self._file = open(path, "wb")  # noqa: SIM115 - closed by close()
 
     def append(self, tokens: np.ndarray, document_id: int) -> None:
+        """Add one document's tokens (boundaries included)."""
         self._file.write(tokens.astype(np.uint32).tobytes())
         self.total += len(tokens)
         self.ends.append(self.total)
         self.ids.append(document_id)
 
     def close(self) -> None:
+        """Finish writing; :meth:`tokens` may be called afterwards."""
         self._file.close()
 
     def tokens(self) -> np.ndarray:
+        """The whole token stream (memory-mapped)."""
         if self.total == 0:
             return np.zeros(0, dtype=np.uint32)
         return np.memmap(self.path, dtype=np.uint32, mode="r", shape=(self.total,))
@@ -95,11 +98,12 @@ def prepare(cfg: DictConfig | Mapping[str, Any]) -> Path:
     val_fraction = float(cfg.val_fraction)
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    num_proc = int(cfg.num_proc) if cfg.get("num_proc") else len(os.sched_getaffinity(0))
+    num_proc = int(cfg.num_proc) if cfg.get("num_proc") else _cores()
     started = time.perf_counter()
 
     tokenizer = _tokenizer(cfg.tokenizer, sources, val_fraction)
     out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST_FILE).unlink(missing_ok=True)  # a failed run must not leave a stale manifest
     tokenizer.save(out / "tokenizer")
     _remove_old_shards(out, sources)
     with ExitStack() as stack:
@@ -114,7 +118,7 @@ def prepare(cfg: DictConfig | Mapping[str, Any]) -> Path:
                 for split in SPLITS
             }
             stats[spec.name] = counts
-    manifest = _manifest(cfg, tokenizer, seq_len, val_fraction, sources, stats)
+    manifest = _manifest(tokenizer, seq_len, val_fraction, sources, stats)
     path = write_manifest(out, manifest)
     _log_summary(stats, time.perf_counter() - started, path)
     return out
@@ -136,6 +140,11 @@ def _source_specs(sources: Mapping[str, Any]) -> list[SourceSpec]:
             SourceSpec(str(name), inputs, source.get("text_field", "text"), source.get("glob", "**/*"))
         )
     return specs
+
+
+def _cores() -> int:
+    """CPU cores this process may use."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _positive_int(cfg: DictConfig, key: str) -> int:
@@ -227,7 +236,7 @@ def _remove_old_shards(out: Path, sources: list[SourceSpec]) -> None:
             old.unlink()
 
 
-def _manifest(cfg, tokenizer, seq_len, val_fraction, sources, stats) -> dict[str, Any]:
+def _manifest(tokenizer, seq_len, val_fraction, sources, stats) -> dict[str, Any]:
     return {
         "format": FORMAT,
         "seq_len": seq_len,

@@ -210,6 +210,12 @@ def test_too_few_shards_for_the_readers(dataset):
         dm.train_dataloader()
 
 
+def test_a_seq_len_longer_than_a_readers_pass_is_explained(dataset):
+    dm = _module(dataset, seq_len=5000)
+    with pytest.raises(ValueError, match="not one sample of seq_len \\+ 1 = 5001: lower seq_len"):
+        _take(iter(dm.train_dataloader()), 1)
+
+
 def test_explicit_shard_lists_must_belong_to_the_manifest(dataset, tmp_path):
     with pytest.raises(ManifestError, match="shard .*/elsewhere/x-000000.tar is not listed"):
         PackedDataModule(str(dataset), {"a": {"train": [str(tmp_path / "elsewhere" / "x-000000.tar")]}})

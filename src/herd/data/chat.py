@@ -107,17 +107,21 @@ class _Builder:
         self.format_mask: list[bool] = []
 
     def add(self, ids: list[int], role: bool, fmt: bool) -> None:
+        """Append ``ids`` with both mask values."""
         self.ids += ids
         self.role_mask += [role] * len(ids)
         self.format_mask += [fmt] * len(ids)
 
     def special(self, name: str, role: bool, fmt: bool) -> None:
+        """Append one special token by herd name."""
         self.add([self.tokenizer.special_id(name)], role, fmt)
 
     def text(self, text: str, role: bool, fmt: bool) -> None:
+        """Append the tokens of plain text."""
         self.add(self.tokenizer.encode(text), role, fmt)
 
     def header(self, role: str) -> None:
+        """Append ``<|start_header_id|>role<|end_header_id|>\\n\\n`` (all formatting)."""
         self.special("start_header_id", role=False, fmt=True)
         self.text(role, role=False, fmt=True)
         self.special("end_header_id", role=False, fmt=True)

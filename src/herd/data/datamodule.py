@@ -120,14 +120,8 @@ class PackedDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         """The train mixture for this rank, continuing after the batches consumed so far."""
         rank, world_size = self._data_parallel_rank()
+        self._check_enough_shards(world_size)
         self._enter_segment(self._plan(world_size, self.batch_size))
-        for source in self._train:
-            if len(source.shards) < world_size * max(1, self.num_workers):
-                raise ManifestError(
-                    f"source {source.name!r} has {len(source.shards)} train shards, fewer than the "
-                    f"{world_size} ranks x {max(1, self.num_workers)} workers that each need one. Re-run "
-                    "herd.prepare with a larger shards.min_count, or lower data.num_workers."
-                )
         dataset = PackedStream(self._train, list(self._segments), rank, "train", self.on_corrupt_shard)
         return _StreamLoader(self, dataset, self.num_workers, self.pin_memory)
 
@@ -194,6 +188,17 @@ class PackedDataModule(L.LightningDataModule):
             shuffle_buffer=self.shuffle_buffer,
             seed=self.seed,
         )
+
+    def _check_enough_shards(self, world_size: int) -> None:
+        """Every reader (rank x worker) needs at least one shard of every source it mixes in."""
+        readers = world_size * max(1, self.num_workers)
+        for source, weight in zip(self._train, self.weights, strict=True):
+            if weight > 0 and len(source.shards) < readers:
+                raise ManifestError(
+                    f"source {source.name!r} has {len(source.shards)} train shards, fewer than the "
+                    f"{world_size} ranks x {max(1, self.num_workers)} workers that each need one. Re-run "
+                    "herd.prepare with a larger shards.min_count, or lower data.num_workers."
+                )
 
     def _enter_segment(self, plan: Plan) -> None:
         """Continue the current segment if ``plan`` is unchanged, else start a new one."""

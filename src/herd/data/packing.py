@@ -139,14 +139,11 @@ class Rechunker:
         return segments
 
     def _cut(self) -> Sample:
-        parts = self._pending
-        tokens, segments, pad = (
-            np.concatenate([p[i] for p in parts]) if len(parts) > 1 else parts[0][i] for i in range(3)
-        )
+        """Take one sample's tokens off the front of the pending rows."""
+        tokens, segments, pad = (np.concatenate(arrays) for arrays in zip(*self._pending, strict=True))
         n = self.sample_len
-        rest = (tokens[n:], segments[n:], pad[n:])
-        self._pending = [rest] if len(rest[0]) else []
-        self._pending_len = len(rest[0])
+        self._pending = [(tokens[n:], segments[n:], pad[n:])] if len(tokens) > n else []
+        self._pending_len = len(tokens) - n
         tokens, segments, pad = tokens[:n], segments[:n], pad[:n]
         return Sample(
             tokens=tokens[:-1].astype(np.int64),

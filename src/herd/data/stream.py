@@ -269,33 +269,35 @@ class PackedStream(IterableDataset):
             _seed("buffer", plan.seed, plan.epoch, segment, source.name, reader.rank, reader.slot)
         )
         shuffle = wds.shuffle(plan.shuffle_buffer, initial=plan.shuffle_buffer, rng=rng)
-        pulled = 0
         for pass_index in count():
             order = pass_order(source.shards, plan.seed, source.name, pass_index, plan.epoch)
             shards = reader_shards(order, reader.rank, reader.world_size, reader.slot, reader.slots)
             rows_in_pass = sum(s.rows for s in shards)
-            if not shards:
-                raise ShardError(
-                    f"source {source.name!r} has no shards for rank {reader.rank} reader {reader.slot}"
-                )
-            if pulled + rows_in_pass <= start_row:
-                pulled += rows_in_pass
+            if start_row >= rows_in_pass > 0:  # resuming: this pass was read before
+                start_row -= rows_in_pass
                 continue
-            rows = self._rows(source, shards, reader, skip=start_row - pulled)
-            pulled = start_row = 0
-            samples = _rechunked(rows, plan.seq_len)
-            yield from shuffle(samples) if plan.shuffle_buffer > 1 else samples
+            samples = _rechunked(self._rows(source, shards, reader, skip=start_row), plan.seq_len)
+            produced = 0
+            for sample in shuffle(samples) if plan.shuffle_buffer > 1 else samples:
+                produced += 1
+                yield sample
+            if produced == 0 and start_row == 0:
+                raise ValueError(
+                    f"source {source.name!r} gives rank {reader.rank} reader {reader.slot} only "
+                    f"{rows_in_pass} rows of {source.row_len} tokens per pass, not one sample of "
+                    f"seq_len + 1 = {plan.seq_len + 1}: lower seq_len, or use fewer ranks or workers"
+                )
+            start_row = 0
 
     def _rows(
         self, source: SourceShards, shards: list[ShardInfo], reader: _Reader, skip: int
     ) -> Iterator[Row]:
         """Rows of ``shards`` after the first ``skip``; advances the reader's row count per source."""
-        opened = damaged = 0
+        damaged = 0
         for shard in shards:
             if skip >= shard.rows:
                 skip -= shard.rows
                 continue
-            opened += 1
             rows = self._read(shard, source, reader)
             if rows is None:
                 damaged += 1
@@ -304,7 +306,7 @@ class PackedStream(IterableDataset):
                 reader.advance(source.name, 1)
                 yield row
             skip = 0
-        if opened and damaged == opened:
+        if damaged and damaged == len(shards):
             raise ShardError(
                 f"every shard of source {source.name!r} on rank {reader.rank} reader {reader.slot} is damaged"
             )
