@@ -83,12 +83,15 @@ def pack_range(
 def next_token_targets(tokens: np.ndarray, segments: np.ndarray, pad: np.ndarray) -> np.ndarray:
     """Targets for ``tokens[:-1]``: ``tokens[1:]``, or IGNORE_INDEX across documents and padding."""
     valid = (segments[1:] == segments[:-1]) & ~pad[1:] & ~pad[:-1]
-    return np.where(valid, tokens[1:].astype(np.int64), IGNORE_INDEX)
+    return np.where(valid, tokens[1:].astype(np.int32), np.int32(IGNORE_INDEX))
 
 
 @dataclass(frozen=True)
 class Sample:
-    """One training sequence: ``tokens``, ``document_ids`` and ``targets``, each of seq_len."""
+    """One training sequence: ``tokens``, ``document_ids`` and ``targets``, each (seq_len,) int32.
+
+    int32 halves the memory of shuffle buffers; batches are widened to int64 when collated.
+    """
 
     tokens: np.ndarray
     document_ids: np.ndarray
@@ -146,7 +149,7 @@ class Rechunker:
         self._pending_len = len(tokens) - n
         tokens, segments, pad = tokens[:n], segments[:n], pad[:n]
         return Sample(
-            tokens=tokens[:-1].astype(np.int64),
-            document_ids=segments[:-1] - segments[0],
+            tokens=tokens[:-1].astype(np.int32),
+            document_ids=(segments[:-1] - segments[0]).astype(np.int32),
             targets=next_token_targets(tokens, segments, pad),
         )

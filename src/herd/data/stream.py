@@ -142,9 +142,9 @@ def batches_before(consumed: int, slot: int, slots: int) -> int:
 def collate(samples: Sequence[Sample]) -> dict[str, torch.Tensor]:
     """Stack samples into the batch dict: tokens, document_ids, targets, each (batch, seq) int64."""
     return {
-        "tokens": torch.from_numpy(np.stack([s.tokens for s in samples])),
-        "document_ids": torch.from_numpy(np.stack([s.document_ids for s in samples])),
-        "targets": torch.from_numpy(np.stack([s.targets for s in samples])),
+        "tokens": torch.from_numpy(np.stack([s.tokens for s in samples])).long(),
+        "document_ids": torch.from_numpy(np.stack([s.document_ids for s in samples])).long(),
+        "targets": torch.from_numpy(np.stack([s.targets for s in samples])).long(),
     }
 
 
