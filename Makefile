@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: train test test-fast lint bench clean-venv env
+.PHONY: train test test-fast lint bench clean-venv env prepare
 
 # Create the virtual environment once; reinstall when the package metadata changes.
 # torch is pinned first so that lightning does not pull a multi-GB CUDA build.
@@ -17,8 +17,16 @@ $(STAMP): pyproject.toml
 
 env: $(STAMP)
 
+CORPUS := data/prepared/stdlib/manifest.json
+
+# The embedded corpus (Python's standard library), tokenized and packed once.
+$(CORPUS): $(STAMP)
+	$(PY) -m herd.prepare
+
+prepare: $(CORPUS)
+
 ## make train: tiny pretraining on the embedded corpus (no download).
-train: $(STAMP)
+train: $(STAMP) $(CORPUS)
 	$(PY) -m herd.train $(ARGS)
 
 ## make test: the whole suite, slow tests included.
