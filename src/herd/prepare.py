@@ -34,7 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from herd.data.packing import with_boundaries
-from herd.data.parallel import ParallelEncoder
+from herd.data.parallel import WorkerPool
 from herd.data.shards import FORMAT, MANIFEST_FILE, SPLITS, token_dtype, write_manifest, write_split
 from herd.data.sources import Document, iter_documents
 from herd.data.tokenizer import Tokenizer, train_tokenizer
@@ -43,7 +43,7 @@ from herd.paths import repo_root, resolve
 logger = logging.getLogger(__name__)
 
 _SOURCE_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
-_BATCH_CHARS = 1 << 20  # text per task sent to a tokenizer process
+_BATCH_CHARS = 1 << 18  # text per task sent to a tokenizer process
 _BATCH_DOCS = 1024
 
 
@@ -109,12 +109,12 @@ def prepare(cfg: DictConfig | Mapping[str, Any]) -> Path:
     with ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(dir=out, prefix=".prepare-")))
         progress = stack.enter_context(_progress(bool(cfg.get("progress", True))))
-        encoder = stack.enter_context(ParallelEncoder(tokenizer.to_json(), num_proc))
+        pool = stack.enter_context(WorkerPool(tokenizer.to_json(), num_proc))
         stats = {}
         for spec in sources:
-            buffers, counts = _tokenize(spec, tokenizer, encoder, val_fraction, tmp, progress)
+            buffers, counts = _tokenize(spec, tokenizer, pool, val_fraction, tmp, progress)
             counts["splits"] = {
-                split: _write(out, spec.name, split, buffers[split], seq_len, tokenizer, cfg.shards)
+                split: _write(out, spec.name, split, buffers[split], seq_len, tokenizer, cfg.shards, pool)
                 for split in SPLITS
             }
             stats[spec.name] = counts
@@ -174,13 +174,13 @@ def assign_split(document_id: str, val_fraction: float) -> str:
     return "val" if int.from_bytes(digest[:8], "big") < val_fraction * 2**64 else "train"
 
 
-def _tokenize(spec, tokenizer, encoder, val_fraction, tmp, progress):
+def _tokenize(spec, tokenizer, pool, val_fraction, tmp, progress):
     """Tokenize one source into per-split buffers; returns (buffers, document counts)."""
     buffers = {split: _SplitBuffer(tmp / f"{spec.name}.{split}.bin") for split in SPLITS}
     counts = {"documents": 0, "empty_documents": 0, "tokens": 0}
     task = progress.add_task(f"tokenize {spec.name}", total=None)
     batches = _batches(spec.documents(), counts)
-    for docs, encoded in encoder.map(batches, lambda batch: [doc.text for doc in batch]):
+    for docs, encoded in pool.encode(batches, lambda batch: [doc.text for doc in batch]):
         for doc, token_ids in zip(docs, encoded, strict=True):
             tokens = with_boundaries(token_ids, tokenizer.bos_id, tokenizer.eos_id)
             buffers[assign_split(doc.id, val_fraction)].append(tokens, counts["documents"])
@@ -213,8 +213,8 @@ def _describe(name: str, counts: dict[str, int]) -> str:
     return f"tokenize {name}: {counts['documents']:,} docs, {counts['tokens']:,} tokens"
 
 
-def _write(out, source, split, buffer, seq_len, tokenizer, shard_cfg) -> dict[str, Any]:
-    """Pack one split's buffer into shards; returns its manifest entry."""
+def _write(out, source, split, buffer, seq_len, tokenizer, shard_cfg, pool) -> dict[str, Any]:
+    """Pack one split's buffer into shards (in the worker processes); returns its manifest entry."""
     return write_split(
         out,
         f"{source}/{split}",
@@ -226,6 +226,7 @@ def _write(out, source, split, buffer, seq_len, tokenizer, shard_cfg) -> dict[st
         dtype=token_dtype(tokenizer.vocab_size),
         max_rows=int(shard_cfg.max_rows),
         min_count=int(shard_cfg.min_count),
+        map_fn=pool.imap,
     )
 
 

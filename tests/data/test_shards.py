@@ -43,10 +43,24 @@ def test_round_trip_and_deterministic_bytes(tmp_path):
     np.testing.assert_array_equal(np.stack([r.tokens for r in rows]), packed.tokens)
     np.testing.assert_array_equal(np.stack([r.document_ids for r in rows]), packed.document_ids)
     assert shard_bytes(packed, 10, np.dtype(np.uint16)) == path.read_bytes()
+    assert path.read_bytes() == _tarfile_reference(packed, 10)  # exactly what tarfile itself writes
     with tarfile.open(path) as tar:
         members = tar.getmembers()
     assert members[0].name == "000000010.tokens.npy"
     assert {(m.mtime, m.uid, m.gid, m.uname, m.gname, m.mode) for m in members} == {(0, 0, 0, "", "", 0o644)}
+
+
+def _tarfile_reference(packed, first_row):
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for i, (tokens, docs) in enumerate(zip(packed.tokens, packed.document_ids, strict=True)):
+            for suffix, array in (("tokens", tokens.astype(np.uint16)), ("document_ids", docs.astype(np.int32))):
+                data = io.BytesIO()
+                np.save(data, array)
+                info = tarfile.TarInfo(f"{first_row + i:09d}.{suffix}.npy")
+                info.size, info.mode, info.uname, info.gname = len(data.getvalue()), 0o644, "", ""
+                tar.addfile(info, io.BytesIO(data.getvalue()))
+    return buffer.getvalue()
 
 
 def test_a_flipped_byte_is_caught_by_the_checksum(tmp_path):

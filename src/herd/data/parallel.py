@@ -1,8 +1,9 @@
-"""Tokenizing many documents with several processes, results in input order.
+"""herd.prepare's worker processes: tokenizing documents and writing shards, results in order.
 
 Workers rebuild the tokenizer from its JSON and run single-threaded, so ``num_proc`` processes
-use ``num_proc`` cores (``num_proc=1`` tokenizes in the calling process, on one thread). The output does not depend on ``num_proc``: batches are returned in the
-order they were submitted, and tokenization itself is deterministic.
+use ``num_proc`` cores (``num_proc=1`` works in the calling process, on one thread). Results
+come back in the order of the inputs and the work itself is deterministic, so the output does
+not depend on ``num_proc``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import tokenizers
 
 _worker_tokenizer: tokenizers.Tokenizer | None = None
 T = TypeVar("T")
+R = TypeVar("R")
 
 
 def encode_texts(tokenizer: tokenizers.Tokenizer, texts: list[str]) -> list[np.ndarray]:
@@ -28,11 +30,11 @@ def encode_texts(tokenizer: tokenizers.Tokenizer, texts: list[str]) -> list[np.n
     return [np.array(encoding.ids, dtype=np.uint32) for encoding in encodings]
 
 
-class ParallelEncoder:
-    """Encode batches of texts in ``num_proc`` worker processes (1 = in this process).
+class WorkerPool:
+    """``num_proc`` worker processes holding a tokenizer (1 = work in this process).
 
-    Use as a context manager; :meth:`map` yields each input batch with its encoded texts, in
-    order, keeping at most ``2 * num_proc`` batches in flight.
+    Use as a context manager. :meth:`encode` tokenizes batches of texts; :meth:`imap` runs any
+    picklable function. Both keep at most ``4 * num_proc`` tasks in flight and yield in order.
     """
 
     def __init__(self, tokenizer_json: str, num_proc: int = 1) -> None:
@@ -42,7 +44,7 @@ class ParallelEncoder:
         self._json = tokenizer_json
         self._pool = None
 
-    def __enter__(self) -> ParallelEncoder:
+    def __enter__(self) -> WorkerPool:
         if self.num_proc > 1:
             # fork where it is safe (Linux): no re-import of __main__, no start-up cost. Workers
             # are single-threaded; the variable also silences tokenizers' after-fork warning.
@@ -58,10 +60,10 @@ class ParallelEncoder:
             self._pool.join()
             self._pool = None
 
-    def map(
+    def encode(
         self, batches: Iterable[T], texts: Callable[[T], list[str]]
     ) -> Iterator[tuple[T, list[np.ndarray]]]:
-        """``(batch, encoded texts(batch))`` for each batch, in input order."""
+        """``(batch, token arrays of texts(batch))`` for each batch, in input order."""
         if self._pool is None:
             tokenizer = tokenizers.Tokenizer.from_str(self._json)
             tokenizer.encode_special_tokens = True
@@ -73,12 +75,25 @@ class ParallelEncoder:
         pending: deque = deque()
         for batch in batches:
             pending.append((batch, self._pool.apply_async(_encode_in_worker, (texts(batch),))))
-            if len(pending) >= 2 * self.num_proc:
+            if len(pending) >= 4 * self.num_proc:
                 done, result = pending.popleft()
                 yield done, result.get()
         while pending:
             done, result = pending.popleft()
             yield done, result.get()
+
+    def imap(self, function: Callable[[T], R], items: Iterable[T]) -> Iterator[R]:
+        """``function(item)`` for each item, computed in the workers, in input order."""
+        if self._pool is None:
+            yield from map(function, items)
+            return
+        pending: deque = deque()
+        for item in items:
+            pending.append(self._pool.apply_async(function, (item,)))
+            if len(pending) >= 4 * self.num_proc:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
 
 
 @contextmanager
