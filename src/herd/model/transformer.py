@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -106,6 +107,19 @@ class Transformer(nn.Module):
             block.attention_norm.reset_parameters()
             block.ffn_norm.reset_parameters()
         self.norm.reset_parameters()
+        self.rope.reset_parameters()
+
+    def set_context(self, **changes) -> None:
+        """Change context settings in place: ``max_seq_len``, ``rope_theta``, ``rope_scaling``, ``attention``.
+
+        Weights are untouched; the RoPE table is recomputed. Long-context stages call this.
+        """
+        allowed = {"max_seq_len", "rope_theta", "rope_scaling", "attention"}
+        unknown = sorted(set(changes) - allowed)
+        if unknown:
+            raise ValueError(f"set_context cannot change {unknown}; it changes {sorted(allowed)}")
+        self.config = dataclasses.replace(self.config, **changes)
+        self.rope.theta, self.rope.scaling = self.config.rope_theta, self.config.rope_scaling
         self.rope.reset_parameters()
 
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:

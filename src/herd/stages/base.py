@@ -2,7 +2,8 @@
 
 A stage subclasses :class:`BackboneStage`, writes ``training_step``/``validation_step`` with its own
 loss, and gets from here:
-- ``configure_model``: the backbone from a ModelConfig, or from a Hugging Face directory (``init_from``);
+- ``configure_model``: the backbone from a ModelConfig, or from a Hugging Face directory (``init_from``),
+  with activation checkpointing applied from outside;
 - ``configure_optimizers``: AdamW (or any ``_partial_`` optimizer) with no weight decay on norms
   and a per-step schedule;
 - ``tokens_seen``, counted over all ranks and stored in checkpoints;
@@ -23,6 +24,7 @@ from torch import nn
 
 from herd.interop import hf
 from herd.model import ModelConfig, Transformer
+from herd.stages.parallelize import apply_activation_checkpointing, checkpoint_every
 from herd.stages.schedule import WarmupCosineAnneal
 
 
@@ -36,6 +38,7 @@ class BackboneStage(L.LightningModule):
         scheduler: Callable[..., Any] | None = None,
         init_from: str | None = None,
         anneal_tokens: int = 0,
+        activation_checkpointing: str | int | None = None,
     ) -> None:
         super().__init__()
         if model is None and init_from is None:
@@ -47,6 +50,8 @@ class BackboneStage(L.LightningModule):
         self.scheduler_factory = scheduler
         self.init_from = init_from
         self.anneal_tokens = anneal_tokens
+        self.activation_checkpointing = activation_checkpointing
+        checkpoint_every(activation_checkpointing)  # validate now, not after setup
         self.model: Transformer | None = None
         self.tokens_seen = 0
         self.lr_schedule: WarmupCosineAnneal | None = None
@@ -66,6 +71,7 @@ class BackboneStage(L.LightningModule):
         else:
             self.model = Transformer(self.model_config)
         self.model_config = self.model.config
+        apply_activation_checkpointing(self.model, self.activation_checkpointing)
 
     def forward(self, tokens: torch.Tensor, **kwargs) -> torch.Tensor:
         """Logits of the backbone."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from torchmetrics import MeanMetric
 
 from herd.model import Transformer
@@ -17,30 +18,69 @@ from herd.stages.base import BackboneStage
 IGNORE_INDEX = -100
 
 
-def next_token_loss(model: Transformer, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean cross-entropy over the predicted tokens, and how many tokens it averaged."""
-    logits = model(batch["tokens"], document_ids=batch.get("document_ids"))  # (batch, seq, vocab)
+def next_token_loss(
+    model: Transformer, batch: dict[str, torch.Tensor], chunk_size: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean cross-entropy over the predicted tokens, and how many tokens it averaged.
+
+    With ``chunk_size`` the output head and the loss run ``chunk_size`` positions at a time and
+    are recomputed in the backward pass, so (batch, seq, vocab) logits never exist at once.
+    """
+    hidden = model.hidden_states(batch["tokens"], document_ids=batch.get("document_ids"))  # (batch, seq, dim)
     targets = batch["targets"]
-    loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
-    return loss, (targets != IGNORE_INDEX).sum()
+    n_tokens = (targets != IGNORE_INDEX).sum()
+    if chunk_size is None:
+        loss = F.cross_entropy(model.output(hidden).flatten(0, 1).float(), targets.flatten(),
+                               ignore_index=IGNORE_INDEX)
+        return loss, n_tokens
+    return chunked_cross_entropy(hidden, model.output.weight, targets, chunk_size) / n_tokens.clamp(min=1), n_tokens
+
+
+def chunked_cross_entropy(
+    hidden: torch.Tensor, output_weight: torch.Tensor, targets: torch.Tensor, chunk_size: int
+) -> torch.Tensor:
+    """Summed cross-entropy of ``hidden @ output_weight.T`` against ``targets``, ``chunk_size`` rows at a time.
+
+    Each chunk's logits are freed after its loss and recomputed during backward (activation
+    checkpointing), so peak memory holds one chunk of logits instead of the whole sequence.
+    """
+    hidden, targets = hidden.flatten(0, 1), targets.flatten()  # (tokens, dim), (tokens,)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, hidden.shape[0], chunk_size):
+        total = total + checkpoint(
+            _chunk_loss, hidden[start : start + chunk_size], output_weight, targets[start : start + chunk_size],
+            use_reentrant=False,
+        )
+    return total
+
+
+def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = F.linear(hidden, weight).float()  # (chunk, vocab)
+    return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 class PretrainStage(BackboneStage):
-    """Next-token prediction; logs train/loss, val/loss and val/perplexity."""
+    """Next-token prediction; logs train/loss, val/loss and val/perplexity.
 
-    def __init__(self, *args, **kwargs) -> None:
+    ``loss_chunk_size`` (positions per chunk) turns on the chunked cross-entropy for long contexts.
+    """
+
+    def __init__(self, *args, loss_chunk_size: int | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        if loss_chunk_size is not None and loss_chunk_size <= 0:
+            raise ValueError(f"stage.loss_chunk_size must be a positive number of positions, got {loss_chunk_size}")
+        self.loss_chunk_size = loss_chunk_size
         self.val_loss = MeanMetric()
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss, _ = next_token_loss(self.model, batch)
+        loss, _ = next_token_loss(self.model, batch, self.loss_chunk_size)
         self.count_tokens(batch["tokens"])
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
         self.log("train/tokens_seen", float(self.tokens_seen), on_step=True, on_epoch=False)
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        loss, n_tokens = next_token_loss(self.model, batch)
+        loss, n_tokens = next_token_loss(self.model, batch, self.loss_chunk_size)
         self.val_loss.update(loss, weight=n_tokens)  # token-weighted over the whole split
 
     def on_validation_epoch_end(self) -> None:

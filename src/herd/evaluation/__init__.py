@@ -1,0 +1,1 @@
+"""Evaluations that stages, callbacks and ``python -m herd.evaluate`` share."""

@@ -1,0 +1,62 @@
+"""Long-context stages: advance at the right token counts, change the context, gates act as configured."""
+
+from __future__ import annotations
+
+import pytest
+from test_callbacks import Recorder, fit
+
+from conftest import compose_train
+from herd.callbacks.schedules import ContextSchedule
+
+
+def schedule(on_fail="warn", min_needle=0.0, extra=""):
+    return ("callbacks.context_schedule={_target_: herd.callbacks.schedules.ContextSchedule, tokens_per_batch: 1024, "
+            "stages: [{seq_len: 128, tokens: 2048}, {seq_len: 256, tokens: 4096, rope_theta: 1000000.0}], "
+            f"gate: {{min_needle_accuracy: {min_needle}, on_fail: {on_fail}{extra}}}, "
+            "needle: {lengths: [128, 256], depths: [0.5], trials: 1}, short_val_batches: 2}")
+
+
+def run(tmp_path, prepared_corpus, spec):
+    cfg = compose_train(tmp_path, prepared_corpus, spec, "trainer.max_steps=100", "trainer.val_check_interval=100",
+                        "callbacks.text_samples=null", "logger=csv", "validate_first=false", "export=false")
+    recorder = Recorder()
+    objects = fit(cfg, recorder)
+    callback = next(c for c in objects["trainer"].callbacks if isinstance(c, ContextSchedule))
+    return recorder, callback, objects
+
+
+def test_stages_advance_at_their_token_counts_and_change_the_context(tmp_path, prepared_corpus):
+    recorder, callback, objects = run(tmp_path, prepared_corpus, schedule())
+    # 1,024 tokens a step: 2 steps of 8 x 128, then 4 steps of 4 x 256; then the schedule ends the run.
+    assert recorder.shapes == [(8, 128)] * 2 + [(4, 256)] * 4
+    assert objects["stage"].tokens_seen == 6144
+    assert [r["stage"] for r in callback.results] == [0, 1] and all(r["passed"] for r in callback.results)
+    model = objects["stage"].model
+    assert model.config.rope_theta == 1_000_000.0 and model.config.max_seq_len >= 256
+    assert callback.baseline_short_loss > 0
+
+
+def test_a_failed_gate_stops_the_run_when_configured(tmp_path, prepared_corpus):
+    recorder, callback, _ = run(tmp_path, prepared_corpus, schedule(on_fail="stop", min_needle=1.5))
+    assert recorder.shapes == [(8, 128)] * 2
+    assert [r["passed"] for r in callback.results] == [False]
+
+
+def test_a_failed_gate_extends_the_stage_then_stops(tmp_path, prepared_corpus):
+    spec = schedule(on_fail="extend", min_needle=1.5, extra=", extend_tokens: 2048, max_extensions: 1")
+    recorder, callback, _ = run(tmp_path, prepared_corpus, spec)
+    assert recorder.shapes == [(8, 128)] * 4  # 2,048 tokens, then 2,048 more at the same length; then stop
+    assert callback.extensions == 1 and [r["passed"] for r in callback.results] == [False, False]
+
+
+def test_a_failed_gate_only_warns_when_configured(tmp_path, prepared_corpus):
+    recorder, callback, _ = run(tmp_path, prepared_corpus, schedule(on_fail="warn", min_needle=1.5))
+    assert recorder.shapes == [(8, 128)] * 2 + [(4, 256)] * 4
+    assert [r["passed"] for r in callback.results] == [False, False]
+
+
+def test_bad_gate_settings_are_refused():
+    with pytest.raises(ValueError, match="gate.on_fail='retry'"):
+        ContextSchedule([{"seq_len": 64, "tokens": 10}], tokens_per_batch=64, gate={"on_fail": "retry"})
+    with pytest.raises(ValueError, match="context stage 0 needs seq_len and tokens"):
+        ContextSchedule([{"seq_len": 64}], tokens_per_batch=64)
