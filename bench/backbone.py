@@ -11,52 +11,17 @@ cross-entropy + backward + AdamW, under bf16 autocast on the CPU. herd is also t
 from __future__ import annotations
 
 import argparse
-import gc
-import os
 import statistics
-import threading
 import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
+from common import PeakRSS
 from herd.interop.hf import config_to_hf, hf_state_dict
 from herd.model import ModelConfig, Transformer
 from herd.presets import model_preset
-
-
-class PeakRSS:
-    """Samples this process's resident memory in a thread; reports the peak above the start."""
-
-    def __init__(self, interval: float = 0.002) -> None:
-        self.interval, self.peak, self.start, self._stop = interval, 0, 0, threading.Event()
-
-    @staticmethod
-    def rss() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    def __enter__(self) -> PeakRSS:
-        gc.collect()
-        self.start = self.peak = self.rss()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.rss())
-            time.sleep(self.interval)
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.rss())
-
-    @property
-    def delta_mib(self) -> float:
-        return (self.peak - self.start) / 2**20
 
 
 def measure(name: str, logits_fn: Callable, params, batches, warmup: int) -> dict:
