@@ -30,6 +30,7 @@ from herd.interop import hf
 from herd.model import ModelConfig
 from herd.paths import repo_root
 from herd.presets import config_dir
+from herd.stages.parallelize import full_state_dict
 
 OmegaConf.register_new_resolver("herd_root", lambda: str(repo_root()), replace=True)
 
@@ -57,9 +58,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         metrics |= {f"test/{k}": float(v) for k, v in trainer.test(stage, datamodule=datamodule)[0].items()}
     result: dict[str, Any] = {"metrics": metrics, "start": start, "output_dir": str(output_dir),
                               "trainer": trainer, "stage": stage}
-    if cfg.export and trainer.is_global_zero:
-        tokenizer = getattr(datamodule, "tokenizer", None)
-        result["export_dir"] = str(hf.save(stage.model, output_dir / "export", tokenizer=tokenizer))
+    if cfg.export:
+        state = full_state_dict(stage.model)  # a collective when the model is sharded: every rank calls it
+        if trainer.is_global_zero:
+            tokenizer = getattr(datamodule, "tokenizer", None)
+            result["export_dir"] = str(hf.save(stage.model, output_dir / "export", tokenizer=tokenizer,
+                                               state_dict=state))
     if trainer.is_global_zero:
         print_summary(cfg, result)
     return result
@@ -81,7 +85,18 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     except (ValueError, FileNotFoundError) as err:
         raise ConfigError(str(err)) from err
     _check_optimizer(stage)
+    _check_strategy(trainer)
     return {"model_config": model_config, "datamodule": datamodule, "stage": stage, "trainer": trainer}
+
+
+def _check_strategy(trainer: L.Trainer) -> None:
+    """Refuse combinations Lightning would only reject after setup, with the fix."""
+    from lightning.pytorch.accelerators import CPUAccelerator
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    if isinstance(trainer.strategy, FSDPStrategy) and isinstance(trainer.accelerator, CPUAccelerator):
+        raise ConfigError("strategy=fsdp (Lightning's FSDPStrategy, FSDP1) needs GPUs; on a CPU use strategy=fsdp2 "
+                          "(FSDP2 through ModelParallelStrategy), which shards the same way and runs on gloo")
 
 
 def _check_optimizer(stage) -> None:

@@ -332,16 +332,18 @@ def save(
     *,
     dtype: torch.dtype | None = None,
     max_shard_bytes: int = 5 * 1024**3,
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write ``model`` as a Hugging Face Llama directory that ``transformers`` loads.
 
     ``tokenizer`` is a tokenizer directory to copy, or an object with ``save_pretrained(path)`` or
     ``save(path)``. ``dtype`` converts on the way out (default: the model's dtype). Weights above
-    ``max_shard_bytes`` are split into shards with an index.
+    ``max_shard_bytes`` are split into shards with an index. ``state_dict`` replaces the model's
+    own (a sharded model's gathered full state, or averaged weights).
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    state = hf_state_dict(model, dtype)
+    state = hf_state_dict(model, dtype, state_dict)
     out_dtype = next(iter(state.values())).dtype
     _write_weights(state, path, max_shard_bytes)
     bos, eos = None, None
@@ -351,10 +353,18 @@ def save(
     return path
 
 
-def hf_state_dict(model: Transformer, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+# Prefixes that wrappers (activation checkpointing, torch.compile) add to parameter names.
+_WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def hf_state_dict(
+    model: Transformer, dtype: torch.dtype | None = None, state_dict: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
     """Model weights under Hugging Face names (the tied head is stored once, as the embedding)."""
     state = {}
-    for name, tensor in model.state_dict().items():
+    for name, tensor in (state_dict if state_dict is not None else model.state_dict()).items():
+        for prefix in _WRAPPER_PREFIXES:
+            name = name.replace(prefix, "")
         if name == "output.weight" and model.config.tie_embeddings:
             continue
         tensor = tensor.detach().to("cpu", dtype=dtype or tensor.dtype).contiguous()

@@ -137,40 +137,35 @@ class Transformer(nn.Module):
         position_ids: torch.Tensor | None = None,
         document_ids: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        output_hidden: bool = False,
     ) -> torch.Tensor:
-        """tokens (batch, seq) -> logits (batch, seq, vocab).
+        """tokens (batch, seq) -> logits (batch, seq, vocab), or with ``output_hidden`` the final
+        normed hidden states (batch, seq, dim) without the output head.
 
         ``document_ids`` (batch, seq) marks packed documents: attention never crosses a boundary
         and positions restart at 0 per document unless ``position_ids`` is given. With a
         ``cache``, positions continue from what it holds and it is advanced.
         """
-        return self.output(self.hidden_states(tokens, position_ids=position_ids, document_ids=document_ids, cache=cache))
-
-    def hidden_states(
-        self,
-        tokens: torch.Tensor,
-        *,
-        position_ids: torch.Tensor | None = None,
-        document_ids: torch.Tensor | None = None,
-        cache: KVCache | None = None,
-    ) -> torch.Tensor:
-        """Final normed hidden states (batch, seq, dim): ``forward`` without the output head.
-
-        Stages that never need full logits (chunked cross-entropy, a reward head) call this.
-        """
         batch, seq = tokens.shape
         if position_ids is None:
             position_ids = default_position_ids(tokens, document_ids, offset=cache.length if cache else 0)
-        mask = build_attention_mask(
-            self.config, batch, seq, tokens.device, document_ids=document_ids, cache=cache
-        )
+        mask = build_attention_mask(self.config, batch, seq, tokens.device, document_ids=document_ids, cache=cache)
         cos, sin = self.rope(position_ids)
         h = self.tok_embeddings(tokens)
         for block in self.layers:
             h = block(h, cos, sin, mask, cache)
         if cache is not None:
             cache.advance(seq)
-        return self.norm(h)
+        h = self.norm(h)
+        return h if output_hidden else self.output(h)
+
+    def hidden_states(self, tokens: torch.Tensor, **kwargs) -> torch.Tensor:
+        """Final normed hidden states (batch, seq, dim): ``forward`` without the output head.
+
+        Stages that never need full logits (chunked cross-entropy, a reward head) call this. It
+        goes through ``__call__``, so hooks of wrappers such as FSDP2 run.
+        """
+        return self(tokens, output_hidden=True, **kwargs)
 
 
 def default_position_ids(

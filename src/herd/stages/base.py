@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +22,17 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from herd.interop import hf
 from herd.model import ModelConfig, Transformer
-from herd.stages.parallelize import apply_activation_checkpointing, checkpoint_every
+from herd.stages.parallelize import (
+    apply_activation_checkpointing,
+    apply_fsdp,
+    apply_tensor_parallel,
+    checkpoint_every,
+    compile_blocks,
+)
 from herd.stages.schedule import WarmupCosineAnneal
 
 
@@ -39,6 +47,9 @@ class BackboneStage(L.LightningModule):
         init_from: str | None = None,
         anneal_tokens: int = 0,
         activation_checkpointing: str | int | None = None,
+        fsdp: dict[str, Any] | None = None,
+        compile_blocks: bool = False,
+        meta_init: bool | None = None,
     ) -> None:
         super().__init__()
         if model is None and init_from is None:
@@ -52,6 +63,13 @@ class BackboneStage(L.LightningModule):
         self.anneal_tokens = anneal_tokens
         self.activation_checkpointing = activation_checkpointing
         checkpoint_every(activation_checkpointing)  # validate now, not after setup
+        self.fsdp_options = dict(fsdp or {})
+        unknown = sorted(set(self.fsdp_options) - {"param_dtype", "reduce_dtype", "reshard_after_forward"})
+        if unknown:
+            raise ValueError(f"unknown stage.fsdp key(s) {unknown}; valid: param_dtype, reduce_dtype, "
+                             "reshard_after_forward")
+        self.compile_blocks = compile_blocks
+        self.meta_init = meta_init
         self.model: Transformer | None = None
         self.tokens_seen = 0
         self.lr_schedule: WarmupCosineAnneal | None = None
@@ -63,15 +81,37 @@ class BackboneStage(L.LightningModule):
     # ------------------------------------------------------------------------------- model
 
     def configure_model(self) -> None:
-        """Build (or load) the backbone once; strategies shard it from here (later issues)."""
+        """Build (or load) the backbone once, then parallelise it from outside.
+
+        Under Lightning's ModelParallelStrategy (strategy=fsdp2 / fsdp2_tp) the device mesh is set:
+        tensor parallel, activation checkpointing, per-block compile and FSDP2 are applied in that
+        order. Models of a billion parameters or more (or ``meta_init=true``) are built on the meta
+        device and materialised shard by shard, so no rank ever holds the whole model.
+        """
         if self.model is not None:
             return
+        mesh = self._device_mesh
+        meta = mesh is not None and self.init_from is None and self._wants_meta_init()
         if self.init_from is not None:
-            self.model = hf.load(self.init_from, dtype=torch.float32, config=self.model_config)
+            model = hf.load(self.init_from, dtype=torch.float32, config=self.model_config)
         else:
-            self.model = Transformer(self.model_config)
-        self.model_config = self.model.config
-        apply_activation_checkpointing(self.model, self.activation_checkpointing)
+            with torch.device("meta") if meta else nullcontext():
+                model = Transformer(self.model_config)
+        if mesh is not None and mesh["tensor_parallel"].size() > 1:
+            apply_tensor_parallel(model, mesh["tensor_parallel"])
+        apply_activation_checkpointing(model, self.activation_checkpointing)
+        if self.compile_blocks:
+            compile_blocks(model)
+        if mesh is not None:
+            apply_fsdp(model, mesh["data_parallel"], **self.fsdp_options)
+        if meta:
+            model.to_empty(device=self.trainer.strategy.root_device)
+            model.init_weights()
+        self.model = model
+        self.model_config = model.config
+
+    def _wants_meta_init(self) -> bool:
+        return self.meta_init if self.meta_init is not None else self.model_config.num_params() >= 1e9
 
     def forward(self, tokens: torch.Tensor, **kwargs) -> torch.Tensor:
         """Logits of the backbone."""
@@ -129,7 +169,10 @@ class BackboneStage(L.LightningModule):
         """Log the gradient norm before clipping, and the learning rate."""
         grads = [p.grad for p in self.parameters() if p.grad is not None]
         if grads:
-            self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads), on_step=True, on_epoch=False)
+            norm = torch.nn.utils.get_total_norm(grads)
+            if isinstance(norm, DTensor):  # sharded gradients: the norm over all shards
+                norm = norm.full_tensor()
+            self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
         self.log("train/lr", optimizer.param_groups[0]["lr"], on_step=True, on_epoch=False)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -1,9 +1,15 @@
-"""Applied to the plain backbone from outside: activation checkpointing (and, with strategies, sharding)."""
+"""Parallelism applied to the plain backbone from outside, in the order torchtitan uses:
+tensor parallel, activation checkpointing, per-block compile, then FSDP2 sharding."""
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 from herd.model import Transformer
 
@@ -41,3 +47,122 @@ def apply_activation_checkpointing(model: Transformer, setting: str | int | None
 
 def _is_wrapped(block: nn.Module) -> bool:
     return hasattr(block, "_checkpoint_wrapped_module")
+
+
+# ------------------------------------------------------------------------------- FSDP2 and TP
+
+DTYPES = {None: None, "fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+          "bfloat16": torch.bfloat16}
+
+
+def _dtype(name: str | None, key: str) -> torch.dtype | None:
+    if name not in DTYPES:
+        raise ValueError(f"stage.fsdp.{key}={name!r}: use bf16, fp32 or null")
+    return DTYPES[name]
+
+
+def apply_fsdp(
+    model: Transformer,
+    mesh: DeviceMesh,
+    *,
+    param_dtype: str | None = None,
+    reduce_dtype: str | None = "fp32",
+    reshard_after_forward: bool = True,
+) -> None:
+    """FSDP2: ``fully_shard`` every block, then the root (embeddings, norm, head).
+
+    ``param_dtype=bf16`` all-gathers and computes in bf16 while the sharded master weights stay
+    fp32; gradients are reduced in ``reduce_dtype``. ``reshard_after_forward=False`` keeps the
+    gathered weights from forward to backward (faster, more memory; the paper's choice).
+    """
+    policy = MixedPrecisionPolicy(param_dtype=_dtype(param_dtype, "param_dtype"),
+                                  reduce_dtype=_dtype(reduce_dtype, "reduce_dtype"))
+    last = len(model.layers) - 1
+    for index, block in enumerate(model.layers):
+        # The root all-gathers right after the last block's forward anyway: keep that one gathered.
+        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward and index < last)
+    # The root (embeddings, final norm, head) stays gathered after forward: losses apply the head
+    # to hidden states outside forward (chunked cross-entropy), in training and in validation.
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
+
+
+def apply_tensor_parallel(model: Transformer, mesh: DeviceMesh) -> None:
+    """Megatron-style tensor parallelism of every block: q/k/v and w1/w3 column-wise, wo and w2 row-wise.
+
+    Each rank then holds n_heads / tp query heads and n_kv_heads / tp KV heads.
+    """
+    size = mesh.size()
+    config = model.config
+    if config.n_kv_heads % size or config.ffn_hidden_dim % size:
+        raise ValueError(f"tensor_parallel_size={size} must divide model.n_kv_heads={config.n_kv_heads} "
+                         f"and the FFN width {config.ffn_hidden_dim}")
+    plan = {"attention.wq": ColwiseParallel(), "attention.wk": ColwiseParallel(), "attention.wv": ColwiseParallel(),
+            "attention.wo": RowwiseParallel(), "feed_forward.w1": ColwiseParallel(),
+            "feed_forward.w3": ColwiseParallel(), "feed_forward.w2": RowwiseParallel()}
+    for block in model.layers:
+        parallelize_module(block, mesh, plan)
+        block.attention.n_heads //= size
+        block.attention.n_kv_heads //= size
+
+
+def compile_blocks(model: Transformer) -> None:
+    """``torch.compile`` each block on its own (keeps compile time and graph breaks local)."""
+    for index, block in enumerate(model.layers):
+        model.layers[index] = torch.compile(block)
+
+
+def local_parameter_count(model: nn.Module) -> int:
+    """Elements of the parameters this rank holds (its shards, for DTensors)."""
+    total = 0
+    for param in model.parameters():
+        local = param.to_local() if isinstance(param, DTensor) else param
+        total += local.numel()
+    return total
+
+
+def fsdp1_strategy(**kwargs):
+    """Lightning's FSDPStrategy wrapping each transformer block (``strategy=fsdp``, GPU only)."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from herd.model.transformer import TransformerBlock
+
+    return FSDPStrategy(auto_wrap_policy={TransformerBlock}, activation_checkpointing_policy=None, **kwargs)
+
+
+def _model_parallel_strategy_class():
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    class DataParallelByDefault(ModelParallelStrategy):
+        """ModelParallelStrategy whose ``data_parallel_size="auto"`` is every rank not used for tensor parallel.
+
+        (Lightning's own "auto" means one data-parallel group per node.)
+        """
+
+        def setup_environment(self) -> None:
+            tensor = self._tensor_parallel_size
+            if self._data_parallel_size == "auto" and tensor != "auto":
+                if self.world_size % tensor:
+                    raise ValueError(f"tensor_parallel_size={tensor} does not divide the world size {self.world_size} "
+                                     "(trainer.devices x trainer.num_nodes)")
+                self._data_parallel_size = self.world_size // tensor
+            super().setup_environment()
+
+    return DataParallelByDefault
+
+
+def model_parallel_strategy(**kwargs):
+    """Lightning's ModelParallelStrategy for ``strategy=fsdp2`` / ``fsdp2_tp`` (see DataParallelByDefault)."""
+    return _model_parallel_strategy_class()(**kwargs)
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The whole model's weights on the CPU, names without wrapper prefixes.
+
+    For a sharded model this is a collective: every rank must call it; rank 0 gets the weights,
+    the other ranks an empty dict.
+    """
+    if not any(isinstance(p, DTensor) for p in model.parameters()):
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

@@ -26,13 +26,13 @@ def next_token_loss(
     With ``chunk_size`` the output head and the loss run ``chunk_size`` positions at a time and
     are recomputed in the backward pass, so (batch, seq, vocab) logits never exist at once.
     """
-    hidden = model.hidden_states(batch["tokens"], document_ids=batch.get("document_ids"))  # (batch, seq, dim)
     targets = batch["targets"]
     n_tokens = (targets != IGNORE_INDEX).sum()
     if chunk_size is None:
-        loss = F.cross_entropy(model.output(hidden).flatten(0, 1).float(), targets.flatten(),
-                               ignore_index=IGNORE_INDEX)
+        logits = model(batch["tokens"], document_ids=batch.get("document_ids"))  # (batch, seq, vocab)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
         return loss, n_tokens
+    hidden = model.hidden_states(batch["tokens"], document_ids=batch.get("document_ids"))  # (batch, seq, dim)
     return chunked_cross_entropy(hidden, model.output.weight, targets, chunk_size) / n_tokens.clamp(min=1), n_tokens
 
 
@@ -75,7 +75,7 @@ class PretrainStage(BackboneStage):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, _ = next_token_loss(self.model, batch, self.loss_chunk_size)
         self.count_tokens(batch["tokens"])
-        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
+        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, sync_dist=self.trainer.world_size > 1)
         self.log("train/tokens_seen", float(self.tokens_seen), on_step=True, on_epoch=False)
         return loss
 

@@ -1,0 +1,94 @@
+"""Turn a training checkpoint into a Hugging Face Llama directory.
+
+Works on both kinds of checkpoint Lightning writes:
+- a file (single device, DDP): loaded with ``torch.load(weights_only=True)``;
+- a folder of shards (strategy=fsdp2 / fsdp2_tp, torch.distributed.checkpoint): only the model's
+  tensors are read, in one process, whatever the number of ranks that wrote it.
+
+    python -m herd.export checkpoint=logs/pretrain/runs/<run>/checkpoints/last.ckpt output=exports/step-1000 \\
+        tokenizer=data/prepared/stdlib/tokenizer
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from omegaconf import DictConfig
+
+from herd.interop import hf
+from herd.model import ModelConfig, Transformer
+from herd.presets import config_dir
+
+MODEL_PREFIX = "model."
+DTYPES = {None: None, "fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def read_checkpoint(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """The model config and the model's weights (herd names) of a Lightning checkpoint file or folder."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.is_dir():
+        meta, weights = _read_sharded(path)
+    else:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        meta, weights = checkpoint, checkpoint.get("state_dict", {})
+    if "herd" not in meta or "model_config" not in meta["herd"]:
+        raise ValueError(f"{path} is not a herd checkpoint (no model config in it); export it with the code that "
+                         "wrote it")
+    config = ModelConfig.from_dict(meta["herd"]["model_config"])
+    state = {k[len(MODEL_PREFIX):]: v for k, v in weights.items() if k.startswith(MODEL_PREFIX)}
+    if not state:
+        raise ValueError(f"{path} holds no model weights (keys starting with {MODEL_PREFIX!r})")
+    return config, state
+
+
+def _read_sharded(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    meta_file = path / "meta.pt"
+    if not meta_file.is_file():
+        raise ValueError(f"{path} is a folder but not a sharded Lightning checkpoint (no meta.pt)")
+    meta = torch.load(meta_file, map_location="cpu", weights_only=True)
+    reader = dcp.FileSystemReader(str(path))
+    wanted = {}
+    for key, item in reader.read_metadata().state_dict_metadata.items():
+        if key.startswith("state_dict." + MODEL_PREFIX) and isinstance(item, TensorStorageMetadata):
+            wanted[key] = torch.empty(item.size, dtype=item.properties.dtype)
+    dcp.load(wanted, storage_reader=reader, no_dist=True)
+    return meta, {k[len("state_dict."):]: v for k, v in wanted.items()}
+
+
+def export(checkpoint: str | Path, output: str | Path, tokenizer: str | None = None, dtype: str | None = None) -> Path:
+    """Write the checkpoint's model as a Hugging Face directory; returns the directory."""
+    config, state = read_checkpoint(checkpoint)
+    with torch.device("meta"):
+        model = Transformer(config)
+    if config.tie_embeddings:
+        state.setdefault("output.weight", state["tok_embeddings.weight"])
+    missing = sorted(set(model.state_dict()) - set(state))
+    if missing:
+        raise ValueError(f"{checkpoint} lacks model tensors {missing[:8]}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r}: use fp32, bf16 or null (as trained)")
+    return hf.save(model, output, tokenizer=tokenizer, dtype=DTYPES[dtype], state_dict=state)
+
+
+@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="export")
+def main(cfg: DictConfig) -> None:
+    """Command-line entry; errors name the file and exit with status 2."""
+    try:
+        out = export(cfg.checkpoint, cfg.output, cfg.tokenizer, cfg.dtype)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"herd.export: {err}", file=sys.stderr)
+        sys.exit(2)
+    print(f"herd.export: wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
