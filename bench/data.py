@@ -22,6 +22,7 @@ import argparse
 import json
 import multiprocessing
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -63,24 +64,26 @@ def _round(texts, corpus, tokenizer_dir, tmp, n) -> dict[str, float]:
 
 
 def _report(rounds: dict[int, list[dict[str, float]]], reads: dict[int, float], args) -> None:
-    """Print the best round per core count (highest prepare/raw ratio) and the read rates."""
+    """Print median rates and the median (and range) of prepare/raw per core count, then reads."""
     train = args.train_tokens_per_s or ASSUMED_TRAIN_TOKENS_PER_S
     source = "measured" if args.train_tokens_per_s else "ASSUMED; pass --train-tokens-per-s"
-    print(f"\nbest of {args.repeat} rounds (raw and prepare measured back to back in each round)")
+    print(f"\nmedians of {args.repeat} rounds (raw and prepare measured back to back in each round)")
     for n, measured in rounds.items():
-        best = max(measured, key=lambda r: r["prepare"] / r["encode_batch_fast"])
-        ratio = best["prepare"] / best["encode_batch_fast"]
+        median = {key: statistics.median(r[key] for r in measured) for key in measured[0]}
+        ratios = sorted(r["prepare"] / r["encode_batch_fast"] for r in measured)
         print(
-            f"  {n} core(s): raw encode_batch          {best['encode_batch']:>12,.0f} tokens/s (with offsets)"
+            f"  {n} core(s): raw encode_batch          {median['encode_batch']:>12,.0f} tokens/s (with offsets)"
         )
         print(
-            f"  {n} core(s): raw encode_batch_fast     {best['encode_batch_fast']:>12,.0f} tokens/s (reference)"
+            f"  {n} core(s): raw encode_batch_fast     {median['encode_batch_fast']:>12,.0f} tokens/s (reference)"
         )
-        print(f"  {n} core(s): herd.prepare num_proc={n}    {best['prepare']:>12,.0f} tokens/s "
-              f"= {ratio:.0%} of raw on the same cores (target >= 80%)")  # fmt: skip
+        print(f"  {n} core(s): herd.prepare num_proc={n}    {median['prepare']:>12,.0f} tokens/s = "
+              f"{statistics.median(ratios):.0%} of raw on the same cores (rounds: {ratios[0]:.0%}..{ratios[-1]:.0%}; "
+              "target >= 80%)")  # fmt: skip
     for workers, rate in reads.items():
         print(f"  PackedDataModule read, {workers} workers  {rate:>12,.0f} tokens/s "
               f"= {rate / train:.0f}x a tiny-preset step ({train:,.0f} tokens/s, {source}; target >= 20x)")  # fmt: skip
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
 
 
 def _arguments() -> argparse.Namespace:
