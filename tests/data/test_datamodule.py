@@ -163,6 +163,7 @@ def test_val_reads_every_val_row_once(dataset):
     expected = [k * SOURCE_OFFSET + 3000 + r * ROW_LEN for k in (0, 1) for r in range(-(-300 // ROW_LEN))]
     assert firsts == expected
     assert [len(b["tokens"]) for b in batches] == [5, 5, 5, 5, 5, 5, 5, 1]
+    _assert_same(list(dm.test_dataloader()), batches)  # the test loop reads the val split
 
 
 def test_val_batches_are_equal_on_every_rank(dataset, monkeypatch):

@@ -144,6 +144,10 @@ class PackedDataModule(L.LightningDataModule):
         dataset = PackedStream(self._val, [Segment(plan)], rank, "val", self.on_corrupt_shard, limit=limit)
         return _StreamLoader(self, dataset, self.num_workers, self.pin_memory)
 
+    def test_dataloader(self) -> DataLoader | list:
+        """The val split again (herd prepares no separate test split)."""
+        return self.val_dataloader()
+
     # --- resume -------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
