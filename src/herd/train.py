@@ -13,7 +13,9 @@ wraps it for the command line::
 from __future__ import annotations
 
 import math
+import os
 import sys
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +34,23 @@ from herd.paths import repo_root
 from herd.presets import config_dir
 from herd.stages.parallelize import full_state_dict
 
+def run_id() -> str:
+    """Names a run folder; the same on every rank and node of one launch.
+
+    A SLURM job id or a torchrun rendezvous id (``--rdzv-id``) when there is one, ``HERD_RUN_ID``
+    if set, else the start time (single-node launches: Lightning passes the folder to its ranks).
+    """
+    if os.environ.get("HERD_RUN_ID"):
+        return os.environ["HERD_RUN_ID"]
+    if os.environ.get("SLURM_JOB_ID"):
+        return f"slurm-{os.environ['SLURM_JOB_ID']}"
+    if os.environ.get("TORCHELASTIC_RUN_ID", "none") != "none":
+        return f"torchrun-{os.environ['TORCHELASTIC_RUN_ID']}"
+    return datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+
+
 OmegaConf.register_new_resolver("herd_root", lambda: str(repo_root()), replace=True)
+OmegaConf.register_new_resolver("herd_run_id", run_id, replace=True)
 
 
 class ConfigError(ValueError):
@@ -72,6 +90,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 def build(cfg: DictConfig) -> dict[str, Any]:
     """Instantiate every object of a run without training (tests use it for every config group)."""
     L.seed_everything(cfg.seed, workers=True)
+    _check_strategy(cfg)
     try:
         model_config = ModelConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))
         datamodule = instantiate(cfg.data)
@@ -85,16 +104,15 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     except (ValueError, FileNotFoundError) as err:
         raise ConfigError(str(err)) from err
     _check_optimizer(stage)
-    _check_strategy(trainer)
     return {"model_config": model_config, "datamodule": datamodule, "stage": stage, "trainer": trainer}
 
 
-def _check_strategy(trainer: L.Trainer) -> None:
-    """Refuse combinations Lightning would only reject after setup, with the fix."""
-    from lightning.pytorch.accelerators import CPUAccelerator
-    from lightning.pytorch.strategies import FSDPStrategy
-
-    if isinstance(trainer.strategy, FSDPStrategy) and isinstance(trainer.accelerator, CPUAccelerator):
+def _check_strategy(cfg: DictConfig) -> None:
+    """Refuse strategy/hardware combinations before anything is built, with the fix."""
+    strategy = cfg.trainer.get("strategy")
+    target = strategy.get("_target_", "") if OmegaConf.is_dict(strategy) else str(strategy)
+    on_cpu = cfg.trainer.accelerator == "cpu" or (cfg.trainer.accelerator == "auto" and not torch.cuda.is_available())
+    if on_cpu and (target.endswith("fsdp1_strategy") or target.endswith("FSDPStrategy") or target == "fsdp"):
         raise ConfigError("strategy=fsdp (Lightning's FSDPStrategy, FSDP1) needs GPUs; on a CPU use strategy=fsdp2 "
                           "(FSDP2 through ModelParallelStrategy), which shards the same way and runs on gloo")
 

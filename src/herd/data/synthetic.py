@@ -1,6 +1,7 @@
 """Synthetic token batches: for throughput benchmarks and scale-out checks, no files needed.
 
-Every row repeats a random motif, so a model learns it (the loss falls) and any mistake in
+Every row repeats a random motif drawn from a Zipf distribution over the vocabulary, so a model
+learns quickly (first the token frequencies, then to copy the motif) and any mistake in
 data-parallel splitting shows. The global batch of step k depends only on (seed, k): rank r of
 R data-parallel ranks gets rows [r * batch_size, (r + 1) * batch_size) of it, so any number of
 ranks sees exactly the batches one process with ``batch_size * R`` rows would.
@@ -24,6 +25,7 @@ class SyntheticBatches(IterableDataset):
         self.vocab_size, self.seq_len, self.batch_size = vocab_size, seq_len, batch_size
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.start_step, self.motif_len, self.num_steps = start_step, motif_len, num_steps
+        self.frequencies = 1.0 / torch.arange(1, vocab_size + 1, dtype=torch.float64)  # Zipf
 
     def global_batch(self, step: int) -> torch.Tensor:
         """Rows (batch_size * world_size, seq_len + 1) of step ``step``."""
@@ -31,7 +33,7 @@ class SyntheticBatches(IterableDataset):
         rows = []
         for _ in range(self.batch_size * self.world_size):
             length = int(torch.randint(self.motif_len[0], self.motif_len[1] + 1, (1,), generator=generator))
-            motif = torch.randint(0, self.vocab_size, (length,), generator=generator)
+            motif = torch.multinomial(self.frequencies, length, replacement=True, generator=generator)
             rows.append(motif.repeat(self.seq_len // length + 2)[: self.seq_len + 1])
         return torch.stack(rows)
 

@@ -22,7 +22,6 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
-from torch.distributed.tensor import DTensor
 
 from herd.interop import hf
 from herd.model import ModelConfig, Transformer
@@ -32,6 +31,8 @@ from herd.stages.parallelize import (
     apply_tensor_parallel,
     checkpoint_every,
     compile_blocks,
+    grad_norm,
+    scale_grads,
 )
 from herd.stages.schedule import WarmupCosineAnneal
 
@@ -167,13 +168,19 @@ class BackboneStage(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Log the gradient norm before clipping, and the learning rate."""
-        grads = [p.grad for p in self.parameters() if p.grad is not None]
-        if grads:
-            norm = torch.nn.utils.get_total_norm(grads)
-            if isinstance(norm, DTensor):  # sharded gradients: the norm over all shards
-                norm = norm.full_tensor()
-            self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
+        self._grad_norm = grad_norm(self.parameters())
+        self.log("train/grad_norm", self._grad_norm, on_step=True, on_epoch=False)
         self.log("train/lr", optimizer.param_groups[0]["lr"], on_step=True, on_epoch=False)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Clip the global gradient norm to ``trainer.gradient_clip_val`` (works for sharded gradients)."""
+        if not gradient_clip_val:
+            return
+        if gradient_clip_algorithm not in (None, "norm"):
+            raise ValueError(f"trainer.gradient_clip_algorithm={gradient_clip_algorithm!r}: herd clips by norm")
+        norm = float(getattr(self, "_grad_norm", None) if hasattr(self, "_grad_norm") else grad_norm(self.parameters()))
+        if norm > gradient_clip_val:
+            scale_grads(self.parameters(), gradient_clip_val / (norm + 1e-6))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["herd"] = {"tokens_seen": self.tokens_seen, "model_config": self.model_config.to_dict()}

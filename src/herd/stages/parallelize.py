@@ -166,3 +166,26 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def grad_norm(parameters) -> torch.Tensor:
+    """Global L2 norm of the gradients, also when they are DTensors on different meshes (FSDP2 + TP)."""
+    groups: dict[object, list[torch.Tensor]] = {}
+    for param in parameters:
+        if param.grad is not None:
+            grad = param.grad
+            groups.setdefault(grad.device_mesh if isinstance(grad, DTensor) else None, []).append(grad)
+    squares = []
+    for grads in groups.values():
+        norm = torch.nn.utils.get_total_norm(grads)
+        if isinstance(norm, DTensor):  # reduces over the shards
+            norm = norm.full_tensor()
+        squares.append(norm.float() ** 2)
+    return torch.stack(squares).sum().sqrt() if squares else torch.zeros(())
+
+
+def scale_grads(parameters, factor: float) -> None:
+    """Multiply every gradient in place (clipping)."""
+    for param in parameters:
+        if param.grad is not None:
+            param.grad.mul_(factor)
