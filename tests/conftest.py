@@ -25,14 +25,13 @@ import shutil  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from hydra import compose, initialize_config_dir  # noqa: E402
-from hydra.core.hydra_config import HydraConfig  # noqa: E402
-from omegaconf import DictConfig, open_dict  # noqa: E402
+
+from training import TRAIN_VOCAB  # noqa: E402
 
 CORPUS_MODULES = ("argparse", "base64", "bisect", "calendar", "colorsys", "csv", "dataclasses", "difflib",
                   "enum", "fnmatch", "fractions", "functools", "getopt", "glob", "heapq", "hmac", "ipaddress",
                   "keyword", "linecache", "numbers", "operator", "pprint", "queue", "random", "sched", "shlex",
                   "statistics", "string", "textwrap", "timeit", "tokenize", "uuid", "warnings", "weakref")
-TRAIN_VOCAB = 512
 
 
 @pytest.fixture(scope="session")
@@ -62,23 +61,3 @@ def prepared_corpus(tmp_path_factory) -> Path:
     return out
 
 
-def small_overrides(data_dir: Path) -> list[str]:
-    """Command-line overrides that shrink a run to the test fixture's data and a 2-layer model."""
-    return [f"data.data_dir={data_dir}", f"model.vocab_size={TRAIN_VOCAB}", "model.dim=64", "model.n_layers=2",
-            "model.n_heads=4", "model.n_kv_heads=2", "data.seq_len=64", "data.batch_size=8", "data.num_workers=0",
-            "trainer.limit_val_batches=2", "trainer.enable_progress_bar=false", "callbacks.progress_bar=null",
-            "trainer.enable_model_summary=false"]
-
-
-def compose_train(tmp_path: Path, data_dir: Path, *overrides: str) -> DictConfig:
-    """The ``train`` config as the command line would compose it, shrunk for tests and rooted in tmp_path."""
-    from herd.presets import config_dir
-
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        cfg = compose("train", return_hydra_config=True, overrides=[*small_overrides(data_dir), *overrides])
-    with open_dict(cfg):
-        cfg.paths.log_dir = str(tmp_path / "logs")
-        cfg.paths.output_dir = str(tmp_path / "logs" / "run")
-        cfg.hydra.runtime.output_dir = cfg.paths.output_dir
-    HydraConfig.instance().set_config(cfg)
-    return cfg

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import small_overrides
+from training import small_overrides
 
 
 @pytest.mark.slow

@@ -34,6 +34,7 @@ from herd.paths import repo_root
 from herd.presets import config_dir
 from herd.stages.parallelize import full_state_dict
 
+
 def run_id() -> str:
     """Names a run folder; the same on every rank and node of one launch.
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from test_callbacks import Recorder, fit
 
-from conftest import compose_train
 from herd.callbacks.schedules import ContextSchedule
+from training import compose_train
 
 
 def schedule(on_fail="warn", min_needle=0.0, extra=""):
