@@ -15,8 +15,8 @@ import argparse
 import time
 
 import torch
-from common import PeakRSS
 
+from common import PeakRSS
 from herd.model import ModelConfig, Transformer
 from herd.stages.parallelize import apply_activation_checkpointing
 from herd.stages.pretrain import next_token_loss
