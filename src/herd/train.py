@@ -76,7 +76,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.test:
         metrics |= {f"test/{k}": float(v) for k, v in trainer.test(stage, datamodule=datamodule)[0].items()}
     result: dict[str, Any] = {"metrics": metrics, "start": start, "output_dir": str(output_dir),
-                              "trainer": trainer, "stage": stage}
+                              "trainer": trainer, "stage": stage, "datamodule": datamodule}
     if cfg.export:
         state = full_state_dict(stage.model)  # a collective when the model is sharded: every rank calls it
         if trainer.is_global_zero:
@@ -154,6 +154,18 @@ def resume_checkpoint(cfg: DictConfig, output_dir: Path) -> str | None:
     return str(newest)
 
 
+def _unigram_entropies(datamodule) -> dict[str, float]:
+    """Per source, from the manifest herd.prepare wrote (empty for other data)."""
+    manifests = getattr(datamodule, "manifests", {}) or {}
+    out = {}
+    for manifest in manifests.values():
+        for name, source in manifest.data.get("sources", {}).items():
+            value = source.get("splits", {}).get("train", {}).get("unigram_entropy")
+            if value is not None:
+                out[name] = value
+    return out
+
+
 def print_summary(cfg: DictConfig, result: dict[str, Any]) -> None:
     """Where things are, and how the validation loss moved."""
     metrics, start = result["metrics"], result["start"]
@@ -162,6 +174,10 @@ def print_summary(cfg: DictConfig, result: dict[str, Any]) -> None:
     if "val/loss" in start and "val/loss" in metrics:
         lines.append(f"  val/loss {start['val/loss']:.3f} -> {metrics['val/loss']:.3f} "
                      f"(uniform guess ln({vocab}) = {math.log(vocab):.3f})")
+    entropies = _unigram_entropies(result.get("datamodule"))
+    if entropies:
+        lines.append("  unigram entropy of the train data (a context-free model's best loss): "
+                     + ", ".join(f"{name} {value:.3f}" for name, value in entropies.items()))
     lines.append(f"  run folder:       {result['output_dir']}")
     if "export_dir" in result:
         lines.append(f"  exported model:   {result['export_dir']}")

@@ -173,3 +173,14 @@ def test_missing_or_broken_manifests_are_explained(tmp_path):
     (tmp_path / "manifest.json").write_text('{"format": "herd-packed-v1"}')
     with pytest.raises(ManifestError, match="not a herd manifest"):
         Manifest.load(tmp_path)
+
+
+def test_unigram_entropy_is_the_entropy_of_token_frequencies():
+    import math
+
+    from herd.data.shards import unigram_entropy
+
+    assert unigram_entropy(np.array([3, 3, 7, 7], dtype=np.uint16)) == pytest.approx(math.log(2))
+    assert unigram_entropy(np.array([5, 5, 5], dtype=np.uint16)) == pytest.approx(0.0)
+    p = np.array([0.5, 0.25, 0.25])
+    assert unigram_entropy(np.array([0, 0, 1, 2])) == pytest.approx(-(p * np.log(p)).sum())

@@ -152,8 +152,16 @@ def write_split(
         "tokens": int(flat.size),
         "rows": rows,
         "padding_tokens": rows * row_len - int(flat.size),
+        "unigram_entropy": unigram_entropy(flat),
         "shards": shards,
     }
+
+
+def unigram_entropy(tokens: np.ndarray) -> float:
+    """Entropy (nats per token) of the token frequencies: the loss of the best context-free model."""
+    counts = np.bincount(tokens.astype(np.int64, copy=False))
+    p = counts[counts > 0] / max(1, tokens.size)
+    return float(-(p * np.log(p)).sum())
 
 
 @dataclass(frozen=True)
