@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: train test test-fast lint bench clean-venv env prepare
+.PHONY: train test test-fast lint bench clean-venv env prepare prepare-passkey
 
 # Create the virtual environment once; reinstall when the package metadata changes.
 # torch is pinned first so that lightning does not pull a multi-GB CUDA build.
@@ -24,6 +24,15 @@ $(CORPUS): $(STAMP)
 	$(PY) -m herd.prepare
 
 prepare: $(CORPUS)
+
+PASSKEY := data/prepared/passkey/manifest.json
+
+# Synthetic retrieval documents for experiment=tiny_long_context, with the corpus' tokenizer.
+$(PASSKEY): $(CORPUS)
+	$(PY) -m herd.prepare output_dir=data/prepared/passkey '~sources' '+sources={passkey: {input: "stdlib:passkey"}}' \
+		tokenizer.path=data/prepared/stdlib/tokenizer
+
+prepare-passkey: $(PASSKEY)
 
 ## make train: tiny pretraining on the embedded corpus (no download).
 train: $(STAMP) $(CORPUS)

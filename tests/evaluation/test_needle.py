@@ -70,3 +70,8 @@ def test_haystack_drops_special_tokens_and_needs_enough_text():
     assert collect_haystack(batches, 6, drop_ids=[1, 2]) == [5, 6, 7, 5, 6, 7]
     with pytest.raises(ValueError, match="only 9 tokens"):
         collect_haystack(batches, 100, drop_ids=[1, 2])
+
+
+def test_haystack_skips_rows_that_hold_the_needle_words():
+    batches = [{"tokens": torch.tensor([[5, 6, 7, 8], [9, 40, 41, 9], [10, 11, 12, 13]])}]
+    assert collect_haystack(batches, 8, drop_ids=[], skip_rows_with=[40, 41]) == [5, 6, 7, 8, 10, 11, 12, 13]

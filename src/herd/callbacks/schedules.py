@@ -261,7 +261,8 @@ class ContextSchedule(BatchRamp):
         lengths = [n for n in lengths if n <= up_to] or [up_to]
         padding = datamodule.manifest.data.get("padding", {}).get("token_id")
         drop = [tokenizer.bos_id, tokenizer.eos_id] + ([padding] if padding is not None else [])
-        haystack = collect_haystack(datamodule.val_dataloader(), max(lengths) * 2, drop)
+        haystack = collect_haystack(datamodule.val_dataloader(), max(lengths) * 2, drop,
+                                    skip_rows_with=tokenizer.encode(" pass key"))
         with trainer.precision_plugin.forward_context():
             return needle_accuracy(pl_module.model, tokenizer, haystack, lengths, self.needle.depths,
                                    self.needle.trials, self.needle.seed)

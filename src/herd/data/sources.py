@@ -9,6 +9,9 @@ The embedded corpus comes from the running Python's standard library, so herd ru
 - ``stdlib:prose``: per module, the docstrings of the module, its classes and its functions,
   read with :mod:`ast` (nothing is imported), each headed by the qualified name and signature.
 - ``stdlib:code``: per module, the ``.py`` source.
+- ``stdlib:passkey``: synthetic long-context retrieval documents: stdlib prose with a pass key
+  hidden at a random depth, asked for at the end (the needle-in-a-haystack format), three per
+  module, 1.5K to 9K characters long. For long-context training of small models.
 
 Both skip site-packages, the test suites (``test/``, ``tests/``, ``idlelib/idle_test``) and files
 that resolve outside the Python install; modules are taken in sorted path order.
@@ -31,6 +34,7 @@ logger = logging.getLogger(__name__)
 
 STDLIB_PROSE = "stdlib:prose"
 STDLIB_CODE = "stdlib:code"
+STDLIB_PASSKEY = "stdlib:passkey"
 _SKIPPED_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"})
 _JSONL_SUFFIXES = (".jsonl", ".ndjson")
 
@@ -63,6 +67,8 @@ def _documents_of(item: str, text_field: str, glob: str) -> Iterator[Document]:
         yield from stdlib_prose()
     elif item == STDLIB_CODE:
         yield from stdlib_code()
+    elif item == STDLIB_PASSKEY:
+        yield from stdlib_passkey()
     else:
         path = Path(item).expanduser()
         if path.is_dir():
@@ -166,6 +172,28 @@ def stdlib_code(root: Path | None = None) -> Iterator[Document]:
     root = (root or stdlib_dir()).resolve()
     for path in stdlib_files(root):
         yield Document(path.relative_to(root).as_posix(), _read_source(path))
+
+
+def stdlib_passkey(root: Path | None = None, per_module: int = 3, chars: tuple[int, int] = (1500, 9000),
+                   seed: int = 0) -> Iterator[Document]:
+    """Retrieval documents: prose haystacks with a hidden pass key and the question that asks for it."""
+    import random
+
+    from herd.evaluation.needle import NEEDLE, QUESTION
+
+    prose = [d.text for d in stdlib_prose(root) if d.text.strip()]
+    rng = random.Random(seed)
+    for index in range(len(prose) * per_module):
+        target = rng.randint(*chars)
+        parts, i = [], index // per_module
+        while sum(map(len, parts)) < target:
+            parts.append(prose[i % len(prose)])
+            i += 1
+        haystack = "\n\n".join(parts)[:target]
+        cut = haystack.rfind(" ", 0, int(rng.random() * len(haystack))) + 1
+        key = rng.randrange(10000, 100000)
+        text = haystack[:cut] + NEEDLE.format(key=key).lstrip() + " " + haystack[cut:] + QUESTION + f" {key}."
+        yield Document(f"passkey/{index:06d}", text)
 
 
 def stdlib_prose(root: Path | None = None) -> Iterator[Document]:

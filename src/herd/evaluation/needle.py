@@ -51,16 +51,31 @@ class NeedleResult:
         return rgb.repeat(cell, axis=0).repeat(cell, axis=1)
 
 
-def collect_haystack(batches: Iterable[dict[str, torch.Tensor]], n_tokens: int, drop_ids: Sequence[int]) -> list[int]:
-    """At least ``n_tokens`` ids of running text from batches of ``tokens``, without the ``drop_ids`` (bos/eos/pad)."""
+def collect_haystack(
+    batches: Iterable[dict[str, torch.Tensor]], n_tokens: int, drop_ids: Sequence[int],
+    skip_rows_with: Sequence[int] = (),
+) -> list[int]:
+    """At least ``n_tokens`` ids of running text from batches of ``tokens``, without the ``drop_ids`` (bos/eos/pad).
+
+    Rows that contain the id sequence ``skip_rows_with`` (the needle's own words) are left out, so
+    the haystack never holds a distractor key.
+    """
     drop = torch.tensor(list(drop_ids))
+    marker = list(skip_rows_with)
     out: list[int] = []
     for batch in batches:
-        tokens = batch["tokens"].flatten()
-        out.extend(tokens[~torch.isin(tokens, drop)].tolist())
+        for row in batch["tokens"]:
+            if marker and _contains(row.tolist(), marker):
+                continue
+            out.extend(row[~torch.isin(row, drop)].tolist())
         if len(out) >= n_tokens:
             return out
     raise ValueError(f"the haystack text has only {len(out)} tokens; the longest needle test needs {n_tokens}")
+
+
+def _contains(ids: list[int], marker: list[int]) -> bool:
+    first = marker[0]
+    return any(ids[i : i + len(marker)] == marker for i, token in enumerate(ids) if token == first)
 
 
 @torch.no_grad()
