@@ -19,27 +19,7 @@ from herd.data.tokenizer import Tokenizer
 from herd.paths import repo_root
 from herd.prepare import assign_split, prepare
 
-WORDS = [
-    "the",
-    "a",
-    "of",
-    "to",
-    "and",
-    "in",
-    "is",
-    "it",
-    "for",
-    "value",
-    "list",
-    "return",
-    "function",
-    "class",
-    "module",
-    "import",
-    "path",
-    "file",
-    "data",
-]
+WORDS = ["the", "a", "of", "to", "and", "in", "is", "it", "for", "value", "list", "return", "function", "class", "module", "import", "path", "file", "data"]
 
 
 def _text(rng, words):
