@@ -27,6 +27,7 @@ class TextSamples(L.Callback):
         self.every_n_steps = every_n_steps
         self.max_new_tokens = max_new_tokens
         self._tokenizer: Tokenizer | None = None
+        self._last_step: int | None = None
 
     def on_fit_start(self, trainer, pl_module) -> None:
         if self.tokenizer_path is None:
@@ -34,12 +35,12 @@ class TextSamples(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
-        if self.every_n_steps > 0 and step % self.every_n_steps == 0 and step != getattr(self, "_last", None):
-            self._last = step
+        if self.every_n_steps > 0 and step % self.every_n_steps == 0 and step != self._last_step:
+            self._last_step = step
             self.log_samples(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        if trainer.global_step != getattr(self, "_last", None):
+        if trainer.global_step != self._last_step:
             self.log_samples(trainer, pl_module)
 
     @rank_zero_only

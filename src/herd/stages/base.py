@@ -74,6 +74,7 @@ class BackboneStage(L.LightningModule):
         self.model: Transformer | None = None
         self.tokens_seen = 0
         self.lr_schedule: WarmupCosineAnneal | None = None
+        self._grad_norm: torch.Tensor | None = None
         if init_from is not None and not (Path(init_from) / "config.json").is_file():
             raise FileNotFoundError(
                 f"stage.init_from={init_from} is not a model directory (no config.json there)"
@@ -178,7 +179,8 @@ class BackboneStage(L.LightningModule):
             return
         if gradient_clip_algorithm not in (None, "norm"):
             raise ValueError(f"trainer.gradient_clip_algorithm={gradient_clip_algorithm!r}: herd clips by norm")
-        norm = float(getattr(self, "_grad_norm", None) if hasattr(self, "_grad_norm") else grad_norm(self.parameters()))
+        norm = float(self._grad_norm if self._grad_norm is not None else grad_norm(self.parameters()))
+        self._grad_norm = None  # measured once per step, in on_before_optimizer_step
         if norm > gradient_clip_val:
             scale_grads(self.parameters(), gradient_clip_val / (norm + 1e-6))
 
