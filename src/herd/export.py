@@ -22,9 +22,9 @@ from omegaconf import DictConfig
 from herd.interop import hf
 from herd.model import ModelConfig, Transformer
 from herd.presets import config_dir
+from herd.stages.parallelize import DTYPES
 
 MODEL_PREFIX = "model."
-DTYPES = {None: None, "fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def read_checkpoint(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:

@@ -222,14 +222,7 @@ class PackedDataModule(L.LightningDataModule):
         self._segments.append(Segment(plan))
 
     def _data_parallel_rank(self) -> tuple[int, int]:
-        """(rank, world size) of data parallelism: from the trainer's strategy, torch.distributed or env."""
-        trainer = self.trainer
-        if trainer is not None:
-            kwargs = getattr(trainer.strategy, "distributed_sampler_kwargs", None) or {}
-            return int(kwargs.get("rank", 0)), int(kwargs.get("num_replicas", 1))
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            return torch.distributed.get_rank(), torch.distributed.get_world_size()
-        return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        return data_parallel_rank(self.trainer)
 
     def _load_sources(self, data_dir, sources):
         """Names, weights and train/val shard lists of the configured sources."""
@@ -272,6 +265,19 @@ class PackedDataModule(L.LightningDataModule):
                     f"{manifests[0].fingerprint} but {other.location} has {other.fingerprint}; "
                     "prepare every source with the same tokenizer"
                 )
+
+
+def data_parallel_rank(trainer: L.Trainer | None) -> tuple[int, int]:
+    """(rank, world size) of data parallelism: from the trainer's strategy, torch.distributed or env.
+
+    Tensor-parallel ranks of one group share a data-parallel rank (the strategy says so).
+    """
+    if trainer is not None:
+        kwargs = getattr(trainer.strategy, "distributed_sampler_kwargs", None) or {}
+        return int(kwargs.get("rank", 0)), int(kwargs.get("num_replicas", 1))
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
 class _StreamLoader(DataLoader):

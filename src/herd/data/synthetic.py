@@ -16,6 +16,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
+from herd.data.datamodule import data_parallel_rank
+
 
 class SyntheticBatches(IterableDataset):
     """Yields this rank's slice of each global batch, starting at ``start_step``."""
@@ -67,19 +69,14 @@ class SyntheticDataModule(L.LightningDataModule):
         """Rows per rank of the next train dataloader."""
         self.batch_size = batch_size
 
-    def _rank(self) -> tuple[int, int]:
-        kwargs = getattr(self.trainer.strategy, "distributed_sampler_kwargs", None) if self.trainer else None
-        kwargs = kwargs or {}
-        return int(kwargs.get("rank", 0)), int(kwargs.get("num_replicas", 1))
-
     def train_dataloader(self) -> DataLoader:
-        rank, world = self._rank()
+        rank, world = data_parallel_rank(self.trainer)
         dataset = SyntheticBatches(self.vocab_size, self.seq_len, self.batch_size, rank, world, self.seed,
                                    start_step=self.consumed)
         return DataLoader(dataset, batch_size=None)
 
     def val_dataloader(self) -> DataLoader:
-        rank, world = self._rank()
+        rank, world = data_parallel_rank(self.trainer)
         dataset = SyntheticBatches(self.vocab_size, self.seq_len, self.batch_size, rank, world, self.seed + 1,
                                    num_steps=self.val_batches)
         return DataLoader(dataset, batch_size=None)
