@@ -94,12 +94,14 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     _check_strategy(cfg)
     try:
         model_config = ModelConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))
-        datamodule = instantiate(cfg.data)
+        # _convert_="all": objects receive plain dicts and lists, never a DictConfig.
+        datamodule = instantiate(cfg.data, _convert_="all")
         # Partial first: Hydra would turn a dataclass keyword argument into a DictConfig.
-        stage = instantiate(cfg.stage, _partial_=True)(model=model_config)
-        callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
-        loggers = [instantiate(c) for c in cfg.logger.values() if c is not None] if cfg.logger else False
-        trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, plugins=[AtomicCheckpointIO()])
+        stage = instantiate(cfg.stage, _partial_=True, _convert_="all")(model=model_config)
+        callbacks = [instantiate(c, _convert_="all") for c in cfg.callbacks.values() if c is not None]
+        loggers = [instantiate(c, _convert_="all") for c in cfg.logger.values() if c is not None] if cfg.logger else False
+        trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, plugins=[AtomicCheckpointIO()],
+                              _convert_="all")
     except InstantiationException as err:
         raise ConfigError(_explain(err)) from err
     except (ValueError, FileNotFoundError) as err:
