@@ -31,11 +31,13 @@ class StepTimer(L.Callback):
         self.warmup, self.times = warmup, []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        torch.cuda.synchronize()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
         self.start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        torch.cuda.synchronize()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
         if batch_idx >= self.warmup:
             self.times.append(time.perf_counter() - self.start)
 
@@ -49,7 +51,7 @@ def run(args, compile_blocks: bool) -> float:
                           fsdp={"param_dtype": "bf16", "reduce_dtype": "fp32", "reshard_after_forward": False})
     data = SyntheticDataModule(vocab_size=config.vocab_size, seq_len=args.seq, batch_size=args.batch)
     timer = StepTimer(args.warmup)
-    trainer = L.Trainer(accelerator="gpu", devices=1, precision="32-true", strategy=model_parallel_strategy(
+    trainer = L.Trainer(accelerator=args.accelerator, devices=1, precision="32-true", strategy=model_parallel_strategy(
         data_parallel_size=1, tensor_parallel_size=1), max_steps=args.steps, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, callbacks=[timer])
     trainer.fit(stage, datamodule=data)
@@ -67,13 +69,15 @@ def main() -> None:
     parser.add_argument("--ac", default="none", help="activation checkpointing: none, full or k")
     parser.add_argument("--loss-chunk", type=int, default=4096)
     parser.add_argument("--no-baseline", action="store_true")
+    parser.add_argument("--accelerator", default="gpu", help="cpu only smoke-tests the script (tiny preset)")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("bench/gpu_mfu.py needs a CUDA GPU")
+    if args.accelerator == "gpu" and not torch.cuda.is_available():
+        raise SystemExit("bench/gpu_mfu.py needs a CUDA GPU (--accelerator cpu only smoke-tests it)")
     config = model_preset(args.preset)
-    peak = peak_flops(torch.device("cuda"))
+    peak = peak_flops(torch.device("cuda" if args.accelerator == "gpu" else "cpu"))
     flops_per_token = config.flops_per_token(args.seq)
-    print(f"{torch.cuda.get_device_name()} (peak {peak / 1e12:.0f} TFLOP/s bf16); {args.preset} "
+    device_name = torch.cuda.get_device_name() if args.accelerator == "gpu" else "CPU"
+    print(f"{device_name} (peak {peak / 1e12:.0f} TFLOP/s bf16); {args.preset} "
           f"{config.num_params() / 1e9:.2f}B params; seq {args.seq} x batch {args.batch}; FSDP2, bf16")
     results = {"compiled": run(args, compile_blocks=True)}
     if not args.no_baseline:
@@ -81,7 +85,7 @@ def main() -> None:
     for name, tokens_per_s in results.items():
         mfu = tokens_per_s * flops_per_token / peak
         print(f"  {name:<9} {tokens_per_s:>10,.0f} tok/s   MFU {mfu:6.1%}   "
-              f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+              + (f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if torch.cuda.is_available() else ""))
     if "eager" in results:
         print(f"compiled / eager: {results['compiled'] / results['eager']:.2f}x; target MFU >= 50% "
               "(the paper: 38-43% on 16K H100s)")
