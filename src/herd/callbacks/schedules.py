@@ -156,6 +156,7 @@ class ContextSchedule(BatchRamp):
         self.extensions = 0
         self.results: list[dict[str, Any]] = []
         self._current: int | None = None
+        self._tokenizer = None
 
     def stage_end(self, index: int) -> int:
         return self.stages[index + 1].after_tokens if index + 1 < len(self.stages) else self.total_tokens
@@ -256,7 +257,9 @@ class ContextSchedule(BatchRamp):
         from herd.data.tokenizer import Tokenizer
 
         datamodule = trainer.datamodule
-        tokenizer = Tokenizer.load(datamodule.tokenizer)
+        if self._tokenizer is None:  # read once, used by every gate
+            self._tokenizer = Tokenizer.load(datamodule.tokenizer)
+        tokenizer = self._tokenizer
         lengths = self.needle.lengths or [2**k for k in range(8, 20) if 2**k <= up_to]
         lengths = [n for n in lengths if n <= up_to] or [up_to]
         padding = datamodule.manifest.data.get("padding", {}).get("token_id")
