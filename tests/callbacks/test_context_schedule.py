@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import lightning as L
 import pytest
 from test_callbacks import Recorder, fit
 
@@ -9,18 +10,28 @@ from herd.callbacks.schedules import ContextSchedule
 from training import compose_train
 
 
-def schedule(on_fail="warn", min_needle=0.0, extra=""):
+def schedule(on_fail="warn", min_needle=0.0, extra="", first_stage=""):
     return ("callbacks.context_schedule={_target_: herd.callbacks.schedules.ContextSchedule, tokens_per_batch: 1024, "
-            "stages: [{seq_len: 128, tokens: 2048}, {seq_len: 256, tokens: 4096, rope_theta: 1000000.0}], "
+            f"stages: [{{seq_len: 128, tokens: 2048{first_stage}}}, {{seq_len: 256, tokens: 4096, rope_theta: 1000000.0}}], "
             f"gate: {{min_needle_accuracy: {min_needle}, on_fail: {on_fail}{extra}}}, "
             "needle: {lengths: [128, 256], depths: [0.5], trials: 1}, short_val_batches: 2}")
 
 
-def run(tmp_path, prepared_corpus, spec):
+class MixtureRecorder(L.Callback):
+    """The DataModule's mixture weights at every training step."""
+
+    def __init__(self):
+        self.weights = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.weights.append(dict(zip(trainer.datamodule.names, trainer.datamodule.weights, strict=True)))
+
+
+def run(tmp_path, prepared_corpus, spec, *more, callbacks=()):
     cfg = compose_train(tmp_path, prepared_corpus, spec, "trainer.max_steps=100", "trainer.val_check_interval=100",
-                        "callbacks.text_samples=null", "logger=csv", "validate_first=false", "export=false")
+                        "callbacks.text_samples=null", "logger=csv", "validate_first=false", "export=false", *more)
     recorder = Recorder()
-    objects = fit(cfg, recorder)
+    objects = fit(cfg, recorder, *callbacks)
     callback = next(c for c in objects["trainer"].callbacks if isinstance(c, ContextSchedule))
     return recorder, callback, objects
 
@@ -60,3 +71,20 @@ def test_bad_gate_settings_are_refused():
         ContextSchedule([{"seq_len": 64, "tokens": 10}], tokens_per_batch=64, gate={"on_fail": "retry"})
     with pytest.raises(ValueError, match="context stage 0 needs seq_len and tokens"):
         ContextSchedule([{"seq_len": 64}], tokens_per_batch=64)
+
+
+def test_a_stage_sets_its_mixture_and_the_lr_schedule_spans_the_stages(tmp_path, prepared_corpus):
+    mixture = MixtureRecorder()
+    _, callback, objects = run(tmp_path, prepared_corpus, schedule(first_stage=", weights: {code: 0.0}"),
+                               "data.sources.prose.weight=0.6", "data.sources.code.weight=0.4", callbacks=[mixture])
+    # stage 0 reads prose only; stage 1 names no weights, so the configured mixture comes back
+    assert mixture.weights == [{"prose": 0.6, "code": 0.0}] * 2 + [{"prose": 0.6, "code": 0.4}] * 4
+    assert callback.planned_steps(objects["trainer"]) == 6
+    assert objects["stage"].lr_schedule.total_steps == 6  # not trainer.max_steps=100
+
+
+def test_bad_stage_keys_and_weights_are_refused(tmp_path, prepared_corpus):
+    with pytest.raises(ValueError, match=r"context stage 0: unknown key\(s\) \['weight'\]"):
+        ContextSchedule([{"seq_len": 64, "tokens": 10, "weight": {"a": 1}}], tokens_per_batch=64)
+    with pytest.raises(ValueError, match=r"unknown source\(s\) \['web'\]"):
+        run(tmp_path, prepared_corpus, schedule(first_stage=", weights: {web: 1.0}"))

@@ -90,6 +90,19 @@ def test_a_zero_weight_source_is_never_read(dataset):
     assert (tokens < SOURCE_OFFSET).all()
 
 
+def test_set_weights_changes_the_next_loaders_mixture(dataset):
+    dm = _module(dataset)
+    dm.set_weights({"b": 0.0})  # a keeps its configured weight
+    assert dm.weights == [0.5, 0.0]
+    tokens = torch.cat([b["tokens"] for b in _take(iter(dm.train_dataloader()), 30)])
+    assert (tokens < SOURCE_OFFSET).all()
+    with pytest.raises(ValueError, match=r"unknown source\(s\) \['c'\]"):
+        dm.set_weights({"c": 1.0})
+    with pytest.raises(ValueError, match="not all 0"):
+        dm.set_weights({"a": 0.0, "b": 0.0})
+    assert dm.weights == [0.5, 0.0]  # a refused change leaves the mixture alone
+
+
 def test_seq_len_and_batch_size_change_at_the_next_loader(dataset):
     dm = _module(dataset)
     dm.set_seq_len(40)

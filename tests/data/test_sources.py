@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from herd.data.sources import (
@@ -10,8 +11,10 @@ from herd.data.sources import (
     stdlib_code,
     stdlib_dir,
     stdlib_files,
+    stdlib_passkey,
     stdlib_prose,
 )
+from herd.evaluation.needle import NEEDLE, QUESTION
 
 MODULE = '''"""Tools for widgets."""
 import os
@@ -142,3 +145,20 @@ def test_binary_files_are_refused_with_the_fix(tmp_path):
     (tmp_path / "blob.bin").write_bytes(b"\xff\xfe\x00")
     with pytest.raises(ValueError, match="blob.bin is not UTF-8 text.*glob"):
         list(iter_documents(str(tmp_path / "blob.bin")))
+
+
+def test_passkey_documents_hide_a_key_and_ask_for_it():
+    docs = list(stdlib_passkey(per_module=8))
+    assert len({d.id for d in docs}) == len(docs) > 1000
+    for doc in docs[:200]:
+        head, _, key = doc.text.rpartition(QUESTION + " ")
+        key = key.removesuffix(".")
+        assert key.isdigit() and len(key) == 5
+        assert head.count(NEEDLE.format(key=key).strip()) == 1  # hidden once, asked for at the end
+    lengths = np.array([len(d.text) for d in docs])
+    # density ~ 1/length^2: about the same number of characters in each doubling of length
+    shares = [lengths[(lengths >= lo) & (lengths < 2 * lo)].sum() / lengths.sum() for lo in (400, 800, 1600, 3200)]
+    assert min(shares) > 0.6 * max(shares)
+    assert lengths.max() <= 7000 + 200 and list(stdlib_passkey(per_module=8))[5] == docs[5]
+    with pytest.raises(ValueError, match="chars="):
+        next(stdlib_passkey(chars=(0, 10)))

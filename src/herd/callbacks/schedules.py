@@ -22,6 +22,9 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from herd.evaluation.needle import NeedleResult, collect_haystack, needle_accuracy
 
 
+_STAGE_KEYS = frozenset({"seq_len", "tokens", "batch_size", "rope_theta", "rope_scaling", "weights"})
+
+
 @dataclass(frozen=True)
 class RampStage:
     """From ``after_tokens`` tokens seen on, read ``batch_size`` rows (per device) of ``seq_len`` tokens."""
@@ -121,7 +124,9 @@ class ContextSchedule(BatchRamp):
 
     Each stage: ``seq_len``, ``tokens`` (its budget), and optionally ``batch_size`` (default:
     ``tokens_per_batch // seq_len``, so the batch in tokens stays constant), ``rope_theta`` and
-    ``rope_scaling`` (applied to the model when the stage starts). The run stops after the last
+    ``rope_scaling`` (applied to the model when the stage starts), and ``weights`` (mixture
+    weights by source name for this stage; sources it leaves out, and stages without it, use
+    ``data.sources.*.weight``). The run stops after the last
     stage. Gate results and needle heatmaps are logged as ``gate/*`` and ``needle/*``.
     """
 
@@ -141,6 +146,9 @@ class ContextSchedule(BatchRamp):
         for i, s in enumerate(self.context_stages):
             if "seq_len" not in s or "tokens" not in s:
                 raise ValueError(f"context stage {i} needs seq_len and tokens, got {s}")
+            unknown = sorted(set(s) - _STAGE_KEYS)
+            if unknown:
+                raise ValueError(f"context stage {i}: unknown key(s) {unknown}; a stage takes {sorted(_STAGE_KEYS)}")
             batch_size = s.get("batch_size") or (tokens_per_batch or 0) // s["seq_len"]
             if batch_size <= 0:
                 raise ValueError(f"context stage {i}: give batch_size, or tokens_per_batch >= seq_len={s['seq_len']}")
@@ -157,9 +165,18 @@ class ContextSchedule(BatchRamp):
         self.results: list[dict[str, Any]] = []
         self._current: int | None = None
         self._tokenizer = None
+        self._base_weights: dict[str, float] | None = None
 
     def stage_end(self, index: int) -> int:
         return self.stages[index + 1].after_tokens if index + 1 < len(self.stages) else self.total_tokens
+
+    def planned_steps(self, trainer: L.Trainer) -> int:
+        """Optimizer steps of the whole schedule (without gate extensions): the LR schedule's length."""
+        steps = 0
+        for i, stage in enumerate(self.stages):
+            steps += math.ceil((self.stage_end(i) - stage.after_tokens) / (stage.batch_size * stage.seq_len
+                                                                            * trainer.world_size))
+        return steps
 
     # ----------------------------------------------------------------------------- hooks
 
@@ -176,6 +193,7 @@ class ContextSchedule(BatchRamp):
 
     def enter_stage(self, trainer: L.Trainer, pl_module: L.LightningModule) -> int:
         index = super().enter_stage(trainer, pl_module)
+        self._set_weights(trainer.datamodule, self.context_stages[index].get("weights"))
         if index != self._current:
             self._current = index
             spec = self.context_stages[index]
@@ -185,6 +203,17 @@ class ContextSchedule(BatchRamp):
             model.set_context(**changes)
             pl_module.model_config = model.config
         return index
+
+    def _set_weights(self, datamodule: Any, weights: dict[str, float] | None) -> None:
+        """The stage's mixture weights over the configured ones (``data.sources.*.weight``)."""
+        if self._base_weights is None:
+            if not hasattr(datamodule, "set_weights"):
+                if any("weights" in s for s in self.context_stages):
+                    raise ValueError(f"context stages give mixture weights, but {type(datamodule).__name__} "
+                                     "has no set_weights; use herd's PackedDataModule or drop stages[*].weights")
+                return
+            self._base_weights = dict(zip(datamodule.names, datamodule.weights, strict=True))
+        datamodule.set_weights({**self._base_weights, **(weights or {})})
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         index, go_on = self._current, True

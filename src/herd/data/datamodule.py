@@ -110,6 +110,17 @@ class PackedDataModule(L.LightningDataModule):
         """Batch size of the next train dataloader."""
         self.batch_size = _positive("batch_size", batch_size)
 
+    def set_weights(self, weights: Mapping[str, float]) -> None:
+        """Mixture weights of the next train dataloader, by source name; unnamed sources keep theirs."""
+        unknown = sorted(set(weights) - set(self.names))
+        if unknown:
+            raise ValueError(f"mixture weights name unknown source(s) {unknown}; the sources are {self.names}")
+        updated = [float(weights.get(name, old)) for name, old in zip(self.names, self.weights, strict=True)]
+        if any(w < 0 for w in updated) or sum(updated) <= 0:
+            raise ValueError(f"mixture weights {dict(zip(self.names, updated, strict=True))} must be >= 0 "
+                             "and not all 0")
+        self.weights = updated
+
     @property
     def manifest(self) -> Manifest:
         """The manifest of the first source (all sources share one tokenizer)."""

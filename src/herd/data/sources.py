@@ -9,9 +9,10 @@ The embedded corpus comes from the running Python's standard library, so herd ru
 - ``stdlib:prose``: per module, the docstrings of the module, its classes and its functions,
   read with :mod:`ast` (nothing is imported), each headed by the qualified name and signature.
 - ``stdlib:code``: per module, the ``.py`` source.
-- ``stdlib:passkey``: synthetic long-context retrieval documents: stdlib prose with a pass key
-  hidden at a random depth, asked for at the end (the needle-in-a-haystack format), three per
-  module, 1.5K to 9K characters long. For long-context training of small models.
+- ``stdlib:passkey``: synthetic long-context retrieval documents: a window of stdlib prose or
+  code with a pass key hidden at a random depth, asked for at the end (the needle-in-a-haystack
+  format), 100 to 7K characters of haystack with as many tokens at every length scale. For
+  long-context training of small models.
 
 Both skip site-packages, the test suites (``test/``, ``tests/``, ``idlelib/idle_test``) and files
 that resolve outside the Python install; modules are taken in sorted path order.
@@ -174,22 +175,32 @@ def stdlib_code(root: Path | None = None) -> Iterator[Document]:
         yield Document(path.relative_to(root).as_posix(), _read_source(path))
 
 
-def stdlib_passkey(root: Path | None = None, per_module: int = 3, chars: tuple[int, int] = (1500, 9000),
+def stdlib_passkey(root: Path | None = None, per_module: int = 24, chars: tuple[int, int] = (100, 7000),
                    seed: int = 0) -> Iterator[Document]:
-    """Retrieval documents: prose haystacks with a hidden pass key and the question that asks for it."""
+    """Retrieval documents: a haystack with a hidden pass key, then the question that asks for it.
+
+    Haystacks are windows of the stdlib's prose and code (alternately), ``per_module`` documents
+    per module. Their length in characters has density proportional to ``1/length**2`` over
+    ``chars``: every doubling of length holds the same number of tokens, so a model sees many
+    short retrievals (which teach it to copy the key at all) and as many tokens of long ones
+    (which teach it to copy from far away).
+    """
     import random
 
     from herd.evaluation.needle import NEEDLE, QUESTION
 
-    prose = [d.text for d in stdlib_prose(root) if d.text.strip()]
+    low, high = chars
+    if not 0 < low <= high:
+        raise ValueError(f"stdlib_passkey: chars={chars} must be (min, max) with 0 < min <= max")
+    prose = "\n\n".join(d.text for d in stdlib_prose(root) if d.text.strip())
+    code = "\n\n".join(d.text for d in stdlib_code(root) if d.text.strip())
+    count = prose.count("\n\n") // 50 * per_module  # ~ modules x per_module, independent of root size
     rng = random.Random(seed)
-    for index in range(len(prose) * per_module):
-        target = rng.randint(*chars)
-        parts, i = [], index // per_module
-        while sum(map(len, parts)) < target:
-            parts.append(prose[i % len(prose)])
-            i += 1
-        haystack = "\n\n".join(parts)[:target]
+    for index in range(max(count, per_module)):
+        text = prose if index % 2 == 0 else code
+        target = min(len(text), round(1 / rng.uniform(1 / high, 1 / low)))
+        start = rng.randrange(0, len(text) - target + 1)
+        haystack = text[start : start + target]
         cut = haystack.rfind(" ", 0, int(rng.random() * len(haystack))) + 1
         key = rng.randrange(10000, 100000)
         text = haystack[:cut] + NEEDLE.format(key=key).lstrip() + " " + haystack[cut:] + QUESTION + f" {key}."
