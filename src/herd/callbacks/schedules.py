@@ -21,7 +21,6 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from herd.evaluation.needle import NeedleResult, collect_haystack, needle_accuracy
 
-
 _STAGE_KEYS = frozenset({"seq_len", "tokens", "batch_size", "rope_theta", "rope_scaling", "weights"})
 
 
