@@ -84,7 +84,9 @@ def test_every_experiment_runs_with_fast_dev_run(tmp_path, prepared_corpus, expe
     if cfg.callbacks.get("context_schedule"):  # 128K contexts do not fit a CPU test: same stages, shorter
         schedule = cfg.callbacks.context_schedule
         OmegaConf.set_struct(schedule, False)
-        schedule.stages = [{"seq_len": 128, "tokens": 2048}, {"seq_len": 256, "tokens": 4096}]
+        short = [{"seq_len": 128, "tokens": 2048}, {"seq_len": 256, "tokens": 4096}]
+        schedule.stages = [{**{k: v for k, v in stage.items() if k not in ("seq_len", "tokens", "batch_size")},
+                            **s} for stage, s in zip(OmegaConf.to_container(schedule.stages), short, strict=False)]
         schedule.tokens_per_batch, schedule.short_seq_len = 1024, 64
         schedule.needle = {**schedule.needle, "lengths": [128, 256], "trials": 1}
     passkey = cfg.data.get("sources", {}).get("passkey")

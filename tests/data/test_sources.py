@@ -148,8 +148,8 @@ def test_binary_files_are_refused_with_the_fix(tmp_path):
 
 
 def test_passkey_documents_hide_a_key_and_ask_for_it():
-    docs = list(stdlib_passkey(per_module=8))
-    assert len({d.id for d in docs}) == len(docs) > 1000
+    docs = list(stdlib_passkey(documents=4000))
+    assert len({d.id for d in docs}) == len(docs) == 4000
     for doc in docs[:200]:
         head, _, key = doc.text.rpartition(QUESTION + " ")
         key = key.removesuffix(".")
@@ -159,6 +159,6 @@ def test_passkey_documents_hide_a_key_and_ask_for_it():
     # density ~ 1/length^2: about the same number of characters in each doubling of length
     shares = [lengths[(lengths >= lo) & (lengths < 2 * lo)].sum() / lengths.sum() for lo in (400, 800, 1600, 3200)]
     assert min(shares) > 0.6 * max(shares)
-    assert lengths.max() <= 7000 + 200 and list(stdlib_passkey(per_module=8))[5] == docs[5]
+    assert lengths.max() <= 7000 + 200 and list(stdlib_passkey(documents=10))[5] == docs[5]
     with pytest.raises(ValueError, match="chars="):
         next(stdlib_passkey(chars=(0, 10)))

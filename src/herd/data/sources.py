@@ -175,13 +175,13 @@ def stdlib_code(root: Path | None = None) -> Iterator[Document]:
         yield Document(path.relative_to(root).as_posix(), _read_source(path))
 
 
-def stdlib_passkey(root: Path | None = None, per_module: int = 24, chars: tuple[int, int] = (100, 7000),
+def stdlib_passkey(root: Path | None = None, documents: int = 20000, chars: tuple[int, int] = (100, 7000),
                    seed: int = 0) -> Iterator[Document]:
     """Retrieval documents: a haystack with a hidden pass key, then the question that asks for it.
 
-    Haystacks are windows of the stdlib's prose and code (alternately), ``per_module`` documents
-    per module. Their length in characters has density proportional to ``1/length**2`` over
-    ``chars``: every doubling of length holds the same number of tokens, so a model sees many
+    ``documents`` haystacks are windows of the stdlib's prose and code (alternately) at random
+    offsets; a document's text depends only on its index and ``seed``. A haystack's length in
+    characters has density proportional to ``1/length**2`` over ``chars``: every doubling of length holds the same number of tokens, so a model sees many
     short retrievals (which teach it to copy the key at all) and as many tokens of long ones
     (which teach it to copy from far away).
     """
@@ -194,13 +194,12 @@ def stdlib_passkey(root: Path | None = None, per_module: int = 24, chars: tuple[
         raise ValueError(f"stdlib_passkey: chars={chars} must be (min, max) with 0 < min <= max")
     prose = "\n\n".join(d.text for d in stdlib_prose(root) if d.text.strip())
     code = "\n\n".join(d.text for d in stdlib_code(root) if d.text.strip())
-    count = prose.count("\n\n") // 50 * per_module  # ~ modules x per_module, independent of root size
     rng = random.Random(seed)
-    for index in range(max(count, per_module)):
-        text = prose if index % 2 == 0 else code
-        target = min(len(text), round(1 / rng.uniform(1 / high, 1 / low)))
-        start = rng.randrange(0, len(text) - target + 1)
-        haystack = text[start : start + target]
+    for index in range(documents):
+        source = prose if index % 2 == 0 else code
+        target = min(len(source), round(1 / rng.uniform(1 / high, 1 / low)))
+        start = rng.randrange(0, len(source) - target + 1)
+        haystack = source[start : start + target]
         cut = haystack.rfind(" ", 0, int(rng.random() * len(haystack))) + 1
         key = rng.randrange(10000, 100000)
         text = haystack[:cut] + NEEDLE.format(key=key).lstrip() + " " + haystack[cut:] + QUESTION + f" {key}."
