@@ -27,9 +27,12 @@ prepare: $(CORPUS)
 
 PASSKEY := data/prepared/passkey/manifest.json
 
-# Synthetic retrieval documents for experiment=tiny_long_context, with the corpus' tokenizer.
+# Synthetic retrieval documents for experiment=tiny_long_context, with the corpus' tokenizer:
+# passkey (100 to 7K characters of haystack) and passkey_long (2.5K to 7K).
+PASSKEY_SOURCES := {passkey: {input: "stdlib:passkey"}, \
+	passkey_long: {input: "stdlib:passkey?min_chars=2500&max_chars=7000&documents=4000&seed=1"}}
 $(PASSKEY): $(CORPUS)
-	$(PY) -m herd.prepare output_dir=data/prepared/passkey '~sources' '+sources={passkey: {input: "stdlib:passkey"}}' \
+	$(PY) -m herd.prepare output_dir=data/prepared/passkey '~sources' '+sources=$(PASSKEY_SOURCES)' \
 		tokenizer.path=data/prepared/stdlib/tokenizer
 
 prepare-passkey: $(PASSKEY)

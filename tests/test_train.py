@@ -89,10 +89,10 @@ def test_every_experiment_runs_with_fast_dev_run(tmp_path, prepared_corpus, expe
                             **s} for stage, s in zip(OmegaConf.to_container(schedule.stages), short, strict=False)]
         schedule.tokens_per_batch, schedule.short_seq_len = 1024, 64
         schedule.needle = {**schedule.needle, "lengths": [128, 256], "trials": 1}
-    passkey = cfg.data.get("sources", {}).get("passkey")
-    if passkey is not None:  # the synthetic retrieval source, served here by the fixture's prose
-        OmegaConf.set_struct(passkey, False)
-        passkey.data_dir, passkey.source = str(prepared_corpus), "prose"
+    for name, source in cfg.data.get("sources", {}).items():
+        if name.startswith("passkey"):  # the synthetic retrieval sources, served here by the fixture's prose
+            OmegaConf.set_struct(source, False)
+            source.data_dir, source.source = str(prepared_corpus), "prose"
     if OmegaConf.is_missing(cfg.stage, "init_from"):  # stages that continue a model get a small one
         start = tmp_path / "start_model"
         hf.save(Transformer(ModelConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))), start)

@@ -11,6 +11,7 @@ from herd.data.sources import (
     stdlib_code,
     stdlib_dir,
     stdlib_files,
+    passkey_options,
     stdlib_passkey,
     stdlib_prose,
 )
@@ -162,3 +163,18 @@ def test_passkey_documents_hide_a_key_and_ask_for_it():
     assert lengths.max() <= 7000 + 200 and list(stdlib_passkey(documents=10))[5] == docs[5]
     with pytest.raises(ValueError, match="chars="):
         next(stdlib_passkey(chars=(0, 10)))
+
+
+def test_passkey_options_come_from_a_query_string():
+    assert passkey_options("stdlib:passkey") == {"chars": (100, 7000)}
+    assert passkey_options("stdlib:passkey?min_chars=2500&documents=40&seed=1") == {
+        "documents": 40, "seed": 1, "chars": (2500, 7000)}
+    docs = list(iter_documents("stdlib:passkey?min_chars=2500&max_chars=3000&documents=6"))
+    assert len(docs) == 6
+    for doc in docs:  # the haystack's length: the text before the question, less the needle and its space
+        head, _, key = doc.text.rpartition(QUESTION + " ")
+        assert 2500 <= len(head) - len(NEEDLE.format(key=key.removesuffix(".")).lstrip()) - 1 <= 3000
+    with pytest.raises(ValueError, match="unknown option 'length'"):
+        passkey_options("stdlib:passkey?length=5")
+    with pytest.raises(ValueError, match="option documents='many' must be an integer"):
+        passkey_options("stdlib:passkey?documents=many")

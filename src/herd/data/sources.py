@@ -12,7 +12,8 @@ The embedded corpus comes from the running Python's standard library, so herd ru
 - ``stdlib:passkey``: synthetic long-context retrieval documents: a window of stdlib prose or
   code with a pass key hidden at a random depth, asked for at the end (the needle-in-a-haystack
   format), 100 to 7K characters of haystack with as many tokens at every length scale. For
-  long-context training of small models.
+  long-context training of small models. Options go in a query string:
+  ``stdlib:passkey?min_chars=2500&max_chars=7000&documents=4000&seed=1``.
 
 Both skip site-packages, the test suites (``test/``, ``tests/``, ``idlelib/idle_test``) and files
 that resolve outside the Python install; modules are taken in sorted path order.
@@ -30,6 +31,7 @@ import tokenize
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -68,8 +70,8 @@ def _documents_of(item: str, text_field: str, glob: str) -> Iterator[Document]:
         yield from stdlib_prose()
     elif item == STDLIB_CODE:
         yield from stdlib_code()
-    elif item == STDLIB_PASSKEY:
-        yield from stdlib_passkey()
+    elif item == STDLIB_PASSKEY or item.startswith(STDLIB_PASSKEY + "?"):
+        yield from stdlib_passkey(**passkey_options(item))
     else:
         path = Path(item).expanduser()
         if path.is_dir():
@@ -175,6 +177,26 @@ def stdlib_code(root: Path | None = None) -> Iterator[Document]:
         yield Document(path.relative_to(root).as_posix(), _read_source(path))
 
 
+_PASSKEY_OPTIONS = {"documents": int, "min_chars": int, "max_chars": int, "seed": int}
+
+
+def passkey_options(item: str) -> dict[str, Any]:
+    """Keyword arguments of :func:`stdlib_passkey` from ``stdlib:passkey?min_chars=2500&documents=4000``."""
+    from urllib.parse import parse_qsl
+
+    _, _, query = item.partition("?")
+    options: dict[str, Any] = {}
+    for key, value in parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query)):
+        if key not in _PASSKEY_OPTIONS:
+            raise ValueError(f"input {item!r}: unknown option {key!r}; {STDLIB_PASSKEY} takes {sorted(_PASSKEY_OPTIONS)}")
+        try:
+            options[key] = _PASSKEY_OPTIONS[key](value)
+        except ValueError:
+            raise ValueError(f"input {item!r}: option {key}={value!r} must be an integer") from None
+    chars = (options.pop("min_chars", 100), options.pop("max_chars", 7000))
+    return {**options, "chars": chars}
+
+
 def stdlib_passkey(root: Path | None = None, documents: int = 20000, chars: tuple[int, int] = (100, 7000),
                    seed: int = 0) -> Iterator[Document]:
     """Retrieval documents: a haystack with a hidden pass key, then the question that asks for it.
@@ -192,6 +214,8 @@ def stdlib_passkey(root: Path | None = None, documents: int = 20000, chars: tupl
     low, high = chars
     if not 0 < low <= high:
         raise ValueError(f"stdlib_passkey: chars={chars} must be (min, max) with 0 < min <= max")
+    if documents <= 0:
+        raise ValueError(f"stdlib_passkey: documents={documents} must be positive")
     prose = "\n\n".join(d.text for d in stdlib_prose(root) if d.text.strip())
     code = "\n\n".join(d.text for d in stdlib_code(root) if d.text.strip())
     rng = random.Random(seed)
