@@ -8,10 +8,10 @@ import pytest
 from herd.data.sources import (
     iter_documents,
     module_docstrings,
+    passkey_options,
     stdlib_code,
     stdlib_dir,
     stdlib_files,
-    passkey_options,
     stdlib_passkey,
     stdlib_prose,
 )
