@@ -140,13 +140,13 @@ class BackboneStage(L.LightningModule):
         keywords = getattr(self.scheduler_factory, "keywords", {})
         lengths = {}
         if keywords.get("total_steps") is None:
-            planned = [c.planned_steps(self.trainer) for c in self.trainer.callbacks if hasattr(c, "planned_steps")]
-            if planned:  # a schedule that ends the run (long context) sets the length
-                lengths["total_steps"] = min([*planned, *([self.trainer.max_steps] if self.trainer.max_steps > 0 else [])])
-            elif self.trainer.max_steps is None or self.trainer.max_steps < 0:
+            # a schedule that ends the run (long context) has a planned length; so may max_steps
+            limits = [c.planned_steps(self.trainer) for c in self.trainer.callbacks if hasattr(c, "planned_steps")]
+            if self.trainer.max_steps is not None and self.trainer.max_steps > 0:
+                limits.append(self.trainer.max_steps)
+            if not limits:
                 raise ValueError("the LR schedule needs trainer.max_steps (or stage.scheduler.total_steps)")
-            else:
-                lengths["total_steps"] = self.trainer.max_steps
+            lengths["total_steps"] = min(limits)
         if self.anneal_tokens:
             total = lengths.get("total_steps", keywords.get("total_steps"))
             anneal_steps = math.ceil(self.anneal_tokens / self.final_tokens_per_step())
