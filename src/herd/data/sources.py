@@ -202,10 +202,11 @@ def stdlib_passkey(root: Path | None = None, documents: int = 20000, chars: tupl
     """Retrieval documents: a haystack with a hidden pass key, then the question that asks for it.
 
     ``documents`` haystacks are windows of the stdlib's prose and code (alternately) at random
-    offsets; a document's text depends only on its index and ``seed``. A haystack's length in
-    characters has density proportional to ``1/length**2`` over ``chars``: every doubling of length holds the same number of tokens, so a model sees many
-    short retrievals (which teach it to copy the key at all) and as many tokens of long ones
-    (which teach it to copy from far away).
+    offsets, deterministic for a given stdlib, ``chars`` and ``seed`` (a larger ``documents``
+    only appends). A haystack's length in characters has density proportional to
+    ``1/length**2`` over ``chars``: every doubling of length holds the same number of tokens, so
+    a model sees many short retrievals (which teach it to copy the key at all) and as many
+    tokens of long ones (which teach it to copy from far away).
     """
     import random
 
