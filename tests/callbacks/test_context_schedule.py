@@ -18,13 +18,14 @@ def schedule(on_fail="warn", min_needle=0.0, extra="", first_stage=""):
 
 
 class MixtureRecorder(L.Callback):
-    """The DataModule's mixture weights at every training step."""
+    """The mixture weights of the train loader that gave each step's batch."""
 
     def __init__(self):
         self.weights = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.weights.append(dict(zip(trainer.datamodule.names, trainer.datamodule.weights, strict=True)))
+        plan = trainer.train_dataloader.dataset.plan
+        self.weights.append(dict(zip(plan.sources, plan.weights, strict=True)))
 
 
 def run(tmp_path, prepared_corpus, spec, *more, callbacks=()):
