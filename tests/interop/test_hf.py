@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -103,20 +105,95 @@ def test_sharded_save_writes_an_index_and_loads_both_ways(tmp_path, small_config
 
 
 def test_save_copies_a_tokenizer_directory_and_records_bos_eos(tmp_path, small_config):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
     tok_dir = tmp_path / "tok"
-    tok_dir.mkdir()
-    vocab = {f"t{i}": i for i in range(90)} | {"<|begin_of_text|>": 90, "<|end_of_text|>": 91}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.save(str(tok_dir / "tokenizer.json"))
-    (tok_dir / "tokenizer_config.json").write_text(
-        json.dumps({"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>"}))
+    write_word_level_tokenizer(tok_dir, 92, {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>"})
     out = hf.save(Transformer(small_config), tmp_path / "model", tokenizer=tok_dir)
     assert (out / "tokenizer.json").is_file()
     config = json.loads((out / "config.json").read_text())
     assert config["bos_token_id"] == 90 and config["eos_token_id"] == 91
+
+
+def write_word_level_tokenizer(folder, n_ids: int, config: dict | None = None):
+    """A tokenizer folder of ``n_ids`` ids (the last two are bos/eos), with an optional tokenizer_config.json."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    folder.mkdir(parents=True)
+    vocab = {f"t{i}": i for i in range(n_ids - 2)} | {"<|begin_of_text|>": n_ids - 2, "<|end_of_text|>": n_ids - 1}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(folder / "tokenizer.json"))
+    if config is not None:
+        (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return tok
+
+
+def test_save_refuses_a_tokenizer_larger_than_the_vocabulary_before_writing(tmp_path, small_config):
+    write_word_level_tokenizer(tmp_path / "tok", 500, {"bos_token": "<|begin_of_text|>"})
+    out = tmp_path / "model"
+    with pytest.raises(hf.CheckpointError, match=rf"tok has 500 ids but the model's vocab_size is {small_config.vocab_size}"):
+        hf.save(Transformer(small_config), out, tokenizer=tmp_path / "tok")
+    assert not out.exists()
+    out.mkdir()
+    with pytest.raises(hf.CheckpointError, match="500 ids"):
+        hf.save(Transformer(small_config), out, tokenizer=str(tmp_path / "tok"))
+    assert list(out.iterdir()) == []
+
+
+def test_save_refuses_a_tokenizer_object_larger_than_the_vocabulary(tmp_path, small_config):
+    from transformers import PreTrainedTokenizerFast
+
+    tok = write_word_level_tokenizer(tmp_path / "tok", 500)
+    out = tmp_path / "model"
+    with pytest.raises(hf.CheckpointError, match=rf"has 500 ids but the model.s vocab_size is {small_config.vocab_size}"):
+        hf.save(Transformer(small_config), out, tokenizer=PreTrainedTokenizerFast(tokenizer_object=tok))
+    assert not out.exists()
+
+
+def test_save_accepts_a_tokenizer_that_fills_the_vocabulary_exactly(tmp_path, small_config):
+    write_word_level_tokenizer(tmp_path / "tok", small_config.vocab_size, {"eos_token": "<|end_of_text|>"})
+    out = hf.save(Transformer(small_config), tmp_path / "model", tokenizer=tmp_path / "tok")
+    assert json.loads((out / "config.json").read_text())["eos_token_id"] == small_config.vocab_size - 1
+    hf.load(out)
+
+
+def test_tokenizer_folder_without_config_gets_herds_bos_eos(tmp_path):
+    from transformers import AutoTokenizer
+
+    from herd.data.tokenizer import train_tokenizer
+
+    trained = train_tokenizer(["def f(x):\n    return x + 1\n", "A docstring, in prose."] * 20, vocab_size=520)
+    source = trained.save(tmp_path / "tok")
+    (source / "tokenizer_config.json").unlink()
+    config = ModelConfig(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=trained.vocab_size, multiple_of=16)
+    out = hf.save(Transformer(config), tmp_path / "model", tokenizer=source)
+
+    assert not (source / "tokenizer_config.json").exists()  # the source folder is left as it was
+    saved = json.loads((out / "config.json").read_text())
+    assert (saved["bos_token_id"], saved["eos_token_id"]) == (trained.bos_id, trained.eos_id)
+    loaded = AutoTokenizer.from_pretrained(out)
+    assert (loaded.bos_token, loaded.eos_token) == ("<|begin_of_text|>", "<|end_of_text|>")
+    assert (loaded.bos_token_id, loaded.eos_token_id) == (trained.bos_id, trained.eos_id)
+    assert loaded("def f")["input_ids"][0] == trained.bos_id
+    assert hf.load(out).config.vocab_size == trained.vocab_size
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o002], ids=lambda umask: f"umask{umask:03o}")
+@pytest.mark.parametrize("max_shard_bytes", [None, 40_000], ids=["single", "sharded"])
+def test_exported_files_all_get_the_umask_mode(tmp_path, small_config, umask, max_shard_bytes):
+    write_word_level_tokenizer(tmp_path / "tok", 92, {"bos_token": "<|begin_of_text|>"})
+    (tmp_path / "tok" / "tokenizer.json").chmod(0o600)  # the copy does not inherit the source's mode
+    previous = os.umask(umask)
+    try:
+        kwargs = {} if max_shard_bytes is None else {"max_shard_bytes": max_shard_bytes}
+        out = hf.save(Transformer(small_config), tmp_path / "model", tokenizer=tmp_path / "tok", **kwargs)
+    finally:
+        os.umask(previous)
+    weights = sorted(out.glob("*.safetensors"))
+    assert len(weights) == (1 if max_shard_bytes is None else len(set(
+        json.loads((out / hf.SAFETENSORS_INDEX).read_text())["weight_map"].values())))
+    modes = {file.name: oct(stat.S_IMODE(file.stat().st_mode)) for file in out.iterdir()}
+    assert {"config.json", "tokenizer.json", "tokenizer_config.json"} <= set(modes)
+    assert modes == dict.fromkeys(modes, oct(0o666 & ~umask))
 
 
 def test_load_converts_dtype(tmp_path, small_config):

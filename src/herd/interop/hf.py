@@ -10,8 +10,11 @@ Only safetensors are read: pickled ``*.bin``/``*.pt`` weights are refused, never
 from __future__ import annotations
 
 import json
+import logging
+import os
 import re
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +24,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from herd.model import ModelConfig, Transformer
+
+logger = logging.getLogger(__name__)
 
 SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -309,17 +314,22 @@ def check_tokenizer(path: Path, config: ModelConfig) -> None:
     tokenizer_file = Path(path) / "tokenizer.json"
     if not tokenizer_file.is_file():
         return
-    from tokenizers import Tokenizer
-
-    try:
-        size = Tokenizer.from_file(str(tokenizer_file)).get_vocab_size(with_added_tokens=True)
-    except Exception as err:
-        raise CheckpointError(f"{tokenizer_file} is not a readable tokenizer: {err}") from None
+    size = tokenizer_size(tokenizer_file)
     if size > config.vocab_size:
         raise CheckpointError(
             f"{tokenizer_file} has {size} tokens but config.json's vocab_size is {config.vocab_size}: the "
             "tokenizer does not belong to this checkpoint; use the tokenizer the model was trained with"
         )
+
+
+def tokenizer_size(tokenizer_file: Path) -> int:
+    """Number of ids in a ``tokenizer.json``, added (special) tokens included."""
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_file(str(tokenizer_file)).get_vocab_size(with_added_tokens=True)
+    except Exception as err:
+        raise CheckpointError(f"{tokenizer_file} is not a readable tokenizer: {err}") from None
 
 
 # ------------------------------------------------------------------------------------------ save
@@ -337,18 +347,26 @@ def save(
     """Write ``model`` as a Hugging Face Llama directory that ``transformers`` loads.
 
     ``tokenizer`` is a tokenizer directory to copy, or an object with ``save_pretrained(path)`` or
-    ``save(path)``. ``dtype`` converts on the way out (default: the model's dtype). Weights above
-    ``max_shard_bytes`` are split into shards with an index. ``state_dict`` replaces the model's
-    own (a sharded model's gathered full state, or averaged weights).
+    ``save(path)``. A tokenizer with more ids than the model's ``vocab_size`` is refused with a
+    :class:`CheckpointError` before anything is written. A tokenizer directory without
+    ``tokenizer_config.json`` gets herd's (bos ``<|begin_of_text|>``, eos ``<|end_of_text|>``),
+    so that config.json and ``transformers.AutoTokenizer`` know bos/eos. ``dtype`` converts on
+    the way out (default: the model's dtype). Weights above ``max_shard_bytes`` are split into
+    shards with an index. ``state_dict`` replaces the model's own (a sharded model's gathered
+    full state, or averaged weights). Every file gets the mode the process's umask gives.
     """
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     state = hf_state_dict(model, dtype, state_dict)
     out_dtype = next(iter(state.values())).dtype
-    _write_weights(state, path, max_shard_bytes)
     bos, eos = None, None
-    if tokenizer is not None:
-        bos, eos = _save_tokenizer(tokenizer, path)
+    with tempfile.TemporaryDirectory(prefix="herd-tokenizer-") as staging:
+        if tokenizer is not None:  # checked before anything is written into path
+            source, files = _tokenizer_files(tokenizer, Path(staging))
+            _check_tokenizer_fits(source, model.config, tokenizer)
+        path.mkdir(parents=True, exist_ok=True)
+        _write_weights(state, path, max_shard_bytes)
+        if tokenizer is not None:
+            bos, eos = _copy_tokenizer(source, files, path)
     config_to_hf(model.config, dtype=out_dtype, bos_token_id=bos, eos_token_id=eos).save_pretrained(path)
     return path
 
@@ -384,40 +402,103 @@ def _write_weights(state: dict[str, torch.Tensor], path: Path, max_shard_bytes: 
             size = 0
         shards[-1][name] = tensor
         size += nbytes
-    metadata = {"format": "pt"}
     if len(shards) == 1:
-        save_file(shards[0], str(path / SAFETENSORS_FILE), metadata=metadata)
+        _save_safetensors(shards[0], path / SAFETENSORS_FILE)
         return
     weight_map = {}
     for i, shard in enumerate(shards, start=1):
         name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(path / name), metadata=metadata)
+        _save_safetensors(shard, path / name)
         weight_map.update(dict.fromkeys(shard, name))
     total = sum(t.numel() * t.element_size() for t in state.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (path / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
 
 
-def _save_tokenizer(tokenizer: Any, path: Path) -> tuple[int | None, int | None]:
-    """Copy or save the tokenizer into ``path``; return its bos/eos ids when it names them."""
+def _tokenizer_files(tokenizer: Any, staging: Path) -> tuple[Path, list[Path]]:
+    """The folder that holds the tokenizer and the files to copy from it.
+
+    A directory is used as it is (its tokenizer files only); an object is saved into ``staging``.
+    """
     if isinstance(tokenizer, str | Path):
         source = Path(tokenizer)
         if not (source / "tokenizer.json").is_file():
             raise FileNotFoundError(f"tokenizer directory {source} has no tokenizer.json")
-        if source.resolve() != path.resolve():
-            for name in TOKENIZER_FILES:
-                if (source / name).is_file():
-                    shutil.copy2(source / name, path / name)
-    elif hasattr(tokenizer, "save_pretrained"):
-        tokenizer.save_pretrained(path)
+        return source, [source / name for name in TOKENIZER_FILES if (source / name).is_file()]
+    if hasattr(tokenizer, "save_pretrained"):
+        tokenizer.save_pretrained(staging)
     elif hasattr(tokenizer, "save"):
-        tokenizer.save(path)
+        tokenizer.save(staging)
     else:
         raise TypeError(
             f"cannot save tokenizer of type {type(tokenizer).__name__}: pass a directory or an "
             "object with save_pretrained(path) or save(path)"
         )
+    return staging, sorted(file for file in staging.iterdir() if file.is_file())
+
+
+def _check_tokenizer_fits(source: Path, config: ModelConfig, tokenizer: Any) -> None:
+    """Refuse a tokenizer whose ids reach past the model's embedding rows."""
+    tokenizer_file = source / "tokenizer.json"
+    if not tokenizer_file.is_file():
+        return  # no fast tokenizer (e.g. only vocabulary files): nothing herd can count
+    size = tokenizer_size(tokenizer_file)
+    if size > config.vocab_size:
+        name = f"tokenizer {source}" if isinstance(tokenizer, str | Path) else f"the {type(tokenizer).__name__}"
+        raise CheckpointError(
+            f"{name} has {size} ids but the model's vocab_size is {config.vocab_size}, so ids "
+            f"{config.vocab_size}-{size - 1} have no embedding row: export with the tokenizer the model "
+            f"was trained with, or train a model whose vocab_size is at least {size}"
+        )
+
+
+def _copy_tokenizer(source: Path, files: list[Path], path: Path) -> tuple[int | None, int | None]:
+    """Copy the tokenizer files into ``path``; return its bos/eos ids when it names them.
+
+    A tokenizer without ``tokenizer_config.json`` gets herd's, when it is a Llama 3 style
+    tokenizer (it has ``<|begin_of_text|>`` and the other special tokens herd needs).
+    """
+    if source.resolve() != path.resolve():
+        for file in files:
+            shutil.copyfile(file, path / file.name)  # content only: the export's file mode, not the source's
+    if not (source / "tokenizer_config.json").is_file():
+        from herd.data.tokenizer import Tokenizer
+
+        try:
+            herd_tokenizer = Tokenizer.load(source)
+        except ValueError as err:
+            logger.warning(
+                "%s has no tokenizer_config.json and is not a Llama 3 style tokenizer, so the export "
+                "names no bos/eos token: %s",
+                source,
+                err,
+            )
+        else:
+            herd_tokenizer.save(path)  # tokenizer.json and herd's default tokenizer_config.json
     return _special_ids(path)
+
+
+def _save_safetensors(tensors: dict[str, torch.Tensor], file: Path) -> None:
+    """``safetensors.torch.save_file``, then the mode any new file of this process gets.
+
+    safetensors creates its files with mode 0600, which would hide the weights from the other
+    users of a shared filesystem while the rest of the export is readable.
+    """
+    save_file(tensors, str(file), metadata={"format": "pt"})
+    os.chmod(file, 0o666 & ~_umask())
+
+
+def _umask() -> int:
+    """The process's umask (from /proc on Linux, where reading it does not change it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    umask = os.umask(0o022)  # elsewhere reading the umask means setting it: put it back at once
+    os.umask(umask)
+    return umask
 
 
 def _special_ids(path: Path) -> tuple[int | None, int | None]:
