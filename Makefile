@@ -6,13 +6,24 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: train test test-fast lint bench clean-venv env prepare prepare-passkey
 
+# Which torch to install, and extra arguments for every pip install below. On Linux the default
+# torch wheel of the package registry is the CUDA build (several GB with its nvidia-* packages);
+# a machine without a GPU gets the CPU build from PyTorch's CPU index, whose 2.13.0+cpu ranks
+# above the registry's 2.13.0:
+#   make env PIP_ARGS="--extra-index-url https://download.pytorch.org/whl/cpu"
+# TORCH_SPEC also takes another pin or a wheel file. Both apply when .venv is created: run
+# `make clean-venv` first to change an existing one.
+TORCH_SPEC ?= torch==2.13.0
+PIP_ARGS   ?=
+
 # Create the virtual environment once; reinstall when the package metadata changes.
-# torch is pinned first so that lightning does not pull a multi-GB CUDA build.
+# torch is installed first, on its own, so that the build chosen above is the one that lightning
+# and the rest are resolved against (the second install keeps it).
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet torch==2.13.0 -e '.[dev]'
+	$(PY) -m pip install --quiet $(PIP_ARGS) --upgrade pip
+	$(PY) -m pip install --quiet $(PIP_ARGS) '$(TORCH_SPEC)'
+	$(PY) -m pip install --quiet $(PIP_ARGS) '$(TORCH_SPEC)' -e '.[dev]'
 	@touch $(STAMP)
 
 env: $(STAMP)
