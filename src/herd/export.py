@@ -7,6 +7,12 @@ Works on both kinds of checkpoint Lightning writes:
 
     python -m herd.export checkpoint=logs/pretrain/runs/<run>/checkpoints/last.ckpt output=exports/step-1000 \\
         tokenizer=data/prepared/stdlib/tokenizer
+
+Nothing in a checkpoint runs code while it is read: files and ``meta.pt`` load with
+``weights_only=True``, and a folder's ``.metadata`` (a pickle) goes through herd's restricted
+unpickler (see ``herd.callbacks.checkpoint_io``), so a crafted folder is refused with an error that
+names the file instead of being trusted. herd reads folders it did not write rather than refusing
+them: a folder carries no signature to tell them apart, and the restricted reader makes that safe.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
+from herd.callbacks import checkpoint_io
 from herd.interop import hf
 from herd.model import ModelConfig, Transformer
 from herd.presets import config_dir
@@ -48,19 +55,19 @@ def read_checkpoint(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tens
 
 
 def _read_sharded(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    import torch.distributed.checkpoint as dcp
+    """meta.pt and the model's tensors of a sharded checkpoint, read without a full unpickler."""
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    meta_file = path / "meta.pt"
+    meta_file = path / checkpoint_io.SHARDED_META
     if not meta_file.is_file():
-        raise ValueError(f"{path} is a folder but not a sharded Lightning checkpoint (no meta.pt)")
+        raise ValueError(f"{path} is a folder but not a sharded Lightning checkpoint (no {meta_file.name})")
+    index = checkpoint_io.check_dcp_metadata(path)  # refuses a crafted .metadata before anything else reads it
     meta = torch.load(meta_file, map_location="cpu", weights_only=True)
-    reader = dcp.FileSystemReader(str(path))
     wanted = {}
-    for key, item in reader.read_metadata().state_dict_metadata.items():
+    for key, item in index.state_dict_metadata.items():
         if key.startswith("state_dict." + MODEL_PREFIX) and isinstance(item, TensorStorageMetadata):
             wanted[key] = torch.empty(item.size, dtype=item.properties.dtype)
-    dcp.load(wanted, storage_reader=reader, no_dist=True)
+    checkpoint_io.load_sharded(wanted, path)
     return meta, {k[len("state_dict."):]: v for k, v in wanted.items()}
 
 

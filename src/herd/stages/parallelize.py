@@ -3,6 +3,8 @@ tensor parallel, activation checkpointing, per-block compile, then FSDP2 shardin
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
@@ -132,10 +134,22 @@ def fsdp1_strategy(**kwargs):
 def _model_parallel_strategy_class():
     from lightning.pytorch.strategies import ModelParallelStrategy
 
+    from herd.callbacks import checkpoint_io
+
     class DataParallelByDefault(ModelParallelStrategy):
-        """ModelParallelStrategy whose ``data_parallel_size="auto"`` is every rank not used for tensor parallel.
+        """ModelParallelStrategy whose ``data_parallel_size="auto"`` is every rank not used for tensor parallel,
+        and whose sharded checkpoints are atomic and read safely.
 
         (Lightning's own "auto" means one data-parallel group per node.)
+
+        Sharded checkpoints (``save_distributed_checkpoint=True``):
+        - every rank writes into ``<name>.tmp-step<global_step>``; after a barrier rank 0 publishes it
+          (``checkpoint_io.publish_checkpoint``), so ``<name>`` is always a complete checkpoint, the
+          previous one or the new one, whatever moment a rank is killed at;
+        - deleting one (``save_top_k``) renames it away first, so no half-deleted folder keeps its name;
+        - at set-up rank 0 cleans the leftovers of killed saves from the checkpoint callbacks' folders;
+        - resuming reads ``.metadata``, the non-tensor items and ``meta.pt`` with restricted unpicklers
+          (``checkpoint_io.load_sharded``), never with a full pickle.
         """
 
         def setup_environment(self) -> None:
@@ -147,7 +161,67 @@ def _model_parallel_strategy_class():
                 self._data_parallel_size = self.world_size // tensor
             super().setup_environment()
 
+        def setup(self, trainer) -> None:
+            if self.is_global_zero:
+                for callback in trainer.checkpoint_callbacks:
+                    if getattr(callback, "dirpath", None) and "://" not in str(callback.dirpath):
+                        checkpoint_io.remove_stale_temporaries(callback.dirpath)
+            super().setup(trainer)  # its barrier keeps the other ranks from saving before the clean-up ends
+
+        def save_checkpoint(self, checkpoint: dict, filepath, storage_options=None) -> None:
+            if not self._save_distributed_checkpoint or storage_options is not None or "://" in str(filepath):
+                return super().save_checkpoint(checkpoint, filepath, storage_options)
+            target = Path(self.broadcast(str(filepath)))
+            temporary = checkpoint_io.sharded_temporary(target, self.broadcast(int(checkpoint.get("global_step", 0))))
+            if self.is_global_zero and (temporary.exists() or temporary.is_symlink()):
+                checkpoint_io.discard_checkpoint(temporary)  # left by a save killed at this same step
+            self.barrier()
+            super().save_checkpoint(checkpoint, temporary)  # shards from every rank, meta.pt from rank 0
+            self.barrier()  # every rank has finished writing
+            if self.is_global_zero:
+                checkpoint_io.publish_checkpoint(temporary, target)
+
+        def remove_checkpoint(self, filepath) -> None:
+            if "://" in str(filepath):
+                super().remove_checkpoint(filepath)
+            elif self.is_global_zero:
+                checkpoint_io.discard_checkpoint(filepath)
+
+        def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict:
+            path = Path(self.broadcast(str(checkpoint_path)))
+            if not path.is_dir():
+                return super().load_checkpoint(path, weights_only=True)
+            return _load_sharded_into(self, path)
+
     return DataParallelByDefault
+
+
+def _load_sharded_into(strategy, path: Path) -> dict:
+    """Load a sharded checkpoint into the strategy's model and optimizers (every rank calls it).
+
+    Mirrors Lightning's ModelParallelStrategy.load_checkpoint for folders, with safe readers;
+    returns the non-tensor entries (meta.pt) for Lightning to restore loops, callbacks and schedulers.
+    """
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    from herd.callbacks import checkpoint_io
+
+    module = strategy.model
+    module_state = {"state_dict": get_model_state_dict(module)}
+    checkpoint_io.load_sharded(module_state, path)
+    module.load_state_dict(module_state["state_dict"], strict=strategy.lightning_module.strict_loading)
+    for index, optimizer in enumerate(strategy.optimizers):
+        key = f"optimizer_{index}"
+        optimizer_state = {key: get_optimizer_state_dict(module, optimizer)}
+        checkpoint_io.load_sharded(optimizer_state, path)
+        set_optimizer_state_dict(module, optimizer, optim_state_dict=optimizer_state[key],
+                                 options=StateDictOptions(cpu_offload=True))
+    return torch.load(path / checkpoint_io.SHARDED_META, map_location="cpu", weights_only=True)
 
 
 def model_parallel_strategy(**kwargs):
