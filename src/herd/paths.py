@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from urllib.parse import urlparse
 
 _MARKERS = ("pyproject.toml", "configs")
 
@@ -30,8 +31,17 @@ def resolve(path: str | os.PathLike[str]) -> Path:
 
 
 def is_url(location: str) -> bool:
-    """True for locations that webdataset opens itself (``http://``, ``s3://``, ``pipe:`` ...)."""
+    """True for locations that webdataset opens itself (``http://``, ``s3://``, ``pipe:`` ...).
+
+    Locations the user writes in a config may be ``pipe:`` commands; locations read from a
+    file (a manifest) never may: see :func:`url_scheme` and ``herd.data.shards.Manifest``.
+    """
     return "://" in location or location.startswith("pipe:")
+
+
+def url_scheme(location: str) -> str:
+    """The scheme webdataset's ``gopen`` dispatches on, lower-cased (``""`` for a plain path)."""
+    return urlparse(location).scheme.lower()
 
 
 def resolve_location(location: str) -> str:

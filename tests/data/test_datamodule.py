@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from itertools import islice
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import numpy as np
@@ -18,7 +20,7 @@ from synthetic import SOURCE_OFFSET, source_of, write_dataset
 from herd.data.datamodule import PackedDataModule
 from herd.data.packing import IGNORE_INDEX
 from herd.data.shards import ManifestError, ShardError
-from herd.data.stream import val_batches_per_rank
+from herd.data.stream import batches_before, val_batches_per_rank
 from herd.paths import repo_root
 
 ROW_LEN = 17
@@ -314,3 +316,56 @@ def test_lightning_resume_from_a_checkpoint_continues_exactly(dataset, tmp_path)
     # short epochs that re-create the loader every epoch read the same stream too
     epochs = _fit(dataset, 7, tmp_path / "third", limit_train_batches=2, reload_dataloaders_every_n_epochs=1)
     assert all(torch.equal(a, b) for a, b in zip(epochs, full, strict=True))
+
+
+def test_a_manifest_listing_a_pipe_command_is_refused_and_never_runs(tmp_path):
+    folder = write_dataset(tmp_path / "prepared", {"a": (800, 100)}, ROW_LEN, 8)
+    marker = tmp_path / "pwned"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["sources"]["a"]["splits"]["train"]["shards"][1]["path"] = f"pipe:touch {marker}"
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    message = f"manifest {folder}/manifest.json: sources.a.splits.train.shards\\[1\\].path .* is refused"
+    with pytest.raises(ManifestError, match=message):
+        PackedDataModule(str(folder), num_workers=0)
+    with pytest.raises(ManifestError, match=message):  # explicit shard lists are matched to the manifest
+        PackedDataModule(str(folder), {"a": {"train": [f"{folder}/a/train-000000.tar"]}}, num_workers=0)
+    assert not marker.exists()
+
+
+def _damage(shard: Path) -> None:
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+
+
+def _skips_per_reader(dm, batches, num_workers, monkeypatch):
+    """The skip count each reader of ``dm``'s train stream reports with its share of ``batches``."""
+    stream = dm.train_dataloader().dataset
+    counts = []
+    for worker in range(max(1, num_workers)):
+        if num_workers:  # play DataLoader worker ``worker`` in this process
+            info = SimpleNamespace(id=worker, num_workers=num_workers)
+            monkeypatch.setattr("herd.data.stream.get_worker_info", lambda info=info: info)
+        share = batches_before(batches, worker, max(1, num_workers))
+        counts.append(int(_take(iter(stream), share)[-1]["skipped_shards"]))
+    return counts
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_skipped_shards_are_totalled_over_loaders_and_workers(dataset, tmp_path, num_workers, monkeypatch):
+    copy, _ = _damaged_copy(dataset, tmp_path)  # train shard a/train-000003
+    _damage(copy / "a" / "train-000010.tar")
+    _damage(copy / "a" / "val-000000.tar")
+    _damage(copy / "b" / "val-000002.tar")  # the last val shard its reader reads
+    dm = _module(copy, on_corrupt_shard="skip", num_workers=num_workers)
+    assert dm.skipped_shards == 0
+    val = list(dm.val_dataloader())
+    assert dm.skipped_shards == 2  # counted on this process, the trailing skip included
+    train = _take(iter(dm.train_dataloader()), 200)
+    for batch in val + train:  # the stages see the batches they always saw
+        assert set(batch) == {"tokens", "document_ids", "targets"}
+    expected = _skips_per_reader(_module(copy, on_corrupt_shard="skip", num_workers=num_workers), 200,
+                                 num_workers, monkeypatch)  # fmt: skip
+    assert all(count > 0 for count in expected)  # every reader skipped some
+    assert dm.skipped_shards == 2 + sum(expected)
+    assert _module(dataset, num_workers=num_workers).skipped_shards == 0

@@ -184,3 +184,63 @@ def test_unigram_entropy_is_the_entropy_of_token_frequencies():
     assert unigram_entropy(np.array([5, 5, 5], dtype=np.uint16)) == pytest.approx(0.0)
     p = np.array([0.5, 0.25, 0.25])
     assert unigram_entropy(np.array([0, 0, 1, 2])) == pytest.approx(-(p * np.log(p)).sum())
+
+
+def _manifest_listing(folder, *paths, tokenizer="tokenizer"):
+    """A manifest in ``folder`` whose source 'code' lists shards at ``paths``."""
+    shards = [{"path": path, "rows": 2, "first_row": 2 * i} for i, path in enumerate(paths)]
+    data = {
+        "format": "herd-packed-v1",
+        "row_len": ROW_LEN,
+        "tokenizer": {"path": tokenizer, "fingerprint": "abc", "vocab_size": 640},
+        "sources": {"code": {"splits": {"train": {"shards": shards}}}},
+    }
+    (folder / "manifest.json").write_text(json.dumps(data))
+    return data
+
+
+def test_a_pipe_location_in_a_manifest_never_runs(tmp_path):
+    marker = tmp_path / "pwned"
+    data = _manifest_listing(tmp_path, "code/train-000000.tar", f"pipe:touch {marker}")
+    expected = (
+        f"manifest {tmp_path}/manifest.json: sources.code.splits.train.shards\\[1\\].path = "
+        f"'pipe:touch {marker}' is refused .*scheme 'pipe'.* Fix the manifest or re-run herd.prepare"
+    )
+    with pytest.raises(ManifestError, match=expected):
+        Manifest.load(tmp_path)
+    with pytest.raises(ManifestError, match=expected):
+        Manifest(data, f"{tmp_path}/manifest.json").shards("code", "train")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("location", ["PIPE:true", " pipe:true", "sftp://host/x.tar", "hf://x/y.tar", "c:x.tar"])
+def test_only_plain_paths_and_allowed_url_schemes_pass(tmp_path, location):
+    _manifest_listing(tmp_path, location)
+    with pytest.raises(ManifestError, match=r"shards\[0\].path .* is refused"):
+        Manifest.load(tmp_path)
+    _manifest_listing(tmp_path, "code/train-000000.tar", tokenizer=location)
+    with pytest.raises(ManifestError, match="tokenizer.path .* is refused"):
+        Manifest.load(tmp_path)
+
+
+def test_allowed_locations_resolve(tmp_path):
+    allowed = ["s3://b/x.tar", "gs://b/x.tar", "http://h/x.tar", "HTTPS://h/x.tar", "file:///d/x.tar",
+               "/abs/x.tar", "rel/x.tar"]  # fmt: skip
+    _manifest_listing(tmp_path, *allowed)
+    urls = [shard.url for shard in Manifest.load(tmp_path).shards("code", "train")]
+    assert urls == [*allowed[:-1], f"{tmp_path}/rel/x.tar"]
+
+
+def test_a_pipe_data_dir_written_by_the_user_still_works_but_is_not_extended_with_shell_text(tmp_path):
+    path, info, packed = _write(tmp_path / "data", "train-000000.tar")
+    _manifest_listing(tmp_path / "data", "train-000000.tar")
+    manifest = Manifest.load(f"pipe:cat {tmp_path}/data/manifest.json")  # the user's own command
+    (shard,) = manifest.shards("code", "train")
+    assert shard.url == f"pipe:cat {tmp_path}/data/train-000000.tar"
+    rows = read_shard(ShardInfo(shard.url, len(packed.tokens), 10, info.sha256), ROW_LEN, 1000)
+    assert len(rows) == len(packed.tokens)
+    marker = tmp_path / "pwned"
+    _manifest_listing(tmp_path / "data", f"train-000000.tar; touch {marker}")
+    with pytest.raises(ManifestError, match="appended to the pipe: command of data_dir"):
+        Manifest.load(f"pipe:cat {tmp_path}/data/manifest.json")
+    assert not marker.exists()

@@ -18,6 +18,10 @@ root. A source may list its shards explicitly (``train``/``val``: a brace patter
 ``s3://bucket/web/train-{000000..000099}.tar``, or a list); each must be listed in the manifest,
 which is where herd learns its row count and checksum.
 
+Damaged shards: with ``on_corrupt_shard="skip"`` a shard that fails its checks is skipped with a
+counted warning; :attr:`PackedDataModule.skipped_shards` totals the skips of every reader of this
+rank (train and val loaders, every DataLoader worker) on the main process.
+
 Resuming: see ``herd.data.stream``. The state (:meth:`state_dict`) is the list of plan segments
 and the batches consumed in each; Lightning saves it in checkpoints. Batches are counted when
 Lightning hands them to the training step (``on_before_batch_transfer``), or when yielded if no
@@ -39,7 +43,16 @@ from torch.utils.data import DataLoader
 from webdataset.shardlists import expand_urls
 
 from herd.data.shards import Manifest, ManifestError, ShardInfo
-from herd.data.stream import ON_CORRUPT, PackedStream, Plan, Segment, SourceShards, val_batches_per_rank
+from herd.data.stream import (
+    ON_CORRUPT,
+    READER_KEY,
+    SKIPPED_SHARDS_KEY,
+    PackedStream,
+    Plan,
+    Segment,
+    SourceShards,
+    val_batches_per_rank,
+)
 from herd.paths import resolve_location
 
 logger = logging.getLogger(__name__)
@@ -99,6 +112,7 @@ class PackedDataModule(L.LightningDataModule):
         self._check_tokenizer(expected_vocab_size, expected_tokenizer_fingerprint)
         self.tokenizer = resolve_location(tokenizer) if tokenizer else self.manifest.tokenizer_location
         self._segments: list[Segment] = []
+        self._skipped_shards = 0
 
     # --- configuration ------------------------------------------------------------------------
 
@@ -120,6 +134,18 @@ class PackedDataModule(L.LightningDataModule):
             raise ValueError(f"mixture weights {dict(zip(self.names, updated, strict=True))} must be >= 0 "
                              "and not all 0")
         self.weights = updated
+
+    @property
+    def skipped_shards(self) -> int:
+        """Damaged shards skipped so far on this rank (``on_corrupt_shard="skip"``; else always 0).
+
+        Totals the train and val loaders and all their DataLoader workers, as batches reach this
+        process (a skip shows up with the next batch its worker delivers). It counts skips, not
+        distinct shards: a damaged shard is skipped, and counted, on every pass over its source,
+        and again when a resumed run re-reads its source to find its place. Starts at 0 in each
+        process (it is not part of :meth:`state_dict`).
+        """
+        return self._skipped_shards
 
     @property
     def manifest(self) -> Manifest:
@@ -189,6 +215,16 @@ class PackedDataModule(L.LightningDataModule):
 
     def _count_batch(self) -> None:
         self._segments[-1] = Segment(self._segments[-1].plan, self._segments[-1].batches + 1)
+
+    def _count_skipped_shards(self, batch: dict[str, Any], last_seen: dict[int, int]) -> None:
+        """Take the reader tags off ``batch``; add the reader's new skips to the total.
+
+        ``last_seen`` maps each reader of one loader iteration to the count it last reported
+        (a reader's count only grows, so the difference is its new skips).
+        """
+        reader, skipped = int(batch.pop(READER_KEY)), int(batch.pop(SKIPPED_SHARDS_KEY))
+        self._skipped_shards += max(0, skipped - last_seen.get(reader, 0))
+        last_seen[reader] = max(skipped, last_seen.get(reader, 0))
 
     # --- internals ----------------------------------------------------------------------------
 
@@ -295,7 +331,9 @@ class _StreamLoader(DataLoader):
     """A DataLoader over a PackedStream that resumes where the DataModule says, and counts batches.
 
     Each ``iter()`` (a new epoch included) starts after the batches consumed so far, so
-    re-iterating never repeats data. Without a trainer, yielded batches count as consumed.
+    re-iterating never repeats data. Without a trainer, yielded batches count as consumed. The
+    stream's reader tags (``reader``, ``skipped_shards``) are taken off every batch and added to
+    :attr:`PackedDataModule.skipped_shards`, so batches hold only tokens, document_ids, targets.
     """
 
     def __init__(
@@ -316,7 +354,9 @@ class _StreamLoader(DataLoader):
         if train:
             dataset.set_start_batch(self._datamodule.consumed_batches)
         iterator = super().__iter__()
+        last_seen: dict[int, int] = {}
         for index, batch in enumerate(iterator):
+            self._datamodule._count_skipped_shards(batch, last_seen)
             if dataset.limit is not None and index >= dataset.limit:
                 return
             if train and self._datamodule.trainer is None:

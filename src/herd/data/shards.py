@@ -16,6 +16,11 @@ unpickled. Each shard is read whole and checked against the manifest (sha256, ro
 indices, shapes, dtypes, token range) before any of its rows is used, so a damaged shard never
 reaches training: it raises :class:`ShardError` naming the shard, or is skipped when the reader
 is configured to.
+
+Locations listed in a manifest never run code: they must be plain paths (relative to the
+manifest's folder, or absolute) or URLs with a scheme in :data:`MANIFEST_URL_SCHEMES`.
+``pipe:`` commands are accepted only where the user writes them in the config (``data_dir``,
+explicit shard lists), never from a file herd reads.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import tarfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -35,12 +41,19 @@ import webdataset as wds
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from herd.data.packing import PackedRows, num_rows, pack_range
-from herd.paths import is_url
+from herd.paths import url_scheme
 
 MANIFEST_FILE = "manifest.json"
 FORMAT = "herd-packed-v1"
 SPLITS = ("train", "val")
 _TOKENS, _DOCS = "tokens.npy", "document_ids.npy"
+
+# URL schemes a manifest may name for its shards and tokenizer. Others are refused: ``pipe:``
+# would run the listed text as a shell command.
+MANIFEST_URL_SCHEMES = ("file", "s3", "gs", "http", "https")
+# Characters a relative location may use when it is appended to a ``pipe:`` manifest location
+# (one the user wrote): nothing the shell would interpret.
+_SHELL_SAFE = re.compile(r"[A-Za-z0-9._/+=@,-]+")
 
 
 class ShardError(RuntimeError):
@@ -208,14 +221,18 @@ def write_manifest(folder: Path, manifest: dict[str, Any]) -> Path:
 class Manifest:
     """A prepared dataset's ``manifest.json``: tokenizer, row length, sources and their shards.
 
-    ``location`` is a prepared folder, a manifest file, or a URL of either; shard paths in the
-    manifest are relative to the manifest's folder.
+    ``location`` is a prepared folder, a manifest file, or a URL of either (the user's choice, so
+    it may be a ``pipe:`` command). Shard and tokenizer paths in the manifest are relative to the
+    manifest's folder, absolute, or URLs with a scheme in :data:`MANIFEST_URL_SCHEMES`; every one
+    is checked when the manifest is loaded, and anything else raises :class:`ManifestError`.
     """
 
     def __init__(self, data: dict[str, Any], location: str) -> None:
         self.data = data
         self.location = location
         self.base = location.rsplit("/", 1)[0] if "/" in location else "."
+        if not isinstance(data, dict):
+            raise ManifestError(f"{location}: not a herd manifest (not a JSON object); re-run herd.prepare")
         for key in ("format", "row_len", "tokenizer", "sources"):
             if key not in data:
                 raise ManifestError(f"{location}: not a herd manifest (no {key!r}); re-run herd.prepare")
@@ -223,6 +240,7 @@ class Manifest:
             raise ManifestError(
                 f"{location}: format {data['format']!r} is not {FORMAT!r}; re-run herd.prepare"
             )
+        self._check_locations()
 
     @classmethod
     def load(cls, location: str | os.PathLike[str]) -> Manifest:
@@ -262,7 +280,7 @@ class Manifest:
     @property
     def tokenizer_location(self) -> str:
         """Where the tokenizer folder saved with the shards is."""
-        return f"{self.base}/{self.data['tokenizer']['path']}"
+        return self._resolve(self.data["tokenizer"]["path"], "tokenizer.path")
 
     def source_names(self) -> list[str]:
         """Names of the sources in this dataset."""
@@ -275,10 +293,12 @@ class Manifest:
                 f"source {source!r} is not in manifest {self.location} (it has {self.source_names()})"
             )
         listed = self.data["sources"][source]["splits"].get(split, {}).get("shards", [])
+        entry = f"sources.{source}.splits.{split}.shards"
         return [
-            ShardInfo(self._resolve(s["path"]), int(s["rows"]), int(s["first_row"]), s.get("sha256"))
-            for s in listed
-        ]
+            ShardInfo(self._resolve(s["path"], f"{entry}[{i}].path"), int(s["rows"]), int(s["first_row"]),
+                      s.get("sha256"))
+            for i, s in enumerate(listed)
+        ]  # fmt: skip
 
     def check_tokenizer(
         self, expected_vocab_size: int | None, expected_fingerprint: str | None = None
@@ -297,8 +317,54 @@ class Manifest:
                 "with the model's tokenizer."
             )
 
-    def _resolve(self, path: str) -> str:
-        return path if is_url(path) or Path(path).is_absolute() else f"{self.base}/{path}"
+    def _check_locations(self) -> None:
+        """Refuse the manifest if any shard or tokenizer location it lists could run code."""
+        tokenizer, sources = self.data["tokenizer"], self.data["sources"]
+        if not isinstance(tokenizer, dict) or not isinstance(sources, dict):
+            raise ManifestError(
+                f"{self.location}: 'tokenizer' and 'sources' must be objects; re-run herd.prepare"
+            )
+        self._resolve(tokenizer.get("path", "tokenizer"), "tokenizer.path")
+        for name, source in sources.items():
+            splits = source.get("splits", {}) if isinstance(source, dict) else None
+            if not isinstance(splits, dict):
+                raise ManifestError(f"{self.location}: sources.{name} is malformed; re-run herd.prepare")
+            for split, entry in splits.items():
+                shards = entry.get("shards", []) if isinstance(entry, dict) else None
+                if not isinstance(shards, list) or not all(isinstance(s, dict) for s in shards):
+                    where = f"sources.{name}.splits.{split}.shards"
+                    raise ManifestError(f"{self.location}: {where} is malformed; re-run herd.prepare")
+                for i, shard in enumerate(shards):
+                    self._resolve(shard.get("path"), f"sources.{name}.splits.{split}.shards[{i}].path")
+
+    def _resolve(self, path: Any, entry: str) -> str:
+        """A location listed at ``entry`` of the manifest, resolved against the manifest's folder.
+
+        Plain paths (relative or absolute) and URLs with a scheme in :data:`MANIFEST_URL_SCHEMES`
+        pass; anything else (``pipe:`` above all) raises ManifestError naming the entry.
+        """
+        if not isinstance(path, str) or not path or "\x00" in path:
+            self._refuse(path, entry, "it is not a path")
+        scheme = url_scheme(path)
+        if scheme:
+            if scheme not in MANIFEST_URL_SCHEMES:
+                self._refuse(path, entry, f"the scheme {scheme!r} is not allowed")
+            return path
+        if Path(path).is_absolute():
+            return path
+        if url_scheme(self.base) == "pipe" and not _SHELL_SAFE.fullmatch(path):
+            self._refuse(path, entry, "it would be appended to the pipe: command of data_dir, and it holds "
+                         "characters the shell interprets")  # fmt: skip
+        return f"{self.base}/{path}"
+
+    def _refuse(self, path: Any, entry: str, why: str) -> None:
+        raise ManifestError(
+            f"manifest {self.location}: {entry} = {path!r} is refused ({why}). A manifest may list "
+            "only plain file paths (relative to its folder, or absolute) and URLs with a scheme in "
+            f"{', '.join(MANIFEST_URL_SCHEMES)}: a location read from a file never runs a command. Fix "
+            "the manifest or re-run herd.prepare; to read shards through a command, write the pipe: "
+            "location in your own config (data.data_dir, or data.sources.<name>.train / .val)."
+        )
 
 
 # --- reading ------------------------------------------------------------------------------------
@@ -314,7 +380,11 @@ class Row:
 
 
 def read_shard(shard: ShardInfo, row_len: int, vocab_size: int) -> list[Row]:
-    """All rows of ``shard``, checked against the manifest; raises ShardError naming the shard."""
+    """All rows of ``shard``, checked against the manifest; raises ShardError naming the shard.
+
+    ``shard.url`` is opened with webdataset's ``gopen``, as given: a ``pipe:`` URL runs its
+    command. :class:`Manifest` never yields one; only a location the user configured can be one.
+    """
     data = _fetch(shard.url)
     if shard.sha256 is not None and hashlib.sha256(data).hexdigest() != shard.sha256:
         raise ShardError(

@@ -139,6 +139,13 @@ def batches_before(consumed: int, slot: int, slots: int) -> int:
     return max(0, -(-(consumed - slot) // slots))
 
 
+# Keys a PackedStream adds to each batch so that the main process can total the damaged shards
+# skipped in the DataLoader workers: the reader (worker) that produced the batch and how many
+# shards it has skipped so far. PackedDataModule's loaders remove them before a stage sees a batch.
+READER_KEY = "reader"
+SKIPPED_SHARDS_KEY = "skipped_shards"
+
+
 def collate(samples: Sequence[Sample]) -> dict[str, torch.Tensor]:
     """Stack samples into the batch dict: tokens, document_ids, targets, each (batch, seq) int64."""
     return {
@@ -154,6 +161,12 @@ class PackedStream(IterableDataset):
     ``split="train"``: the infinite weighted mixture of ``history[-1].plan``, starting after the
     ``history[-1].batches`` batches already consumed. ``split="val"``: one pass over every
     source in order, unshuffled, the last batch possibly smaller, ``limit`` batches at most.
+
+    Besides :func:`collate`'s keys, each batch holds two int64 scalars: ``reader`` (the
+    DataLoader worker that made it, 0 without workers) and ``skipped_shards`` (damaged shards
+    that reader has skipped so far in this iteration, counted up to the moment the batch is
+    handed over: each batch is held until the next one is made, so the last batch of a reader
+    also counts skips after its last row).
     """
 
     def __init__(
@@ -195,25 +208,46 @@ class PackedStream(IterableDataset):
         return self.limit
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        for samples in self.sample_batches():
-            yield collate(samples)
+        worker, reader = self._reader()
+        held = None
+        for samples in self._batches(reader):
+            if held is not None:
+                yield self._tagged(held, worker, reader)
+            held = collate(samples)
+        if held is not None:
+            yield self._tagged(held, worker, reader)
 
     def sample_batches(self) -> Iterator[list[Sample]]:
         """This worker's batches as lists of samples (before collation)."""
+        _, reader = self._reader()
+        return self._batches(reader)
+
+    def _reader(self) -> tuple[int, _Reader]:
+        """(DataLoader worker id, the reader it plays) for the calling process."""
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         if workers != self.plan.num_workers:
             raise RuntimeError(
                 f"stream planned for {self.plan.num_workers} readers per rank, run by {workers}"
             )
+        slot = (worker + self.start_batch) % workers if self.split == "train" else worker
+        return worker, _Reader(self.rank, self.plan.world_size, slot, workers)
+
+    @staticmethod
+    def _tagged(batch: dict[str, torch.Tensor], worker: int, reader: _Reader) -> dict[str, torch.Tensor]:
+        return {
+            **batch,
+            READER_KEY: torch.tensor(worker, dtype=torch.int64),
+            SKIPPED_SHARDS_KEY: torch.tensor(reader.skipped_shards, dtype=torch.int64),
+        }
+
+    def _batches(self, reader: _Reader) -> Iterator[list[Sample]]:
         if self.split != "train":
-            yield from self._val_batches(_Reader(self.rank, self.plan.world_size, worker, workers))
+            yield from self._val_batches(reader)
             return
-        slot = (worker + self.start_batch) % workers
-        reader = _Reader(self.rank, self.plan.world_size, slot, workers)
         cursors = self._replay_finished_segments(reader)
         batches = self._train_batches(reader, len(self.history) - 1, cursors)
-        for _ in range(batches_before(self.start_batch, slot, workers)):
+        for _ in range(batches_before(self.start_batch, reader.slot, reader.slots)):
             next(batches)
         yield from batches
 
