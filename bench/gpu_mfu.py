@@ -74,7 +74,7 @@ def main() -> None:
     if args.accelerator == "gpu" and not torch.cuda.is_available():
         raise SystemExit("bench/gpu_mfu.py needs a CUDA GPU (--accelerator cpu only smoke-tests it)")
     config = model_preset(args.preset)
-    peak = peak_flops(torch.device("cuda" if args.accelerator == "gpu" else "cpu"))
+    peak, _ = peak_flops(torch.device("cuda" if args.accelerator == "gpu" else "cpu"))
     flops_per_token = config.flops_per_token(args.seq)
     device_name = torch.cuda.get_device_name() if args.accelerator == "gpu" else "CPU"
     print(f"{device_name} (peak {peak / 1e12:.0f} TFLOP/s bf16); {args.preset} "

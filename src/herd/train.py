@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -24,15 +25,28 @@ import lightning as L
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from herd.callbacks.checkpoint_io import AtomicCheckpointIO
+from herd import logs
+from herd.callbacks.checkpoint_io import (
+    AtomicCheckpointIO,
+    check_dcp_metadata,
+    checkpoint_is_complete,
+    checkpoint_metadata,
+    remove_stale_temporaries,
+)
+from herd.data.shards import ManifestError, ShardError
+from herd.data.tokenizer import Tokenizer
 from herd.interop import hf
+from herd.interop.hf import CheckpointError
 from herd.model import ModelConfig
 from herd.paths import repo_root
 from herd.presets import config_dir
+from herd.stages.base import NonFiniteError, all_finite
 from herd.stages.parallelize import full_state_dict
+
+logger = logs.get_logger(__name__)
 
 
 def run_id() -> str:
@@ -59,33 +73,98 @@ class ConfigError(ValueError):
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Fit the configured stage and export the result; returns the final metrics and paths."""
+    """Fit the configured stage and export the result; returns the final metrics and paths.
+
+    Every check that can fail on the user's input (config, checkpoint, tokenizer) runs before any
+    training or validation, so a bad run fails in seconds and leaves nothing that looks like a run.
+    """
+    logs.filter_reviewed_warnings()
     output_dir = Path(cfg.paths.output_dir)
+    (output_dir / FAILED_FILE).unlink(missing_ok=True)  # a requeued or restarted run tries again
+    _check_run_length(cfg)
+    for path in remove_stale_temporaries(output_dir / "checkpoints") if _is_rank_zero() else []:
+        logs.info(logger, f"removed {path}, left by a save that was killed")
     objects = build(cfg)
     trainer, stage, datamodule = objects["trainer"], objects["stage"], objects["datamodule"]
+    resume = resume_checkpoint(cfg, output_dir)
+    if resume is not None:
+        _check_resume(cfg, resume, stage)
+    _check_tokenizer_match(cfg, stage, datamodule)
     hyperparameters = {k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
                        for k, v in cfg.items() if k != "hydra"}
-    for logger in trainer.loggers:
-        logger.log_hyperparams(hyperparameters)
-    ckpt_path = resume_checkpoint(cfg, output_dir)
-    start = {}
-    if cfg.validate_first and ckpt_path is None and not trainer.fast_dev_run:
-        start = {k: float(v) for k, v in trainer.validate(stage, datamodule=datamodule, verbose=False)[0].items()}
-    trainer.fit(stage, datamodule=datamodule, ckpt_path=ckpt_path)
+    _continue_logs(trainer, output_dir, resume)
+    for run_logger in trainer.loggers:
+        run_logger.log_hyperparams(hyperparameters)
+    if cfg.validate_first and resume is None and not trainer.fast_dev_run:
+        validated = trainer.validate(stage, datamodule=datamodule, verbose=False)[0]
+        stage.start_metrics = {k: float(v) for k, v in validated.items()}
+    trainer.fit(stage, datamodule=datamodule, ckpt_path=resume.path if resume else None)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    skipped = _skipped_shards(trainer, datamodule)
+    if skipped is not None:
+        metrics["data/skipped_shards"] = float(skipped)
     if cfg.test:
         metrics |= {f"test/{k}": float(v) for k, v in trainer.test(stage, datamodule=datamodule)[0].items()}
-    result: dict[str, Any] = {"metrics": metrics, "start": start, "output_dir": str(output_dir),
-                              "trainer": trainer, "stage": stage, "datamodule": datamodule}
+    result: dict[str, Any] = {"metrics": metrics, "start": dict(stage.start_metrics), "output_dir": str(output_dir),
+                              "trainer": trainer, "stage": stage, "datamodule": datamodule, "resume": resume}
     if cfg.export:
         state = full_state_dict(stage.model)  # a collective when the model is sharded: every rank calls it
         if trainer.is_global_zero:
+            if not all_finite(state.values()):
+                raise NonFiniteError("the final weights hold non-finite values: no export is written. Lower "
+                                     "stage.optimizer.lr, or set stage.on_nonfinite=skip_step.")
             tokenizer = getattr(datamodule, "tokenizer", None)
             result["export_dir"] = str(hf.save(stage.model, output_dir / "export", tokenizer=tokenizer,
                                                state_dict=state))
+    for run_logger in trainer.loggers:
+        if hasattr(run_logger, "log_run_summary"):
+            run_logger.log_run_summary(hyperparameters, metrics)
+        if "data/skipped_shards" in metrics:
+            run_logger.log_metrics({"data/skipped_shards": metrics["data/skipped_shards"]}, step=trainer.global_step)
     if trainer.is_global_zero:
         print_summary(cfg, result)
     return result
+
+
+def _is_rank_zero() -> bool:
+    return rank_zero_only.rank == 0
+
+
+def _check_run_length(cfg: DictConfig) -> None:
+    """Refuse a run that cannot train: no steps, or no length for the LR schedule."""
+    max_steps = cfg.trainer.get("max_steps")
+    if cfg.trainer.get("fast_dev_run"):
+        return
+    if not isinstance(max_steps, int) or isinstance(max_steps, bool) or max_steps == 0 or max_steps < -1:
+        raise ConfigError(f"trainer.max_steps={max_steps!r}: give the number of optimizer steps to train, a "
+                          "positive integer (e.g. trainer.max_steps=300), or -1 when a context schedule or "
+                          "stage.scheduler.total_steps sets the run's length")
+    ends_run = bool(cfg.get("callbacks") and cfg.callbacks.get("context_schedule"))
+    has_length = cfg.stage.get("scheduler") is None or cfg.stage.scheduler.get("total_steps") is not None
+    if max_steps == -1 and not (ends_run or has_length):
+        raise ConfigError("trainer.max_steps=-1 trains forever, and the LR schedule needs a length: set "
+                          "trainer.max_steps to a positive number of steps, or stage.scheduler.total_steps")
+
+
+def _continue_logs(trainer: L.Trainer, output_dir: Path, resume: Resume | None) -> None:
+    """A run resumed in its own folder appends to its logs from the checkpoint's step on; a fresh run in a
+    folder that already holds logs (a restart before the first checkpoint) hides the old ones."""
+    in_place = resume is not None and resume.in_place
+    if not in_place and not any(output_dir.glob("*/events.out.tfevents.*")) \
+            and not any(output_dir.glob("*/metrics.csv")):
+        return
+    for run_logger in trainer.loggers:
+        if hasattr(run_logger, "resume_at"):
+            run_logger.resume_at(resume.step if in_place else 0)
+
+
+def _skipped_shards(trainer: L.Trainer, datamodule) -> int | None:
+    """Damaged shards skipped on all ranks (``data.on_corrupt_shard=skip``); None without such a count."""
+    count = getattr(datamodule, "skipped_shards", None)
+    if count is None:
+        return None
+    total = trainer.strategy.reduce(torch.tensor(float(count)), reduce_op="sum")
+    return int(total)
 
 
 def build(cfg: DictConfig) -> dict[str, Any]:
@@ -135,25 +214,126 @@ def _explain(err: InstantiationException) -> str:
     return f"{err}" if cause is None else f"{err}\n  caused by {type(cause).__name__}: {cause}"
 
 
-def resume_checkpoint(cfg: DictConfig, output_dir: Path) -> str | None:
-    """``ckpt_path``, or with ``resume=auto`` the newest ``last.ckpt`` of an earlier run of this task."""
+@dataclass(frozen=True)
+class Resume:
+    """The checkpoint a run continues from: where, at which step, why, and whether it is the run's own."""
+
+    path: str
+    step: int
+    reason: str
+    in_place: bool
+    metadata: dict[str, Any]
+
+
+def resume_checkpoint(cfg: DictConfig, output_dir: Path) -> Resume | None:
+    """``ckpt_path``, or with ``resume=auto`` the checkpoint to continue (None: start fresh).
+
+    ``resume=auto`` first looks in the run's own folder (a SLURM requeue, a torchrun restart with
+    the same ``--rdzv-id`` or the same ``HERD_RUN_ID`` lands there): its ``last.ckpt`` or a
+    checkpoint Lightning saved on SLURM's pre-emption signal, the furthest step first. Otherwise it
+    takes the newest ``last.ckpt`` of an earlier run of this task. Incomplete checkpoints (from a
+    killed save) are skipped with a warning naming them.
+    """
     if cfg.ckpt_path:
         path = Path(cfg.ckpt_path)
         if not path.exists():
             raise ConfigError(f"ckpt_path={cfg.ckpt_path} does not exist")
-        return str(path)
+        if not checkpoint_is_complete(path):
+            raise ConfigError(f"ckpt_path={cfg.ckpt_path} is not a complete checkpoint (its save was interrupted, "
+                              "or it is not a checkpoint); pick another one from the run's checkpoints/ folder")
+        return _resume(path, "given as ckpt_path", output_dir)
     if cfg.resume in (None, False):
         return None
     if cfg.resume != "auto":
         raise ConfigError(f"resume={cfg.resume!r}: use resume=auto, or ckpt_path=<file> for a given checkpoint")
+    own = [output_dir / "checkpoints" / "last.ckpt", *sorted(output_dir.glob("hpc_ckpt_*.ckpt"))]
+    own = _complete([p for p in own if p.exists()])
+    if own:
+        steps = {p: int(checkpoint_metadata(p).get("global_step", 0)) for p in own}
+        best = max(own, key=lambda p: (steps[p], p.stat().st_mtime))
+        return _announce(_resume(best, "this run's own folder holds it (a requeue or restart of the same run "
+                                 "id), and it is the furthest of its checkpoints", output_dir))
     runs = Path(cfg.paths.log_dir) / str(cfg.task) / "runs"
-    candidates = [p for p in runs.glob("*/checkpoints/last.ckpt") if output_dir not in p.parents]
-    if not candidates:
-        rank_zero_info(f"resume=auto: no last.ckpt under {runs}; starting fresh")
+    others = _complete([p for p in runs.glob("*/checkpoints/last.ckpt") if output_dir not in p.parents])
+    if not others:
+        logs.info(logger, f"resume=auto: no complete last.ckpt in this run's folder or under {runs}; starting fresh")
         return None
-    newest = max(candidates, key=lambda p: p.stat().st_mtime)
-    rank_zero_info(f"resume=auto: continuing from {newest}")
-    return str(newest)
+    newest = max(others, key=lambda p: p.stat().st_mtime)
+    when = datetime.fromtimestamp(newest.stat().st_mtime).strftime("%Y-%m-%d %H:%M:%S")
+    return _announce(_resume(newest, f"the most recently written last.ckpt of task {cfg.task!r} ({when}, "
+                             f"{len(others)} candidate(s) under {runs})", output_dir))
+
+
+def _complete(paths: list[Path]) -> list[Path]:
+    complete = [p for p in paths if checkpoint_is_complete(p)]
+    for path in sorted(set(paths) - set(complete)):
+        logs.warning(logger, f"resume=auto: skipping {path}: an incomplete checkpoint (its save was interrupted)")
+    return complete
+
+
+def _resume(path: Path, reason: str, output_dir: Path) -> Resume:
+    try:
+        metadata = checkpoint_metadata(path)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    in_place = output_dir.resolve() in path.resolve().parents
+    return Resume(str(path), int(metadata.get("global_step", 0)), reason, in_place, metadata)
+
+
+def _announce(resume: Resume) -> Resume:
+    logs.info(logger, f"resume=auto: continuing from {resume.path} at step {resume.step}: {resume.reason}")
+    return resume
+
+
+def _check_resume(cfg: DictConfig, resume: Resume, stage) -> None:
+    """Refuse a checkpoint of another model shape, a finished one, or an unsafe sharded one, before any work."""
+    stored = resume.metadata.get("herd", {}).get("model_config")
+    if stored is None:
+        raise ConfigError(f"{resume.path} is not a herd checkpoint (it holds no model config); resume from a "
+                          "checkpoint herd wrote, or start from a model directory with stage.init_from=")
+    differences = ModelConfig.from_dict(stored).architecture_differences(stage.model_config)
+    if differences:
+        raise ConfigError(f"{resume.path} holds a different model than this run's config: "
+                          + "; ".join(differences) + ". Resume with the model settings it was trained with, "
+                          "or start a new run from its export with stage.init_from=")
+    max_steps = cfg.trainer.get("max_steps")
+    if isinstance(max_steps, int) and max_steps > 0 and resume.step >= max_steps and not cfg.trainer.get("fast_dev_run"):
+        raise ConfigError(f"{resume.path} is at step {resume.step}, so it already reached trainer.max_steps="
+                          f"{max_steps}: there is nothing left to train. To continue it, raise trainer.max_steps "
+                          f"(e.g. trainer.max_steps={2 * max_steps}); its model is in the run's export/ folder.")
+    if Path(resume.path).is_dir():
+        try:
+            check_dcp_metadata(resume.path)
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
+    if not resume.in_place:
+        logs.info(logger, f"resuming from {resume.path} at step {resume.step}")
+
+
+def _check_tokenizer_match(cfg: DictConfig, stage, datamodule) -> None:
+    """A model directory (``stage.init_from``) must come with the data's tokenizer (by fingerprint)."""
+    init_from = getattr(stage, "init_from", None)
+    manifests = getattr(datamodule, "manifests", None)
+    if not init_from or not manifests:
+        return
+    data_fingerprint = datamodule.manifest.fingerprint
+    model_tokenizer = Path(init_from) / "tokenizer.json"
+    if not model_tokenizer.is_file():
+        logs.warning(logger, f"{init_from} has no tokenizer.json: herd cannot check that the data in "
+                             f"{datamodule.manifest.location} was prepared with the model's tokenizer")
+        return
+    model_fingerprint = Tokenizer.load(init_from).fingerprint
+    if model_fingerprint == data_fingerprint:
+        return
+    if cfg.get("allow_tokenizer_mismatch"):
+        logs.warning(logger, f"allow_tokenizer_mismatch=true: {init_from} (tokenizer {model_fingerprint}) trains on "
+                             f"data prepared with tokenizer {data_fingerprint}")
+        return
+    raise ConfigError(
+        f"stage.init_from={init_from} uses the tokenizer with fingerprint {model_fingerprint}, but the data in "
+        f"{datamodule.manifest.location} was prepared with {data_fingerprint}: the same ids would mean other "
+        f"tokens. Prepare the data with the model's tokenizer (python -m herd.prepare tokenizer.path={init_from} "
+        "...), or, if the two tokenizers are known to agree, set allow_tokenizer_mismatch=true")
 
 
 def _unigram_entropies(datamodule) -> dict[str, float]:
@@ -169,33 +349,58 @@ def _unigram_entropies(datamodule) -> dict[str, float]:
 
 
 def print_summary(cfg: DictConfig, result: dict[str, Any]) -> None:
-    """Where things are, and how the validation loss moved."""
-    metrics, start = result["metrics"], result["start"]
+    """Where things are, and how the validation loss moved (also after a resume)."""
+    metrics, start, resume = result["metrics"], result["start"], result.get("resume")
     vocab = result["stage"].model_config.vocab_size
     lines = ["", "herd: training finished."]
-    if "val/loss" in start and "val/loss" in metrics:
-        lines.append(f"  val/loss {start['val/loss']:.3f} -> {metrics['val/loss']:.3f} "
-                     f"(uniform guess ln({vocab}) = {math.log(vocab):.3f})")
+    if resume is not None:
+        lines.append(f"  resumed from:     {resume.path} (step {resume.step})")
+    if "val/loss" in metrics:
+        before = f"{start['val/loss']:.3f} -> " if "val/loss" in start else ""
+        lines.append(f"  val/loss {before}{metrics['val/loss']:.3f} (uniform guess ln({vocab}) = {math.log(vocab):.3f})")
     entropies = _unigram_entropies(result.get("datamodule"))
     if entropies:
         lines.append("  unigram entropy of the train data (a context-free model's best loss): "
                      + ", ".join(f"{name} {value:.3f}" for name, value in entropies.items()))
+    if metrics.get("train/skipped_steps"):
+        lines.append(f"  non-finite steps skipped: {int(metrics['train/skipped_steps'])}")
+    if metrics.get("data/skipped_shards"):
+        lines.append(f"  damaged shards skipped: {int(metrics['data/skipped_shards'])} (see the warnings in train.log)")
     lines.append(f"  run folder:       {result['output_dir']}")
     if "export_dir" in result:
         lines.append(f"  exported model:   {result['export_dir']}")
     if cfg.logger and "tensorboard" in cfg.logger:
         lines.append(f"  TensorBoard:      tensorboard --logdir {Path(cfg.paths.log_dir) / str(cfg.task)}")
-    print("\n".join(lines), flush=True)
+    logger.info("\n".join(lines))
+
+
+FAILED_FILE = "FAILED"
 
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
 def main(cfg: DictConfig) -> None:
-    """Command-line entry; a user error prints one clear message and exits with status 2."""
+    """Command-line entry. A user error prints one clear message and exits with status 2; a run stopped
+    by a non-finite loss exits with status 1. Either way the run folder is marked ``FAILED``."""
     try:
         train(cfg)
-    except (ConfigError, FileNotFoundError) as err:
-        print(f"herd: {err}", file=sys.stderr)
-        sys.exit(2)
+    except USER_ERRORS as err:
+        _fail(cfg, err, status=2)
+    except NonFiniteError as err:
+        _fail(cfg, err, status=1)
+
+
+USER_ERRORS = (ConfigError, FileNotFoundError, CheckpointError, ManifestError, ShardError)
+
+
+def _fail(cfg: DictConfig, err: Exception, status: int) -> None:
+    message = f"herd: {err}"
+    logger.error(message, extra={logs.FILE_ONLY: True})  # train.log; the console gets it on stderr
+    print(message, file=sys.stderr)
+    if _is_rank_zero():
+        output_dir = Path(cfg.paths.output_dir)
+        if output_dir.is_dir():
+            (output_dir / FAILED_FILE).write_text(message + "\n")
+    sys.exit(status)
 
 
 if __name__ == "__main__":

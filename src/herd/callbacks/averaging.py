@@ -6,7 +6,10 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+
+from herd import logs
+
+logger = logs.get_logger(__name__)
 
 
 class CheckpointAveraging(L.Callback):
@@ -47,12 +50,12 @@ class CheckpointAveraging(L.Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         if not self.count:
-            rank_zero_info("checkpoint averaging: no step reached the averaging window; weights unchanged")
+            logs.info(logger, "checkpoint averaging: no step reached the averaging window; weights unchanged")
             return
         with torch.no_grad():
             for name, param in pl_module.model.named_parameters():
                 param.copy_(self.average[name].to(param.dtype))
-        rank_zero_info(f"checkpoint averaging: the model is now the mean of {self.count} checkpoints")
+        logs.info(logger, f"checkpoint averaging: the model is now the mean of {self.count} checkpoints")
 
     def state_dict(self) -> dict[str, Any]:
         return {"count": self.count, "average": self.average}

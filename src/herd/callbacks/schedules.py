@@ -17,9 +17,12 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_warn
 
+from herd import logs
 from herd.evaluation.needle import NeedleResult, collect_haystack, needle_accuracy
+
+logger = logs.get_logger(__name__)
 
 _STAGE_KEYS = frozenset({"seq_len", "tokens", "batch_size", "rope_theta", "rope_scaling", "weights"})
 
@@ -79,8 +82,10 @@ class BatchRamp(L.Callback):
         else:
             per_step = stage.batch_size * stage.seq_len * trainer.world_size
             trainer.limit_train_batches = max(1, math.ceil((end - tokens_seen) / per_step))
-        rank_zero_info(f"schedule: stage {index} from {tokens_seen:,} tokens: batch {stage.batch_size} x "
-                       f"seq {stage.seq_len} per device")
+        if index != getattr(self, "_announced", None):  # enter_stage also runs at each epoch's end
+            self._announced = index
+            logs.info(logger, f"schedule: stage {index} from {tokens_seen:,} tokens: batch {stage.batch_size} x "
+                              f"seq {stage.seq_len} per device")
         return index
 
 
@@ -186,7 +191,7 @@ class ContextSchedule(BatchRamp):
             result = self.needle_result(trainer, pl_module, max(s.seq_len for s in self.stages))
             self._log(trainer, pl_module, {"stage": -1, "short_loss": self.baseline_short_loss,
                                            "needle": result.mean}, result)
-            rank_zero_info(f"long context: starting model, short-context loss {self.baseline_short_loss:.4f}, "
+            logs.info(logger, f"long context: starting model, short-context loss {self.baseline_short_loss:.4f}, "
                            f"needle:\n{result.table()}")
         super().on_fit_start(trainer, pl_module)
 
@@ -236,7 +241,7 @@ class ContextSchedule(BatchRamp):
                   "short_loss_ratio": ratio, "needle": result.mean, "passed": passed}
         self.results.append(record)
         self._log(trainer, pl_module, record, result)
-        rank_zero_info(f"long context: gate of stage {index} (seq {seq_len}) {'passed' if passed else 'FAILED'}: "
+        logs.info(logger, f"long context: gate of stage {index} (seq {seq_len}) {'passed' if passed else 'FAILED'}: "
                        f"short-context loss x{ratio:.3f}, needle {result.mean:.2f}\n{result.table()}")
         return passed
 
@@ -248,7 +253,7 @@ class ContextSchedule(BatchRamp):
         if self.gate.on_fail == "extend" and self.extensions < self.gate.max_extensions:
             self.extensions += 1
             self._extend(index, self.gate.extend_tokens)
-            rank_zero_info(f"long context: stage {index} extended by {self.gate.extend_tokens:,} tokens")
+            logs.info(logger, f"long context: stage {index} extended by {self.gate.extend_tokens:,} tokens")
             return True
         rank_zero_warn(f"long context: stage {index}'s gate failed; stopping (gate.on_fail={self.gate.on_fail}, "
                        f"{self.extensions} extension(s) used)")

@@ -7,6 +7,9 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 ATTENTION_BACKENDS = ("sdpa", "flex")
+# Fields that change what the weights mean; two configs that differ in any of them are different models.
+ARCHITECTURE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "vocab_size", "ffn_hidden_dim",
+                       "norm_eps", "tie_embeddings")
 
 
 @dataclass(frozen=True)
@@ -108,6 +111,15 @@ class ModelConfig:
         if unknown:
             raise ValueError(f"unknown model config key(s) {unknown}; valid keys are {sorted(known)}")
         return cls(**{k: v for k, v in values.items() if k in known})
+
+    def architecture_differences(self, other: ModelConfig) -> list[str]:
+        """``"field: self vs other"`` for each of :data:`ARCHITECTURE_FIELDS` that differs.
+
+        The context fields (``max_seq_len``, ``rope_theta``, ``rope_scaling``) and the attention
+        backend are left out: stages change them on the same weights.
+        """
+        return [f"model.{name}: {getattr(self, name)} (checkpoint) vs {getattr(other, name)} (config)"
+                for name in ARCHITECTURE_FIELDS if getattr(self, name) != getattr(other, name)]
 
     def to_dict(self) -> dict[str, Any]:
         """Plain mapping of the init fields (round-trips through ``from_dict``)."""

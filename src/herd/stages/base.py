@@ -7,7 +7,9 @@ loss, and gets from here:
 - ``configure_optimizers``: AdamW (or any ``_partial_`` optimizer) with no weight decay on norms
   and a per-step schedule;
 - ``tokens_seen``, counted over all ranks and stored in checkpoints;
-- gradient-norm logging before clipping.
+- gradient-norm logging before clipping;
+- non-finite losses (``on_nonfinite``): stop with a clear error, or skip the step's update; and
+  no checkpoint is ever written from non-finite weights.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from herd.interop import hf
 from herd.model import ModelConfig, Transformer
@@ -35,6 +38,12 @@ from herd.stages.parallelize import (
     scale_grads,
 )
 from herd.stages.schedule import WarmupCosineAnneal
+
+ON_NONFINITE = ("stop", "skip_step")
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced a non-finite loss, gradient or weight; the message gives the step and the fix."""
 
 
 class BackboneStage(L.LightningModule):
@@ -51,6 +60,8 @@ class BackboneStage(L.LightningModule):
         fsdp: dict[str, Any] | None = None,
         compile_blocks: bool = False,
         meta_init: bool | None = None,
+        on_nonfinite: str = "stop",
+        max_consecutive_skips: int = 10,
     ) -> None:
         super().__init__()
         if model is None and init_from is None:
@@ -71,8 +82,19 @@ class BackboneStage(L.LightningModule):
                              "reshard_after_forward")
         self.compile_blocks = compile_blocks
         self.meta_init = meta_init
+        if on_nonfinite not in ON_NONFINITE:
+            raise ValueError(f"stage.on_nonfinite={on_nonfinite!r}: use stop (end the run with an error) or "
+                             "skip_step (drop that step's update and go on)")
+        if not isinstance(max_consecutive_skips, int) or max_consecutive_skips < 1:
+            raise ValueError(f"stage.max_consecutive_skips must be a positive integer, got {max_consecutive_skips!r}")
+        self.on_nonfinite = on_nonfinite
+        self.max_consecutive_skips = max_consecutive_skips
+        self.skipped_steps = 0
+        self._consecutive_skips = 0
+        self._step_loss: torch.Tensor | None = None
         self.model: Transformer | None = None
         self.tokens_seen = 0
+        self.start_metrics: dict[str, float] = {}  # validation before training (the summary's "from")
         self.lr_schedule: WarmupCosineAnneal | None = None
         self._grad_norm: torch.Tensor | None = None
         if init_from is not None and not (Path(init_from) / "config.json").is_file():
@@ -171,11 +193,46 @@ class BackboneStage(L.LightningModule):
         self.tokens_seen += tokens.numel() * self.trainer.world_size
         return self.tokens_seen
 
+    def on_before_backward(self, loss: torch.Tensor) -> None:
+        """Remember this step's loss (the last micro-batch's, or the first non-finite one)."""
+        if self._step_loss is None or torch.isfinite(self._step_loss):
+            self._step_loss = loss.detach()
+
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Log the gradient norm before clipping, and the learning rate."""
+        """Log the gradient norm before clipping and the learning rate; act on a non-finite step."""
         self._grad_norm = grad_norm(self.parameters())
+        loss, self._step_loss = self._step_loss, None
+        local_bad = not bool(torch.isfinite(self._grad_norm)) or (loss is not None and not bool(torch.isfinite(loss)))
+        # every rank takes the same decision (a NaN on one rank reaches all through the gradient all-reduce)
+        bad = self.trainer.strategy.reduce_boolean_decision(local_bad, all=False)
+        if bad:
+            self._on_nonfinite_step(optimizer, loss)
+        else:
+            self._consecutive_skips = 0
         self.log("train/grad_norm", self._grad_norm, on_step=True, on_epoch=False)
         self.log("train/lr", optimizer.param_groups[0]["lr"], on_step=True, on_epoch=False)
+        self.log("train/skipped_steps", float(self.skipped_steps), on_step=True, on_epoch=False)
+
+    def _on_nonfinite_step(self, optimizer: torch.optim.Optimizer, loss: torch.Tensor | None) -> None:
+        """``stop``: raise before the update. ``skip_step``: drop the gradients, so the optimizer skips the update."""
+        step, lr = self.trainer.global_step, optimizer.param_groups[0]["lr"]
+        what = (f"loss {float(loss) if loss is not None else float('nan'):.4g}, "
+                f"gradient norm {float(self._grad_norm):.4g}")
+        fix = (f"Likely fix: lower stage.optimizer.lr (now {lr:.3g}) or the warmup's peak, keep gradient clipping "
+               "on (trainer.gradient_clip_val), and check the data and trainer.precision")
+        if self.on_nonfinite == "stop":
+            raise NonFiniteError(f"non-finite training step at step {step} ({what}): the run stops here, before "
+                                 f"the update, so every checkpoint holds finite weights. {fix}; or set "
+                                 "stage.on_nonfinite=skip_step to skip such steps.")
+        self.skipped_steps += 1
+        self._consecutive_skips += 1
+        for param in self.parameters():
+            param.grad = None  # the optimizer leaves parameters without gradients untouched
+        rank_zero_warn(f"skipped the update of step {step} ({what}); {self.skipped_steps} skipped in all, "
+                       f"{self._consecutive_skips} in a row")
+        if self._consecutive_skips >= self.max_consecutive_skips:
+            raise NonFiniteError(f"{self._consecutive_skips} non-finite steps in a row up to step {step} ({what}), "
+                                 f"stage.max_consecutive_skips={self.max_consecutive_skips}: the run stops. {fix}.")
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         """Clip the global gradient norm to ``trainer.gradient_clip_val`` (works for sharded gradients)."""
@@ -189,10 +246,29 @@ class BackboneStage(L.LightningModule):
             scale_grads(self.parameters(), gradient_clip_val / (norm + 1e-6))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["herd"] = {"tokens_seen": self.tokens_seen, "model_config": self.model_config.to_dict()}
+        """Refuse to save non-finite weights; store herd's counters and the model config."""
+        finite = all_finite(self.parameters())
+        if not self.trainer.strategy.reduce_boolean_decision(finite, all=True):
+            raise NonFiniteError(f"the weights hold non-finite values at step {self.trainer.global_step}: no checkpoint "
+                                 "is written from them. Lower stage.optimizer.lr, keep gradient clipping on, or set "
+                                 "stage.on_nonfinite=skip_step.")
+        checkpoint["herd"] = {"tokens_seen": self.tokens_seen, "model_config": self.model_config.to_dict(),
+                              "skipped_steps": self.skipped_steps, "start_metrics": dict(self.start_metrics)}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.tokens_seen = int(checkpoint.get("herd", {}).get("tokens_seen", 0))
+        herd = checkpoint.get("herd", {})
+        self.tokens_seen = int(herd.get("tokens_seen", 0))
+        self.skipped_steps = int(herd.get("skipped_steps", 0))
+        self.start_metrics = {k: float(v) for k, v in herd.get("start_metrics", {}).items()}
+
+
+def all_finite(tensors) -> bool:
+    """True when no element of ``tensors`` (local shards, for DTensors) is NaN or infinite."""
+    for tensor in tensors:
+        local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
+        if local.numel() and not bool(torch.isfinite(local).all()):
+            return False
+    return True
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
