@@ -376,8 +376,10 @@ class WeightsOnlyLoadPlanner(DefaultLoadPlanner):
         try:
             torch.load(io.BytesIO(data), weights_only=True)
         except pickle.UnpicklingError as err:
-            raise UnsafeCheckpointError(f"checkpoint item {read_item.dest_index.fqn!r} is not plain data; this is "
-                                        f"not a checkpoint herd can read safely ({err})") from err
+            refused = [line.strip() for line in str(err).splitlines() if "GLOBAL" in line]
+            raise UnsafeCheckpointError(
+                f"checkpoint item {read_item.dest_index.fqn!r} is not plain data ({refused[0] if refused else err}): "
+                "this is not a checkpoint herd can read safely, so it was not loaded") from err
         super().load_bytes(read_item, io.BytesIO(data))
 
 
@@ -391,5 +393,11 @@ def load_sharded(state: dict[str, Any], path: str | Path) -> None:
     path = Path(path)
     check_dcp_metadata(path)
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    dcp.load(state, storage_reader=SafeFileSystemReader(str(path)), planner=WeightsOnlyLoadPlanner(),
-             no_dist=not distributed)
+    try:
+        dcp.load(state, storage_reader=SafeFileSystemReader(str(path)), planner=WeightsOnlyLoadPlanner(),
+                 no_dist=not distributed)
+    except dcp.api.CheckpointException as err:  # one rank's refusal, wrapped: raise it as it is
+        for failure, _ in err.failures.values():
+            if isinstance(failure, UnsafeCheckpointError):
+                raise UnsafeCheckpointError(f"{path}: {failure}") from err
+        raise
