@@ -40,6 +40,7 @@ import io
 import os
 import pickle
 import shutil
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -394,8 +395,10 @@ def load_sharded(state: dict[str, Any], path: str | Path) -> None:
     check_dcp_metadata(path)
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     try:
-        dcp.load(state, storage_reader=SafeFileSystemReader(str(path)), planner=WeightsOnlyLoadPlanner(),
-                 no_dist=not distributed)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)  # no_dist says so
+            dcp.load(state, storage_reader=SafeFileSystemReader(str(path)), planner=WeightsOnlyLoadPlanner(),
+                     no_dist=not distributed)
     except dcp.api.CheckpointException as err:  # one rank's refusal, wrapped: raise it as it is
         for failure, _ in err.failures.values():
             if isinstance(failure, UnsafeCheckpointError):
