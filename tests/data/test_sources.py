@@ -6,6 +6,9 @@ import numpy as np
 import pytest
 
 from herd.data.sources import (
+    BAD_INPUT_REASONS,
+    BadInputError,
+    binary_reason,
     iter_documents,
     module_docstrings,
     passkey_options,
@@ -146,6 +149,41 @@ def test_binary_files_are_refused_with_the_fix(tmp_path):
     (tmp_path / "blob.bin").write_bytes(b"\xff\xfe\x00")
     with pytest.raises(ValueError, match="blob.bin is not UTF-8 text.*glob"):
         list(iter_documents(str(tmp_path / "blob.bin")))
+
+
+def test_text_with_nul_or_many_control_characters_is_binary():
+    assert binary_reason("plain text\twith\ttabs\r\n\f\vand page breaks\n") is None
+    assert binary_reason("") is None
+    assert binary_reason("x" * 1000 + "\0") == "it holds NUL characters"
+    assert binary_reason("x" * 95 + "\x1b" * 5) is None  # 5%: still text (terminal colours, say)
+    assert binary_reason("x" * 94 + "\x1b" * 6) == "6% of its characters are control characters"
+    assert binary_reason("\x85" * 10) is not None  # C1 controls count too
+
+
+def test_bad_inputs_are_reported_and_skipped_when_the_handler_returns(tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.txt").write_text("fine")
+    (tmp_path / "docs" / "b.dat").write_bytes(b"\0" * 100)
+    (tmp_path / "docs" / "c.txt").write_bytes(b"\xff\xfe")
+    (tmp_path / "docs" / "d.jsonl").write_bytes(
+        b'{"text": "one"}\n{"text": "\xff"}\n{"text": "a\\u0000b"}\n{"text": oops}\n{"text": "five"}\n'
+    )
+    with pytest.raises(BadInputError, match=f"{tmp_path / 'docs' / 'b.dat'}: the file is not text") as caught:
+        list(iter_documents(str(tmp_path / "docs")))
+    assert (caught.value.reason, caught.value.location) == ("binary", str(tmp_path / "docs" / "b.dat"))
+    reported = []
+    docs = list(iter_documents(str(tmp_path / "docs"), on_bad_input=reported.append))
+    assert [(d.id, d.text) for d in docs] == [("a.txt", "fine"), ("d.jsonl:1", "one"), ("d.jsonl:5", "five")]
+    jsonl = tmp_path / "docs" / "d.jsonl"
+    assert [(e.reason, e.location) for e in reported] == [
+        ("binary", str(tmp_path / "docs" / "b.dat")),
+        ("not_utf8", str(tmp_path / "docs" / "c.txt")),
+        ("not_utf8", f"{jsonl}:2"),
+        ("binary", f"{jsonl}:3"),
+        ("malformed_json", f"{jsonl}:4"),
+    ]
+    assert "not UTF-8 text (invalid byte at column 11)" in str(reported[2])
+    assert {e.reason for e in reported} <= set(BAD_INPUT_REASONS)
 
 
 def test_passkey_documents_hide_a_key_and_ask_for_it():

@@ -17,6 +17,12 @@ The embedded corpus comes from the running Python's standard library, so herd ru
 
 Both skip site-packages, the test suites (``test/``, ``tests/``, ``idlelib/idle_test``) and files
 that resolve outside the Python install; modules are taken in sorted path order.
+
+Files and jsonl records are checked to be text: a file that is not UTF-8, a jsonl line that is
+not a JSON object with a string in ``text_field``, and any text holding a NUL character or more
+than :data:`MAX_CONTROL_SHARE` of control characters (other than tab, newlines, form feed and
+vertical tab) is a :class:`BadInputError`, whose ``reason`` is one of :data:`BAD_INPUT_REASONS`.
+By default it is raised; pass ``on_bad_input`` to :func:`iter_documents` to skip it instead.
 """
 
 from __future__ import annotations
@@ -26,9 +32,10 @@ import io
 import json
 import logging
 import os
+import re
 import sysconfig
 import tokenize
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +48,13 @@ STDLIB_PASSKEY = "stdlib:passkey"
 _SKIPPED_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"})
 _JSONL_SUFFIXES = (".jsonl", ".ndjson")
 
+# Why an input is not usable text (BadInputError.reason).
+BAD_INPUT_REASONS = ("not_utf8", "binary", "malformed_json", "not_an_object", "missing_field", "not_a_string")
+# A text with a larger share of control characters (see _CONTROL) is taken for binary data.
+MAX_CONTROL_SHARE = 0.05
+# Unicode category Cc, less the whitespace of ordinary text: \t \n \v \f \r.
+_CONTROL = re.compile(r"[\x00-\x08\x0e-\x1f\x7f-\x9f]")
+
 
 @dataclass(frozen=True)
 class Document:
@@ -50,22 +64,46 @@ class Document:
     text: str
 
 
+class BadInputError(ValueError):
+    """A file or jsonl line that is not usable text; the message names it and the fix.
+
+    ``reason`` is one of :data:`BAD_INPUT_REASONS`; ``location`` is the file, or ``file:line``.
+    """
+
+    def __init__(self, message: str, reason: str, location: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.location = location
+
+
+# Called with each bad input: raise to stop reading, return to skip the input.
+OnBadInput = Callable[[BadInputError], None]
+
+
+def raise_bad_input(error: BadInputError) -> None:
+    """The default :data:`OnBadInput`: stop at the first bad input."""
+    raise error
+
+
 def iter_documents(
     inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
     text_field: str = "text",
     glob: str = "**/*",
+    on_bad_input: OnBadInput = raise_bad_input,
 ) -> Iterator[Document]:
     """Documents of one source's inputs, in order.
 
     Each input is ``stdlib:prose``, ``stdlib:code``, a text file (one document), a ``.jsonl``
     file (one document per line, text in ``text_field``) or a folder (every file matching
-    ``glob``, sorted, each read as text or jsonl by its suffix).
+    ``glob``, sorted, each read as text or jsonl by its suffix). A file or jsonl line that is
+    not text goes to ``on_bad_input`` (which raises by default); if it returns, the input is
+    skipped. Missing inputs raise FileNotFoundError.
     """
     for item in [inputs] if isinstance(inputs, (str, os.PathLike)) else inputs:
-        yield from _documents_of(str(item), text_field, glob)
+        yield from _documents_of(str(item), text_field, glob, on_bad_input)
 
 
-def _documents_of(item: str, text_field: str, glob: str) -> Iterator[Document]:
+def _documents_of(item: str, text_field: str, glob: str, on_bad_input: OnBadInput) -> Iterator[Document]:
     if item == STDLIB_PROSE:
         yield from stdlib_prose()
     elif item == STDLIB_CODE:
@@ -75,9 +113,9 @@ def _documents_of(item: str, text_field: str, glob: str) -> Iterator[Document]:
     else:
         path = Path(item).expanduser()
         if path.is_dir():
-            yield from folder_documents(path, text_field, glob)
+            yield from folder_documents(path, text_field, glob, on_bad_input)
         elif path.is_file():
-            yield from file_documents(path, path.name, text_field)
+            yield from file_documents(path, path.name, text_field, on_bad_input)
         else:
             raise FileNotFoundError(
                 f"input not found: {path} (neither a file nor a folder). Fix the source's input "
@@ -85,7 +123,9 @@ def _documents_of(item: str, text_field: str, glob: str) -> Iterator[Document]:
             )
 
 
-def folder_documents(folder: Path, text_field: str = "text", glob: str = "**/*") -> Iterator[Document]:
+def folder_documents(
+    folder: Path, text_field: str = "text", glob: str = "**/*", on_bad_input: OnBadInput = raise_bad_input
+) -> Iterator[Document]:
     """Every non-hidden file under ``folder`` matching ``glob``, in sorted order."""
     files = sorted(
         p
@@ -95,58 +135,108 @@ def folder_documents(folder: Path, text_field: str = "text", glob: str = "**/*")
     if not files:
         raise FileNotFoundError(f"no files match {glob!r} in {folder}; check the input folder or the glob")
     for file in files:
-        yield from file_documents(file, file.relative_to(folder).as_posix(), text_field)
+        yield from file_documents(file, file.relative_to(folder).as_posix(), text_field, on_bad_input)
 
 
-def file_documents(path: Path, doc_id: str, text_field: str = "text") -> Iterator[Document]:
+def file_documents(
+    path: Path, doc_id: str, text_field: str = "text", on_bad_input: OnBadInput = raise_bad_input
+) -> Iterator[Document]:
     """The documents of one file: one per line for jsonl, else the whole file."""
     if path.suffix.lower() in _JSONL_SUFFIXES:
-        yield from jsonl_documents(path, doc_id, text_field)
-    else:
-        yield Document(doc_id, _read_text(path))
+        yield from jsonl_documents(path, doc_id, text_field, on_bad_input)
+        return
+    try:
+        text = _read_text(path)
+    except BadInputError as err:
+        on_bad_input(err)
+        return
+    yield Document(doc_id, text)
 
 
-def jsonl_documents(path: Path, doc_id: str | None = None, text_field: str = "text") -> Iterator[Document]:
-    """One document per non-blank line of a jsonl file; errors name ``file:line``."""
+def jsonl_documents(
+    path: Path,
+    doc_id: str | None = None,
+    text_field: str = "text",
+    on_bad_input: OnBadInput = raise_bad_input,
+) -> Iterator[Document]:
+    """One document per non-blank line of a jsonl file; bad lines are reported as ``file:line``."""
     doc_id = doc_id or path.name
-    with open(path, encoding="utf-8") as lines:
+    # surrogateescape: a line that is not UTF-8 is reported alone, and the next lines still read
+    with open(path, encoding="utf-8", errors="surrogateescape") as lines:
         for line_number, line in enumerate(lines, start=1):
             if line.strip():
-                yield Document(
-                    f"{doc_id}:{line_number}", _jsonl_text(line, f"{path}:{line_number}", text_field)
-                )
+                try:
+                    text = _jsonl_text(line, f"{path}:{line_number}", text_field)
+                except BadInputError as err:
+                    on_bad_input(err)
+                    continue
+                yield Document(f"{doc_id}:{line_number}", text)
 
 
 def _jsonl_text(line: str, where: str, text_field: str) -> str:
     try:
+        line.encode("utf-8")
+    except UnicodeEncodeError as err:  # a byte that surrogateescape kept
+        raise BadInputError(
+            f"{where}: not UTF-8 text (invalid byte at column {err.start + 1}); convert the file to "
+            "UTF-8 or remove the line", "not_utf8", where
+        ) from None  # fmt: skip
+    try:
         record = json.loads(line)
     except json.JSONDecodeError as err:
-        raise ValueError(
-            f"{where}: malformed JSON ({err.msg} at column {err.colno}); fix or remove the line"
-        ) from None
+        raise BadInputError(
+            f"{where}: malformed JSON ({err.msg} at column {err.colno}); fix or remove the line",
+            "malformed_json", where,
+        ) from None  # fmt: skip
     if not isinstance(record, dict):
-        raise ValueError(
-            f"{where}: expected a JSON object with a {text_field!r} field, got {type(record).__name__}"
-        )
+        raise BadInputError(
+            f"{where}: expected a JSON object with a {text_field!r} field, got {type(record).__name__}; "
+            "fix or remove the line", "not_an_object", where,
+        )  # fmt: skip
     if text_field not in record:
-        raise ValueError(
+        raise BadInputError(
             f"{where}: no {text_field!r} field (fields: {sorted(record)}); set the source's "
-            "text_field to the field that holds the text"
-        )
+            "text_field to the field that holds the text", "missing_field", where,
+        )  # fmt: skip
     text = record[text_field]
     if not isinstance(text, str):
-        raise ValueError(f"{where}: field {text_field!r} must be a string, got {type(text).__name__}")
+        raise BadInputError(
+            f"{where}: field {text_field!r} must be a string, got {type(text).__name__}; fix or "
+            "remove the line", "not_a_string", where,
+        )  # fmt: skip
+    _check_text(text, where, f"the {text_field!r} field", "fix or remove the line")
     return text
 
 
 def _read_text(path: Path) -> str:
     try:
-        return path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
-        raise ValueError(
+        raise BadInputError(
             f"{path} is not UTF-8 text ({err.reason} at byte {err.start}); convert it or narrow "
-            "the source's glob to text files"
-        ) from None
+            "the source's glob to text files", "not_utf8", str(path),
+        ) from None  # fmt: skip
+    _check_text(text, str(path), "the file", "remove it or narrow the source's glob to text files")
+    return text
+
+
+def binary_reason(text: str) -> str | None:
+    """Why ``text`` looks like binary data rather than text (None when it looks like text).
+
+    Binary means: it holds a NUL character, or more than :data:`MAX_CONTROL_SHARE` of its
+    characters are control characters other than tab, newlines, vertical tab and form feed.
+    """
+    if "\x00" in text:
+        return "it holds NUL characters"
+    controls = len(_CONTROL.findall(text))
+    if controls > MAX_CONTROL_SHARE * len(text):
+        return f"{controls / len(text):.0%} of its characters are control characters"
+    return None
+
+
+def _check_text(text: str, where: str, what: str, fix: str) -> None:
+    if why := binary_reason(text):
+        raise BadInputError(f"{where}: {what} is not text ({why}); {fix}", "binary", where)
 
 
 # --- the embedded stdlib corpus -------------------------------------------------------------
