@@ -65,6 +65,7 @@ def test_sharded_checkpoint_resumes_and_consolidates_for_transformers(tmp_path, 
     run(first, *fsdp2, "export=false", steps=3)
     checkpoint = first / "checkpoints" / "last.ckpt"
     assert checkpoint.is_dir() and len(list(checkpoint.glob("*.distcp"))) == 2  # one shard file per rank
+    assert [p.name for p in checkpoint.parent.iterdir()] == ["last.ckpt"]  # no temporary left beside it
     run(second, *fsdp2, f"ckpt_path={checkpoint}", steps=6)
     assert losses(second) == pytest.approx(single_process[3:], rel=1e-4)  # the curve goes on where it stopped
 

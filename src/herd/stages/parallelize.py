@@ -163,9 +163,9 @@ def _model_parallel_strategy_class():
 
         def setup(self, trainer) -> None:
             if self.is_global_zero:
-                for callback in trainer.checkpoint_callbacks:
-                    if getattr(callback, "dirpath", None) and "://" not in str(callback.dirpath):
-                        checkpoint_io.remove_stale_temporaries(callback.dirpath)
+                folders = {str(c.dirpath) for c in trainer.checkpoint_callbacks if getattr(c, "dirpath", None)}
+                for folder in sorted(f for f in folders if "://" not in f):
+                    checkpoint_io.remove_stale_temporaries(folder)
             super().setup(trainer)  # its barrier keeps the other ranks from saving before the clean-up ends
 
         def save_checkpoint(self, checkpoint: dict, filepath, storage_options=None) -> None:
