@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -119,3 +120,91 @@ def test_bad_overrides_fail_before_training_naming_the_key(tmp_path, prepared_co
         cfg = compose_train(tmp_path, prepared_corpus, override)
         train(cfg)
     assert not (tmp_path / "logs" / "run" / "checkpoints").exists()
+
+
+# ------------------------------------------------------------------ checks before any work is done
+
+
+@pytest.fixture(scope="module")
+def two_step_checkpoint(tmp_path_factory, prepared_corpus):
+    """A finished 2-step run's last.ckpt (trainer.max_steps=2)."""
+    root = tmp_path_factory.mktemp("two_steps")
+    cfg = compose_train(root, prepared_corpus, "trainer.max_steps=2", "callbacks.last_checkpoint.every_n_train_steps=2",
+                        "callbacks.text_samples=null", "validate_first=false", "export=false")
+    train(cfg)
+    return root / "logs" / "run" / "checkpoints" / "last.ckpt"
+
+
+def test_max_steps_zero_is_refused_naming_the_key(tmp_path, prepared_corpus):
+    with pytest.raises(ConfigError, match=r"trainer\.max_steps=0"):
+        train(compose_train(tmp_path, prepared_corpus, "trainer.max_steps=0"))
+    assert not (tmp_path / "logs" / "run").exists()
+
+
+def test_resuming_a_finished_checkpoint_says_how_to_continue(tmp_path, prepared_corpus, two_step_checkpoint):
+    cfg = compose_train(tmp_path, prepared_corpus, "trainer.max_steps=2", f"ckpt_path={two_step_checkpoint}")
+    with pytest.raises(ConfigError, match=r"at step 2, so it already reached trainer\.max_steps=2.*raise trainer\.max_steps"):
+        train(cfg)
+    assert not (tmp_path / "logs" / "run" / "export").exists()
+
+
+@pytest.mark.parametrize(("override", "fields"), [
+    ("model.n_heads=2", ["model.n_heads: 4 (checkpoint) vs 2 (config)", "model.head_dim: 16 (checkpoint) vs 32"]),
+    ("model.n_layers=3", ["model.n_layers: 2 (checkpoint) vs 3 (config)"]),
+    ("model.norm_eps=1e-6", ["model.norm_eps"]),
+])
+def test_resuming_another_model_shape_lists_the_differing_fields(tmp_path, prepared_corpus, two_step_checkpoint,
+                                                                 override, fields):
+    cfg = compose_train(tmp_path, prepared_corpus, "trainer.max_steps=4", f"ckpt_path={two_step_checkpoint}", override)
+    with pytest.raises(ConfigError, match="holds a different model") as error:
+        train(cfg)
+    for field in fields:
+        assert field in str(error.value)
+
+
+def test_resuming_with_a_context_change_is_allowed(tmp_path, prepared_corpus, two_step_checkpoint):
+    cfg = compose_train(tmp_path, prepared_corpus, "trainer.max_steps=3", f"ckpt_path={two_step_checkpoint}",
+                        "model.rope_theta=1000000.0", "callbacks.text_samples=null", "export=false")
+    assert train(cfg)["trainer"].global_step == 3
+
+
+def model_directory(tmp_path, prepared_corpus, tokenizer_dir=None):
+    """A random model of the tests' shape saved as a Hugging Face directory, with the given tokenizer folder."""
+    cfg = compose_train(tmp_path, prepared_corpus)
+    config = ModelConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))
+    return hf.save(Transformer(config), tmp_path / "start", tokenizer=tokenizer_dir)
+
+
+def test_a_model_directory_with_another_tokenizer_is_refused(tmp_path, prepared_corpus):
+    from herd.data.tokenizer import Tokenizer
+
+    # as many ids as the data's tokenizer, but two byte tokens swap ids: the same ids mean other text
+    spec = json.loads((prepared_corpus / "tokenizer" / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    first, second = sorted(vocab)[:2]
+    vocab[first], vocab[second] = vocab[second], vocab[first]
+    (tmp_path / "other_tokenizer").mkdir()
+    (tmp_path / "other_tokenizer" / "tokenizer.json").write_text(json.dumps(spec))
+    other = Tokenizer.load(tmp_path / "other_tokenizer")
+    assert other.vocab_size == Tokenizer.load(prepared_corpus / "tokenizer").vocab_size
+    start = model_directory(tmp_path, prepared_corpus, tmp_path / "other_tokenizer")
+    data_fingerprint = json.loads((prepared_corpus / "manifest.json").read_text())["tokenizer"]["fingerprint"]
+    cfg = compose_train(tmp_path, prepared_corpus, f"stage.init_from={start}", "debug=fast")
+    with pytest.raises(ConfigError, match="allow_tokenizer_mismatch=true") as error:
+        train(cfg)
+    assert other.fingerprint in str(error.value) and data_fingerprint in str(error.value)
+    cfg = compose_train(tmp_path, prepared_corpus, f"stage.init_from={start}", "debug=fast",
+                        "allow_tokenizer_mismatch=true")
+    assert train(cfg)["trainer"].global_step == 1
+
+
+def test_a_model_directory_with_the_datas_tokenizer_is_accepted(tmp_path, prepared_corpus):
+    start = model_directory(tmp_path, prepared_corpus, prepared_corpus / "tokenizer")
+    cfg = compose_train(tmp_path, prepared_corpus, f"stage.init_from={start}", "debug=fast")
+    assert train(cfg)["trainer"].global_step == 1
+
+
+def test_debug_fast_writes_nothing_resume_would_take(tmp_path, prepared_corpus):
+    cfg = compose_train(tmp_path, prepared_corpus, "debug=fast")
+    assert "/debug/" in OmegaConf.to_container(cfg.hydra.run, resolve=False)["dir"]  # not under runs/
+    assert cfg.callbacks.last_checkpoint is None and cfg.callbacks.best_checkpoint is None

@@ -51,7 +51,7 @@ class TensorBoardLogger(_LightningTensorBoardLogger):
         """
         from torch.utils.tensorboard.summary import hparams
 
-        flat = self._sanitize_params(_flatten_dict(params))
+        flat = self._sanitize_params(_flatten_dict(params, delimiter="."))  # keys as Hydra overrides name them
         flat = {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in flat.items()}
         experiment, start, end = hparams(flat, {k: float(v) for k, v in metrics.items()})
         writer = self.experiment._get_file_writer()

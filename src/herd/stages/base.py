@@ -26,6 +26,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from herd import logs
 from herd.interop import hf
 from herd.model import ModelConfig, Transformer
 from herd.stages.parallelize import (
@@ -40,6 +41,7 @@ from herd.stages.parallelize import (
 from herd.stages.schedule import WarmupCosineAnneal
 
 ON_NONFINITE = ("stop", "skip_step")
+logger = logs.get_logger(__name__)
 
 
 class NonFiniteError(RuntimeError):
@@ -228,8 +230,8 @@ class BackboneStage(L.LightningModule):
         self._consecutive_skips += 1
         for param in self.parameters():
             param.grad = None  # the optimizer leaves parameters without gradients untouched
-        rank_zero_warn(f"skipped the update of step {step} ({what}); {self.skipped_steps} skipped in all, "
-                       f"{self._consecutive_skips} in a row")
+        logs.warning(logger, f"skipped the update of step {step} ({what}); {self.skipped_steps} skipped in all, "
+                             f"{self._consecutive_skips} in a row")
         if self._consecutive_skips >= self.max_consecutive_skips:
             raise NonFiniteError(f"{self._consecutive_skips} non-finite steps in a row up to step {step} ({what}), "
                                  f"stage.max_consecutive_skips={self.max_consecutive_skips}: the run stops. {fix}.")

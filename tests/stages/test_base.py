@@ -1,0 +1,122 @@
+"""BackboneStage's shared guards: non-finite steps stop or are skipped, and never reach a checkpoint or export."""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import pytest
+import torch
+
+import herd.stages.pretrain as pretrain
+from herd.export import read_checkpoint
+from herd.stages.base import NonFiniteError
+from herd.train import ConfigError, train
+from training import compose_train
+
+SHORT = ["trainer.val_check_interval=4", "callbacks.last_checkpoint.every_n_train_steps=2", "callbacks.text_samples=null",
+         "stage.scheduler.warmup_steps=1", "trainer.precision=32-true"]
+
+
+def assert_finite_checkpoints(run_dir):
+    checkpoints = sorted((run_dir / "checkpoints").glob("*.ckpt"))
+    for checkpoint in checkpoints:
+        _, state = read_checkpoint(checkpoint)
+        assert all(torch.isfinite(t).all() for t in state.values()), checkpoint
+    return checkpoints
+
+
+def test_a_far_too_high_learning_rate_stops_with_the_step_and_the_fix(tmp_path, prepared_corpus):
+    cfg = compose_train(tmp_path, prepared_corpus, "trainer.max_steps=30", "stage.optimizer.lr=1e4", *SHORT)
+    with pytest.raises(NonFiniteError, match=r"at step \d+ .*stage\.optimizer\.lr") as error:
+        train(cfg)
+    run_dir = tmp_path / "logs" / "run"
+    stopped_at = int(str(error.value).split("at step ")[1].split()[0])
+    assert stopped_at < 30  # it did not run to the end on NaN
+    assert_finite_checkpoints(run_dir)  # neither last nor best holds a NaN
+    assert not (run_dir / "export").exists()
+
+
+class NaNAtSteps:
+    """Replaces the training loss with NaN at the given optimizer steps."""
+
+    def __init__(self, steps, stage_holder):
+        self.steps, self.holder = set(steps), stage_holder
+
+    def __call__(self, model, batch, chunk_size=None):
+        loss, n_tokens = self.original(model, batch, chunk_size)
+        stage = self.holder["stage"]
+        if stage is not None and stage.training and stage.trainer.global_step in self.steps:
+            loss = loss * float("nan")
+        return loss, n_tokens
+
+
+class Weights(L.Callback):
+    """The weights before and after each optimizer step, and the Adam step count at the end."""
+
+    def __init__(self, holder):
+        self.holder, self.before, self.after = holder, {}, {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.holder["stage"] = pl_module
+        self.before[trainer.global_step] = [p.detach().clone() for p in pl_module.parameters()]
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.after[trainer.global_step - 1] = [p.detach().clone() for p in pl_module.parameters()]
+
+
+def run_with_nans(tmp_path, prepared_corpus, monkeypatch, nan_steps, *overrides):
+    holder = {"stage": None}
+    fake = NaNAtSteps(nan_steps, holder)
+    fake.original = pretrain.next_token_loss
+    monkeypatch.setattr(pretrain, "next_token_loss", fake)
+    recorder = Weights(holder)
+    cfg = compose_train(tmp_path, prepared_corpus, *SHORT, *overrides)
+    import herd.train as herd_train
+
+    build = herd_train.build
+
+    def build_with_recorder(cfg):
+        objects = build(cfg)
+        objects["trainer"].callbacks.append(recorder)
+        return objects
+
+    monkeypatch.setattr(herd_train, "build", build_with_recorder)
+    return cfg, recorder
+
+
+def test_skip_step_drops_the_update_counts_it_and_the_run_goes_on(tmp_path, prepared_corpus, monkeypatch):
+    cfg, weights = run_with_nans(tmp_path, prepared_corpus, monkeypatch, {2, 5}, "trainer.max_steps=8",
+                                 "stage.on_nonfinite=skip_step")
+    result = train(cfg)
+    assert result["metrics"]["train/skipped_steps"] == 2
+    for step in (2, 5):  # the skipped steps left every weight as it was
+        assert all(torch.equal(a, b) for a, b in zip(weights.before[step], weights.after[step], strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(weights.before[3], weights.after[3], strict=True))
+    adam_steps = {int(state["step"]) for state in result["trainer"].optimizers[0].state.values()}
+    assert adam_steps == {8 - 2}
+    assert math.isfinite(result["metrics"]["val/loss"])
+    assert (tmp_path / "logs" / "run" / "export" / "model.safetensors").is_file()
+    assert_finite_checkpoints(tmp_path / "logs" / "run")
+
+
+def test_skip_step_stops_after_too_many_in_a_row(tmp_path, prepared_corpus, monkeypatch):
+    cfg, _ = run_with_nans(tmp_path, prepared_corpus, monkeypatch, {3, 4, 5, 6}, "trainer.max_steps=10",
+                           "stage.on_nonfinite=skip_step", "stage.max_consecutive_skips=3")
+    with pytest.raises(NonFiniteError, match=r"3 non-finite steps in a row up to step 5"):
+        train(cfg)
+    assert not (tmp_path / "logs" / "run" / "export").exists()
+
+
+def test_stop_names_the_step_and_loss(tmp_path, prepared_corpus, monkeypatch):
+    cfg, weights = run_with_nans(tmp_path, prepared_corpus, monkeypatch, {3}, "trainer.max_steps=10")
+    with pytest.raises(NonFiniteError, match=r"non-finite training step at step 3 \(loss nan"):
+        train(cfg)
+    assert 3 not in weights.after  # stopped before the update
+
+
+def test_bad_nonfinite_settings_name_the_key(tmp_path, prepared_corpus):
+    for override, named in (("stage.on_nonfinite=ignore", "stage.on_nonfinite"),
+                            ("stage.max_consecutive_skips=0", "stage.max_consecutive_skips")):
+        with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
+            train(compose_train(tmp_path, prepared_corpus, override))
