@@ -275,7 +275,7 @@ def _tokenizer(
     except ValueError as err:
         skipped = sum(b.counts.total() for b in bad)
         note = f" ({skipped} bad inputs were skipped)" if skipped else ""
-        raise PrepareError(f"tokenizer: {err}{note}") from None
+        raise PrepareError(f"training the tokenizer: {err}{note}") from None
 
 
 def _load_tokenizer(path: Path) -> Tokenizer:
@@ -494,7 +494,7 @@ def main(cfg: DictConfig) -> None:
     """
     try:
         prepare(cfg)
-    except (ValueError, OSError) as err:  # herd's data path reports every bad value or input so
+    except (ValueError, OSError) as err:  # how herd's data path reports bad values and inputs
         print(f"herd: {err}", file=sys.stderr)
         sys.exit(2)
 
