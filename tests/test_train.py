@@ -208,3 +208,17 @@ def test_debug_fast_writes_nothing_resume_would_take(tmp_path, prepared_corpus):
     cfg = compose_train(tmp_path, prepared_corpus, "debug=fast")
     assert "/debug/" in OmegaConf.to_container(cfg.hydra.run, resolve=False)["dir"]  # not under runs/
     assert cfg.callbacks.last_checkpoint is None and cfg.callbacks.best_checkpoint is None
+
+
+def test_skipped_corrupt_shards_are_totalled_in_the_metrics(tmp_path, prepared_corpus):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(prepared_corpus, data)
+    damaged = sorted((data / "prose").glob("val-*.tar"))[0]
+    damaged.write_bytes(damaged.read_bytes()[:-700] + b"x" * 700)
+    cfg = compose_train(tmp_path, data, "data.on_corrupt_shard=skip", "trainer.max_steps=2",
+                        "trainer.val_check_interval=2", "callbacks.text_samples=null", "export=false")
+    result = train(cfg)
+    # the damaged val shard is met by the first validation and by the one at step 2
+    assert result["metrics"]["data/skipped_shards"] == 2

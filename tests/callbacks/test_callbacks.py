@@ -101,3 +101,25 @@ def test_atomic_checkpoint_survives_a_write_that_dies_midway(tmp_path, monkeypat
     monkeypatch.undo()
     assert io.load_checkpoint(target)["step"].item() == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+def test_the_cpu_peak_is_measured_once_per_machine_and_cached(tmp_path, monkeypatch):
+    from herd.callbacks import throughput
+
+    calls = []
+    monkeypatch.setattr(throughput, "measure_cpu_peak_flops", lambda: calls.append(1) or 1.5e12)
+    cache = tmp_path / "herd" / "cpu_peak_flops.json"
+    first, where_first = throughput.cpu_peak_flops(cache)
+    second, where_second = throughput.cpu_peak_flops(cache)
+    assert first == second == 1.5e12 and len(calls) == 1
+    assert "measured now" in where_first and str(cache) in where_second and "cached" in where_second
+    cache.write_text("not json")  # a damaged cache is measured again, not an error
+    assert throughput.cpu_peak_flops(cache)[0] == 1.5e12 and len(calls) == 2
+
+
+def test_a_configured_peak_is_used_as_given(tmp_path, prepared_corpus):
+    cfg = compose_train(tmp_path, prepared_corpus, "callbacks.throughput.peak_flops_per_device=2.0e12", "debug=fast")
+    objects = build(cfg)
+    throughput = next(c for c in objects["trainer"].callbacks if type(c).__name__ == "Throughput")
+    throughput.on_fit_start(objects["trainer"], objects["stage"])
+    assert throughput.peak_flops_per_device == 2.0e12
