@@ -96,6 +96,9 @@ def test_kill_during_a_later_save_keeps_a_checkpoint_that_resumes(tmp_path, refe
     run_dir = tmp_path / "run"
     train(run_dir, kill=kill)
     checkpoints = run_dir / "checkpoints"
+    if kill.startswith("swap"):  # killed between the renames: only the moved-aside copy is complete
+        assert not (checkpoints / "last.ckpt").exists()
+        assert [checkpoint_is_complete(p) for p in checkpoints.glob("last.ckpt.old-*")] == [True]
     remove_stale_temporaries(checkpoints)  # what the train entry point does before it resumes
     assert [p.name for p in checkpoints.iterdir()] == ["last.ckpt"]
     assert_resumes(run_dir, survivor_step, reference)

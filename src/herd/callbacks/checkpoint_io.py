@@ -40,6 +40,7 @@ import io
 import os
 import pickle
 import shutil
+import sys
 import warnings
 import zipfile
 from pathlib import Path
@@ -141,8 +142,9 @@ def remove_stale_temporaries(checkpoint_dir: str | Path) -> list[Path]:
     - ``<name>.old-*`` (the previous checkpoint during a swap) is deleted when ``<name>`` exists,
       and otherwise renamed back to ``<name>`` if it is complete (the newest complete one wins).
 
-    Call it from one process before training starts (herd's fsdp2 strategy calls it on rank 0 for
-    its own checkpoint folders); it must not run while another run is saving into the same folder.
+    Call it before training starts, never while a run is saving into the folder. Several processes
+    may call it at once (every rank at start-up): what another one already removed or restored is
+    skipped. herd's fsdp2 strategy also calls it on rank 0 for its own checkpoint folders.
     """
     checkpoint_dir = Path(checkpoint_dir)
     if not checkpoint_dir.is_dir():
@@ -159,14 +161,17 @@ def remove_stale_temporaries(checkpoint_dir: str | Path) -> list[Path]:
             olds.setdefault(entry.name.split(OLD)[0], []).append(entry)
     for name, candidates in olds.items():
         target = checkpoint_dir / name
-        if not (target.exists() or target.is_symlink()):
+        if not _exists(target):
             complete = [c for c in candidates if checkpoint_is_complete(c)]
             if complete:
-                newest = max(complete, key=lambda c: c.stat().st_mtime)
-                os.rename(newest, target)
-                _fsync_directory(checkpoint_dir)
+                newest = max(complete, key=_mtime)
                 candidates.remove(newest)
-                changed.append(target)
+                try:
+                    os.rename(newest, target)
+                    _fsync_directory(checkpoint_dir)
+                    changed.append(target)
+                except FileNotFoundError:  # another process restored it first
+                    pass
         for candidate in candidates:
             _remove(candidate)
             changed.append(candidate)
@@ -175,11 +180,31 @@ def remove_stale_temporaries(checkpoint_dir: str | Path) -> list[Path]:
     return changed
 
 
+def _exists(path: Path) -> bool:
+    return path.exists() or path.is_symlink()
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return -1.0
+
+
 def _remove(path: Path) -> None:
+    """Delete a file or folder; what is already gone (removed by another process) is skipped."""
     if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
+        if sys.version_info >= (3, 12):
+            shutil.rmtree(path, onexc=_skip_missing)
+        else:
+            shutil.rmtree(path, onerror=lambda function, name, info: _skip_missing(function, name, info[1]))
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _skip_missing(function, name, error: BaseException) -> None:
+    if not isinstance(error, FileNotFoundError):
+        raise error
 
 
 def _fsync_directory(path: Path) -> None:
