@@ -19,6 +19,7 @@ from herd.callbacks.checkpoint_io import (
     checkpoint_metadata,
     load_sharded,
     publish_checkpoint,
+    recoverable_checkpoint,
     remove_stale_temporaries,
     sharded_temporary,
 )
@@ -113,6 +114,7 @@ def test_stale_temporaries_are_removed_and_an_interrupted_swap_is_rolled_back(tm
     assert checkpoint_metadata(checkpoints / "last.ckpt")["global_step"] == 4  # the previous one, restored
     assert checkpoint_metadata(checkpoints / "best.ckpt")["global_step"] == 6
     assert remove_stale_temporaries(checkpoints) == []
+    assert recoverable_checkpoint(checkpoints / "other.ckpt") is None
     assert remove_stale_temporaries(tmp_path / "missing") == []
 
 
@@ -132,7 +134,10 @@ def test_a_publish_killed_between_its_renames_leaves_the_previous_checkpoint_rec
         publish_checkpoint(new, target)
     monkeypatch.undo()
     assert not target.exists() and any(checkpoint_is_complete(p) for p in tmp_path.glob("last.ckpt.old-*"))
+    survivor = recoverable_checkpoint(target)  # found without changing the folder
+    assert survivor.name.startswith("last.ckpt.old-") and checkpoint_metadata(survivor)["global_step"] == 2
     remove_stale_temporaries(tmp_path)
+    assert recoverable_checkpoint(target) == target
     assert checkpoint_metadata(target)["global_step"] == 2 and checkpoint_is_complete(target)
 
     publish_checkpoint(write_sharded(sharded_temporary(target, 4), 4), target)  # uninterrupted

@@ -13,7 +13,8 @@ Writing
   ``*.tmp-*`` leftovers and finishes an interrupted swap by putting the previous checkpoint back
   under its name (a roll-back: a published checkpoint is never half new, half old).
 - :func:`checkpoint_is_complete` tells a finished checkpoint from a leftover without loading it,
-  and :func:`checkpoint_metadata` reads its step, epoch and ``herd`` entry without the weights.
+  :func:`recoverable_checkpoint` finds the complete one of a folder without changing it, and
+  :func:`checkpoint_metadata` reads its step, epoch and ``herd`` entry without the weights.
 
 Reading
 -------
@@ -48,7 +49,6 @@ from typing import Any
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
-from lightning.pytorch.utilities import rank_zero_info
 from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
@@ -144,7 +144,8 @@ def remove_stale_temporaries(checkpoint_dir: str | Path) -> list[Path]:
 
     Call it before training starts, never while a run is saving into the folder. Several processes
     may call it at once (every rank at start-up): what another one already removed or restored is
-    skipped. herd's fsdp2 strategy also calls it on rank 0 for its own checkpoint folders.
+    skipped. herd's fsdp2 strategy also calls it on rank 0 for its own checkpoint folders. The
+    caller reports the returned paths (a restored one exists again, a removed one does not).
     """
     checkpoint_dir = Path(checkpoint_dir)
     if not checkpoint_dir.is_dir():
@@ -175,9 +176,18 @@ def remove_stale_temporaries(checkpoint_dir: str | Path) -> list[Path]:
         for candidate in candidates:
             _remove(candidate)
             changed.append(candidate)
-    for path in changed:
-        rank_zero_info(f"herd: {'restored' if path.exists() else 'removed'} {path} (left by an interrupted save)")
     return changed
+
+
+def recoverable_checkpoint(path: str | Path) -> Path | None:
+    """``path`` if it is a complete checkpoint, else the newest complete ``<path>.old-*`` (a swap
+    killed between its renames), else None. Reads only: for folders of other runs, which
+    :func:`remove_stale_temporaries` must not touch while they may still be running."""
+    path = Path(path)
+    if checkpoint_is_complete(path):
+        return path
+    previous = [p for p in path.parent.glob(f"{path.name}{OLD}*") if checkpoint_is_complete(p)]
+    return max(previous, key=_mtime) if previous else None
 
 
 def _exists(path: Path) -> bool:

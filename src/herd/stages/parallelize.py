@@ -133,6 +133,7 @@ def fsdp1_strategy(**kwargs):
 
 def _model_parallel_strategy_class():
     from lightning.pytorch.strategies import ModelParallelStrategy
+    from lightning.pytorch.utilities import rank_zero_info
 
     from herd.callbacks import checkpoint_io
 
@@ -165,7 +166,9 @@ def _model_parallel_strategy_class():
             if self.is_global_zero:
                 folders = {str(c.dirpath) for c in trainer.checkpoint_callbacks if getattr(c, "dirpath", None)}
                 for folder in sorted(f for f in folders if "://" not in f):
-                    checkpoint_io.remove_stale_temporaries(folder)
+                    for path in checkpoint_io.remove_stale_temporaries(folder):
+                        rank_zero_info(f"herd: {'restored' if path.exists() else 'removed'} {path}, left by a "
+                                       "save that was killed")
             super().setup(trainer)  # its barrier keeps the other ranks from saving before the clean-up ends
 
         def save_checkpoint(self, checkpoint: dict, filepath, storage_options=None) -> None:
