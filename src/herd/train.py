@@ -34,6 +34,7 @@ from herd.callbacks.checkpoint_io import (
     check_dcp_metadata,
     checkpoint_is_complete,
     checkpoint_metadata,
+    recoverable_checkpoint,
     remove_stale_temporaries,
 )
 from herd.data.shards import ManifestError, ShardError
@@ -83,7 +84,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     (output_dir / FAILED_FILE).unlink(missing_ok=True)  # a requeued or restarted run tries again
     _check_run_length(cfg)
     for path in remove_stale_temporaries(output_dir / "checkpoints") if _is_rank_zero() else []:
-        logs.info(logger, f"removed {path}, left by a save that was killed")
+        done = "restored" if path.exists() else "removed"  # a swap killed between its renames is rolled back
+        logs.info(logger, f"{done} {path}, left by a checkpoint save that was killed")
     objects = build(cfg)
     trainer, stage, datamodule = objects["trainer"], objects["stage"], objects["datamodule"]
     resume = resume_checkpoint(cfg, output_dir)
@@ -236,12 +238,16 @@ def resume_checkpoint(cfg: DictConfig, output_dir: Path) -> Resume | None:
     """
     if cfg.ckpt_path:
         path = Path(cfg.ckpt_path)
-        if not path.exists():
-            raise ConfigError(f"ckpt_path={cfg.ckpt_path} does not exist")
-        if not checkpoint_is_complete(path):
-            raise ConfigError(f"ckpt_path={cfg.ckpt_path} is not a complete checkpoint (its save was interrupted, "
-                              "or it is not a checkpoint); pick another one from the run's checkpoints/ folder")
-        return _resume(path, "given as ckpt_path", output_dir)
+        recovered = recoverable_checkpoint(path)
+        if recovered is None:
+            problem = "does not exist" if not path.exists() else (
+                "is not a complete checkpoint (its save was interrupted, or it is not a checkpoint)")
+            raise ConfigError(f"ckpt_path={cfg.ckpt_path} {problem}; pick another one from the run's "
+                              "checkpoints/ folder")
+        reason = "given as ckpt_path" if recovered == path else (
+            f"given as ckpt_path; its save was killed while replacing it, so this is the previous complete "
+            f"checkpoint of that name, {recovered}")
+        return _resume(recovered, reason, output_dir)
     if cfg.resume in (None, False):
         return None
     if cfg.resume != "auto":
@@ -254,7 +260,16 @@ def resume_checkpoint(cfg: DictConfig, output_dir: Path) -> Resume | None:
         return _announce(_resume(best, "this run's own folder holds it (a requeue or restart of the same run "
                                  "id), and it is the furthest of its checkpoints", output_dir))
     runs = Path(cfg.paths.log_dir) / str(cfg.task) / "runs"
-    others = _complete([p for p in runs.glob("*/checkpoints/last.ckpt") if output_dir not in p.parents])
+    others = []
+    for folder in sorted(runs.glob("*/checkpoints")):
+        if output_dir.resolve() in folder.resolve().parents:
+            continue
+        recovered = recoverable_checkpoint(folder / "last.ckpt")  # reads only: that run may still be going
+        if recovered is not None:
+            others.append(recovered)
+        elif (folder / "last.ckpt").exists():
+            logs.warning(logger, f"resume=auto: skipping {folder / 'last.ckpt'}: an incomplete checkpoint (its save "
+                                 "was interrupted)")
     if not others:
         logs.info(logger, f"resume=auto: no complete last.ckpt in this run's folder or under {runs}; starting fresh")
         return None
