@@ -95,6 +95,8 @@ def test_a_requeue_into_the_same_folder_continues_the_curve_with_one_row_per_ste
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"resume=auto: continuing from {last} at step" in result.stdout
     assert "own folder" in result.stdout
+    assert f"resumed from:     {last} (step 8)" in result.stdout  # the summary after a resume...
+    assert "  val/loss " in result.stdout  # ...still reports the validation loss
     rows = [row for row in csv_rows(run_dir) if row.get("train/loss")]
     assert [int(row["step"]) for row in rows] == list(range(STEPS))  # no step lost, none twice
     for row in rows:

@@ -62,9 +62,14 @@ def get_logger(name: str) -> logging.Logger:
 
 
 def info(logger: logging.Logger, message: str) -> None:
-    """Log ``message`` once per job: on the global rank 0 only."""
-    if rank_zero_only.rank == 0:
+    """Log ``message`` once per job: on the global rank 0 only. Printed when logging is not set up
+    (herd called from Python rather than from its Hydra entry points)."""
+    if rank_zero_only.rank != 0:
+        return
+    if logger.hasHandlers():
         logger.info(message)
+    else:
+        print(message, flush=True)
 
 
 def warning(logger: logging.Logger, message: str) -> None:

@@ -245,9 +245,9 @@ def resume_checkpoint(cfg: DictConfig, output_dir: Path) -> Resume | None:
             raise ConfigError(f"ckpt_path={cfg.ckpt_path} {problem}; pick another one from the run's "
                               "checkpoints/ folder")
         reason = "given as ckpt_path" if recovered == path else (
-            f"given as ckpt_path; its save was killed while replacing it, so this is the previous complete "
-            f"checkpoint of that name, {recovered}")
-        return _resume(recovered, reason, output_dir)
+            f"given as ckpt_path={path}, whose save was killed while replacing it: this is the previous "
+            "complete checkpoint of that name")
+        return _announce(_resume(recovered, reason, output_dir), "ckpt_path")
     if cfg.resume in (None, False):
         return None
     if cfg.resume != "auto":
@@ -295,8 +295,8 @@ def _resume(path: Path, reason: str, output_dir: Path) -> Resume:
     return Resume(str(path), int(metadata.get("global_step", 0)), reason, in_place, metadata)
 
 
-def _announce(resume: Resume) -> Resume:
-    logs.info(logger, f"resume=auto: continuing from {resume.path} at step {resume.step}: {resume.reason}")
+def _announce(resume: Resume, key: str = "resume=auto") -> Resume:
+    logs.info(logger, f"{key}: continuing from {resume.path} at step {resume.step}: {resume.reason}")
     return resume
 
 
@@ -321,8 +321,6 @@ def _check_resume(cfg: DictConfig, resume: Resume, stage) -> None:
             check_dcp_metadata(resume.path)
         except ValueError as err:
             raise ConfigError(str(err)) from err
-    if not resume.in_place:
-        logs.info(logger, f"resuming from {resume.path} at step {resume.step}")
 
 
 def _check_tokenizer_match(cfg: DictConfig, stage, datamodule) -> None:
@@ -386,7 +384,7 @@ def print_summary(cfg: DictConfig, result: dict[str, Any]) -> None:
         lines.append(f"  exported model:   {result['export_dir']}")
     if cfg.logger and "tensorboard" in cfg.logger:
         lines.append(f"  TensorBoard:      tensorboard --logdir {Path(cfg.paths.log_dir) / str(cfg.task)}")
-    logger.info("\n".join(lines))
+    logs.info(logger, "\n".join(lines))
 
 
 FAILED_FILE = "FAILED"

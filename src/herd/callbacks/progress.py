@@ -111,7 +111,7 @@ class LineProgress(ProgressBar):
         line = self.line(trainer, step, total, now)
         self._last_step, self._last_time, self._tokens_since_last = step, now, 0
         if self.is_enabled and trainer.is_global_zero:
-            logger.info(line)
+            logs.info(logger, line)
 
     def line(self, trainer: L.Trainer, step: int, total: int | None, now: float) -> str:
         """The progress line at ``step`` (see the module docstring)."""
@@ -137,7 +137,7 @@ class LineProgress(ProgressBar):
         values = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/") and v.numel() == 1}
         if values:
             shown = " | ".join(f"{k} {v:.4f}" for k, v in sorted(values.items()))
-            logger.info(f"validation at step {trainer.global_step}: {shown}")
+            logs.info(logger, f"validation at step {trainer.global_step}: {shown}")
 
     def get_metrics(self, trainer, pl_module) -> dict[str, Any]:
         return {}
