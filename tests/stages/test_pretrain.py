@@ -70,3 +70,20 @@ def test_bad_activation_checkpointing_setting_is_named():
 
     with pytest.raises(ValueError, match="stage.activation_checkpointing='sometimes'"):
         checkpoint_every("sometimes")
+
+
+@pytest.mark.parametrize("chunk_size", [None, 7])
+def test_evaluation_scores_match_the_loss_and_a_hand_counted_accuracy(small_config, batch, chunk_size):
+    from herd.stages.pretrain import next_token_scores
+
+    model = Transformer(small_config)
+    with torch.no_grad():
+        predicted = model(batch["tokens"], document_ids=batch["document_ids"]).argmax(-1)
+    real = batch["targets"] != IGNORE_INDEX
+    batch["targets"][:, ::3] = torch.where(real[:, ::3], predicted[:, ::3], IGNORE_INDEX)  # some hits for sure
+    total, n_tokens, correct = next_token_scores(model, batch, chunk_size)
+    loss, expected_tokens = next_token_loss(model, batch)
+    assert n_tokens == expected_tokens and (total / n_tokens).item() == pytest.approx(loss.item(), rel=1e-5)
+    hits = sum(int(predicted[b, t] == batch["targets"][b, t]) for b in range(2) for t in range(40)
+               if batch["targets"][b, t] != IGNORE_INDEX)
+    assert correct.item() == hits >= 20

@@ -36,6 +36,29 @@ def next_token_loss(
     return chunked_cross_entropy(hidden, model.output.weight, targets, chunk_size) / n_tokens.clamp(min=1), n_tokens
 
 
+@torch.no_grad()
+def next_token_scores(
+    model: Transformer, batch: dict[str, torch.Tensor], chunk_size: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For evaluation: the summed cross-entropy, the number of predicted tokens, and how many of them
+    the model ranks first (greedy next-token accuracy). One forward pass; with ``chunk_size`` the
+    (seq x vocab) logits exist one chunk at a time."""
+    targets = batch["targets"].flatten()
+    if chunk_size is None:
+        logits = model(batch["tokens"], document_ids=batch.get("document_ids")).flatten(0, 1).float()
+        chunks = [(logits, targets)]
+    else:
+        hidden = model.hidden_states(batch["tokens"], document_ids=batch.get("document_ids")).flatten(0, 1)
+        chunks = ((F.linear(hidden[i : i + chunk_size], model.output.weight).float(), targets[i : i + chunk_size])
+                  for i in range(0, hidden.shape[0], chunk_size))
+    total, correct = torch.zeros((), dtype=torch.float32), torch.zeros((), dtype=torch.long)
+    for logits, chunk_targets in chunks:
+        total = total + F.cross_entropy(logits, chunk_targets, ignore_index=IGNORE_INDEX, reduction="sum").cpu()
+        predicted = chunk_targets != IGNORE_INDEX
+        correct = correct + (logits.argmax(dim=-1)[predicted] == chunk_targets[predicted]).sum().cpu()
+    return total, (targets != IGNORE_INDEX).sum(), correct
+
+
 def chunked_cross_entropy(
     hidden: torch.Tensor, output_weight: torch.Tensor, targets: torch.Tensor, chunk_size: int
 ) -> torch.Tensor:
@@ -60,7 +83,8 @@ def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
 
 
 class PretrainStage(BackboneStage):
-    """Next-token prediction; logs train/loss, val/loss and val/perplexity.
+    """Next-token prediction; logs train/loss, and val/loss, val/perplexity and val/accuracy (greedy
+    next-token accuracy), all token-weighted over the predicted tokens of the val split.
 
     ``loss_chunk_size`` (positions per chunk) turns on the chunked cross-entropy for long contexts.
     """
@@ -71,6 +95,7 @@ class PretrainStage(BackboneStage):
             raise ValueError(f"stage.loss_chunk_size must be a positive number of positions, got {loss_chunk_size}")
         self.loss_chunk_size = loss_chunk_size
         self.val_loss = MeanMetric()
+        self.val_accuracy = MeanMetric()
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, _ = next_token_loss(self.model, batch, self.loss_chunk_size)
@@ -80,11 +105,15 @@ class PretrainStage(BackboneStage):
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        loss, n_tokens = next_token_loss(self.model, batch, self.loss_chunk_size)
-        self.val_loss.update(loss, weight=n_tokens)  # token-weighted over the whole split
+        total, n_tokens, correct = next_token_scores(self.model, batch, self.loss_chunk_size)
+        if n_tokens > 0:  # token-weighted over the whole split
+            self.val_loss.update(total / n_tokens, weight=n_tokens)
+            self.val_accuracy.update(correct / n_tokens, weight=n_tokens)
 
     def on_validation_epoch_end(self) -> None:
-        loss = self.val_loss.compute()
+        loss, accuracy = self.val_loss.compute(), self.val_accuracy.compute()
         self.val_loss.reset()
+        self.val_accuracy.reset()
         self.log("val/loss", loss, prog_bar=True, sync_dist=False)
         self.log("val/perplexity", torch.exp(loss), sync_dist=False)
+        self.log("val/accuracy", accuracy, sync_dist=False)
