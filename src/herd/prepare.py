@@ -1,22 +1,29 @@
-"""herd.prepare: raw text to packed WebDataset shards.
+"""herd.prepare: raw text and dialogs to packed WebDataset shards.
 
     python -m herd.prepare                                   # the embedded stdlib corpus
     python -m herd.prepare output_dir=data/prepared/mine \\
         'sources={web: {input: /data/web.jsonl}, code: {input: /data/code/}}' \\
         tokenizer.path=/models/Llama-3.2-1B                  # a real Llama 3 tokenizer
+    python -m herd.prepare output_dir=data/prepared/sft \\
+        'sources={sft: {input: stdlib:sft}}' tokenizer.path=data/prepared/stdlib/tokenizer
 
-Steps: read each source's documents (``herd.data.sources``); train a byte-level BPE on the
-train documents unless ``tokenizer.path`` names one; tokenize with ``num_proc`` processes;
-wrap each document in ``<|begin_of_text|> .. <|end_of_text|>``; assign it to ``val`` with
-probability ``val_fraction`` by hashing its id; pack each source's split into rows of
-``seq_len + 1`` tokens; write deterministic shards, the tokenizer and ``manifest.json``
-(layout in ``herd.data.shards``). Empty documents are skipped and counted. Relative paths are
-resolved against the repository root (``herd.paths``). The same inputs give byte-identical output.
+Each source has a kind (``sources.<name>.kind``): ``text`` (the default; ``herd.data.text``) or
+``dialog`` (``herd.data.dialogs``; the embedded ``stdlib:sft`` input is one). This module only
+orchestrates (``herd.data.kinds``): check the config; train a byte-level BPE on the train
+examples unless ``tokenizer.path`` names one; let each source's kind read, validate, encode
+(with ``num_proc`` processes for text), assign splits (``val`` with probability
+``val_fraction``, by hashing the example's id or group), pack rows of ``seq_len + 1`` tokens
+and write deterministic shards; then write the tokenizer and ``manifest.json`` (layout in
+``herd.data.shards``). Relative paths are resolved against the repository root
+(``herd.paths``). The same inputs give byte-identical output.
 
 Bad inputs (a file that is not UTF-8 or not text, a jsonl line that is not a JSON object with a
-string text field; see ``herd.data.sources``) stop prepare with a message naming the file and
-line, or, with ``on_bad_input=skip``, are skipped and counted per reason in the log and in the
-manifest (``sources.<name>.skipped``).
+string text field, or not a usable dialog; see ``herd.data.sources`` and ``herd.data.dialogs``)
+stop prepare with a message naming the file and line (``on_bad_input=error``, the default for
+text), or are skipped and counted per reason in the log and in the manifest
+(``sources.<name>.skipped``; ``on_bad_input=skip``, the default for dialogs). A source with more
+than ``max_bad_fraction`` of bad inputs (default: no limit for text, 0.1 for dialogs), or with
+nothing but bad inputs, fails.
 
 The output is built in a hidden staging folder inside ``output_dir`` and moved into place only
 when everything succeeded, the manifest last; a failed run leaves ``output_dir`` as it was (and
@@ -30,7 +37,6 @@ on stderr and exits with status 2.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -39,7 +45,6 @@ import shutil
 import sys
 import tempfile
 import time
-from collections import Counter
 from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -47,101 +52,34 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-import numpy as np
 from omegaconf import DictConfig, OmegaConf
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from herd.data.packing import with_boundaries
+from herd.data.kinds import (
+    ON_BAD_INPUT,
+    BadInputs,
+    Job,
+    PrepareError,
+    SourceSpec,
+    assign_split,
+    kind_of,
+    reasons,
+)
 from herd.data.parallel import WorkerPool
-from herd.data.shards import FORMAT, MANIFEST_FILE, SPLITS, token_dtype, write_manifest, write_split
-from herd.data.sources import BadInputError, Document, OnBadInput, iter_documents, raise_bad_input
+from herd.data.shards import FORMAT, MANIFEST_FILE, token_dtype, write_manifest
+from herd.data.sources import BadInputError
 from herd.data.tokenizer import CONFIG_FILE, TOKENIZER_FILE, Tokenizer, train_tokenizer
 from herd.paths import repo_root, resolve
 
+__all__ = ["PrepareError", "SourceSpec", "assign_split", "main", "prepare"]
+
 logger = logging.getLogger(__name__)
 
-ON_BAD_INPUT = ("error", "skip")
 _SOURCE_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 _SHARD_FILE = "*-[0-9][0-9][0-9][0-9][0-9][0-9].tar"
 _REPLACED = ".replaced"  # in the staging folder: what the new output replaces, until it is in place
-_BATCH_CHARS = 1 << 18  # text per task sent to a tokenizer process
-_BATCH_DOCS = 1024
-_LOGGED_BAD_INPUTS = 10  # skipped inputs logged one by one per source; later ones are only counted
-
-
-class PrepareError(ValueError):
-    """A configuration or input that herd.prepare cannot use; the message names it and the fix."""
-
-
-@dataclass(frozen=True)
-class SourceSpec:
-    """One named source: its inputs and how to read them."""
-
-    name: str
-    inputs: list[str]
-    text_field: str = "text"
-    glob: str = "**/*"
-
-    def documents(self, on_bad_input: OnBadInput = raise_bad_input) -> Iterator[Document]:
-        """The source's documents in order; bad inputs go to ``on_bad_input`` (default: raise)."""
-        return iter_documents(self.inputs, self.text_field, self.glob, on_bad_input)
-
-
-class BadInputs:
-    """What prepare does with one source's bad inputs: stop at the first, or skip and count them.
-
-    ``mode`` is ``on_bad_input`` (``"error"`` or ``"skip"``); ``counts`` maps each reason
-    (``herd.data.sources.BAD_INPUT_REASONS``) to the inputs skipped for it. With ``log=True``
-    the first few skipped inputs are logged.
-    """
-
-    def __init__(self, mode: str, source: str, log: bool = True) -> None:
-        self.mode = mode
-        self.source = source
-        self.log = log
-        self.counts: Counter[str] = Counter()
-
-    def __call__(self, error: BadInputError) -> None:
-        if self.mode == "error":
-            raise BadInputError(
-                f"{error} (or set on_bad_input=skip to skip such inputs and count them)",
-                error.reason,
-                error.location,
-            ) from None
-        self.counts[error.reason] += 1
-        skipped = self.counts.total()
-        if self.log and skipped <= _LOGGED_BAD_INPUTS:
-            last = skipped == _LOGGED_BAD_INPUTS
-            more = "; further bad inputs of this source are only counted" if last else ""
-            logger.warning("source %s: skipped a bad input: %s%s", self.source, error, more)
-
-
-class _SplitBuffer:
-    """A split's token stream, appended to a temporary file, with document boundaries."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.ends: list[int] = []
-        self.ids: list[int] = []
-        self.total = 0
-        self._file = open(path, "wb")  # noqa: SIM115 - closed by close()
-
-    def append(self, tokens: np.ndarray, document_id: int) -> None:
-        """Add one document's tokens (boundaries included)."""
-        self._file.write(tokens.astype(np.uint32).tobytes())
-        self.total += len(tokens)
-        self.ends.append(self.total)
-        self.ids.append(document_id)
-
-    def close(self) -> None:
-        """Finish writing; :meth:`tokens` may be called afterwards."""
-        self._file.close()
-
-    def tokens(self) -> np.ndarray:
-        """The whole token stream (memory-mapped)."""
-        if self.total == 0:
-            return np.zeros(0, dtype=np.uint32)
-        return np.memmap(self.path, dtype=np.uint32, mode="r", shape=(self.total,))
+_DIALOG_INPUTS = ("stdlib:sft",)  # inputs that make a source a dialog source by default
+_COMMON_KEYS = ("input", "kind", "on_bad_input", "max_bad_fraction")
 
 
 @dataclass(frozen=True)
@@ -153,7 +91,6 @@ class _Settings:
     seq_len: int
     val_fraction: float
     num_proc: int
-    on_bad_input: str
     max_rows: int
     min_count: int
 
@@ -169,25 +106,28 @@ def prepare(cfg: DictConfig | Mapping[str, Any]) -> Path:
     sources, seq_len, val_fraction = settings.sources, settings.seq_len, settings.val_fraction
     started = time.perf_counter()
 
-    tokenizer = _tokenizer(cfg.get("tokenizer") or {}, sources, val_fraction, settings.on_bad_input)
+    tokenizer = _tokenizer(cfg.get("tokenizer") or {}, sources, val_fraction)
     with _staging(settings.out) as staging, ExitStack() as stack:
         tokenizer.save(staging / "tokenizer")
-        buffers_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(dir=staging, prefix=".buffers-")))
-        progress = stack.enter_context(_progress(bool(cfg.get("progress", True))))
-        pool = stack.enter_context(WorkerPool(tokenizer.to_json(), settings.num_proc))
-        stats = {}
+        job = Job(
+            tokenizer=tokenizer,
+            pool=stack.enter_context(WorkerPool(tokenizer.to_json(), settings.num_proc)),
+            seq_len=seq_len,
+            val_fraction=val_fraction,
+            out=staging,
+            scratch=Path(stack.enter_context(tempfile.TemporaryDirectory(dir=staging, prefix=".buffers-"))),
+            progress=stack.enter_context(_progress(bool(cfg.get("progress", True)))),
+            max_rows=settings.max_rows,
+            min_count=settings.min_count,
+        )
+        entries = {}
         for spec in sources:
-            buffers, counts = _tokenize(spec, tokenizer, pool, val_fraction, buffers_dir, progress,
-                                        BadInputs(settings.on_bad_input, spec.name))  # fmt: skip
-            counts["splits"] = {
-                split: _write(staging, spec.name, split, buffers[split], seq_len, tokenizer, settings, pool)
-                for split in SPLITS
-            }
-            stats[spec.name] = counts
+            bad_inputs = BadInputs(spec.on_bad_input, spec.name, max_fraction=spec.max_bad_fraction)
+            entries[spec.name] = kind_of(spec.kind).prepare(spec, job, bad_inputs)
         stack.close()  # the worker processes and the token buffers go before the output moves
-        write_manifest(staging, _manifest(tokenizer, seq_len, val_fraction, sources, stats))
+        write_manifest(staging, _manifest(tokenizer, seq_len, val_fraction, entries))
         _commit(staging, settings.out, [spec.name for spec in sources])
-    _log_summary(stats, time.perf_counter() - started, settings.out / MANIFEST_FILE)
+    _log_summary(sources, entries, time.perf_counter() - started, settings.out / MANIFEST_FILE)
     return settings.out
 
 
@@ -199,26 +139,21 @@ def _settings(cfg: DictConfig) -> _Settings:
     number = isinstance(val_fraction, (int, float)) and not isinstance(val_fraction, bool)
     if not number or not 0 <= val_fraction < 1:
         raise PrepareError(f"val_fraction must be a number in [0, 1), got {val_fraction!r}")
-    on_bad_input = cfg.get("on_bad_input", "error")
-    if on_bad_input not in ON_BAD_INPUT:
-        raise PrepareError(
-            f"on_bad_input must be one of {ON_BAD_INPUT}, got {on_bad_input!r}: 'error' stops at the "
-            "first file or jsonl line that is not text, 'skip' skips and counts them"
-        )
+    defaults = {key: cfg.get(key) for key in ("on_bad_input", "max_bad_fraction", "chat_template", "too_long")}
     shards = cfg.get("shards") or {}
     return _Settings(
         out=resolve(str(cfg.output_dir)),
-        sources=_source_specs(cfg.get("sources")),
+        sources=_source_specs(cfg.get("sources"), defaults),
         seq_len=_positive_int(cfg.get("seq_len"), "seq_len"),
         val_fraction=float(val_fraction),
         num_proc=_positive_int(cfg.num_proc, "num_proc") if cfg.get("num_proc") is not None else _cores(),
-        on_bad_input=on_bad_input,
         max_rows=_positive_int(shards.get("max_rows", 2048), "shards.max_rows"),
         min_count=_positive_int(shards.get("min_count", 8), "shards.min_count"),
     )
 
 
-def _source_specs(sources: Mapping[str, Any] | None) -> list[SourceSpec]:
+def _source_specs(sources: Mapping[str, Any] | None, defaults: Mapping[str, Any]) -> list[SourceSpec]:
+    """Each configured source checked; a source's own keys win over the top-level ``defaults``."""
     if not sources:
         raise PrepareError("prepare: no sources configured; set sources.<name>.input")
     specs = []
@@ -227,14 +162,55 @@ def _source_specs(sources: Mapping[str, Any] | None) -> list[SourceSpec]:
             raise PrepareError(f"sources.{name}: a source name may only use letters, digits, '_' and '-'")
         if not isinstance(source, Mapping) or not source.get("input"):
             raise PrepareError(
-                f"sources.{name}.input is missing: give a file, folder, jsonl or 'stdlib:prose'"
+                f"sources.{name}.input is missing: give a file, folder, jsonl, 'stdlib:prose' or 'stdlib:sft'"
             )
         raw = source["input"]
         inputs = [raw] if isinstance(raw, str) else list(raw)
         inputs = [item if item.startswith("stdlib:") else str(resolve(item)) for item in map(str, inputs)]
-        text_field, glob = str(source.get("text_field", "text")), str(source.get("glob", "**/*"))
-        specs.append(SourceSpec(str(name), inputs, text_field, glob))
+        dialog = any(item.split("?")[0] in _DIALOG_INPUTS for item in inputs)
+        kind = kind_of(str(source.get("kind") or ("dialog" if dialog else "text")))
+        unknown = sorted(set(source) - set(_COMMON_KEYS) - set(kind.options))
+        if unknown:
+            raise PrepareError(
+                f"sources.{name}: unknown key(s) {unknown} for a {kind.name} source; it takes "
+                f"{sorted({*_COMMON_KEYS, *kind.options})}"
+            )
+        options = {key: source.get(key, defaults.get(key)) for key in kind.options}
+        options = {key: default if options[key] is None else options[key] for key, default in kind.options.items()}
+        spec = SourceSpec(
+            name=str(name),
+            kind=kind.name,
+            inputs=inputs,
+            options=options,
+            on_bad_input=_on_bad_input(source.get("on_bad_input", defaults.get("on_bad_input")), kind.on_bad_input),
+            max_bad_fraction=_fraction(source, defaults, kind.max_bad_fraction, str(name)),
+        )
+        kind.check(spec)
+        specs.append(spec)
     return specs
+
+
+def _on_bad_input(value: Any, default: str) -> str:
+    if value is None:
+        return default
+    if value not in ON_BAD_INPUT:
+        raise PrepareError(
+            f"on_bad_input must be one of {ON_BAD_INPUT}, got {value!r}: 'error' stops at the "
+            "first file or jsonl line that is not text, 'skip' skips and counts them"
+        )
+    return value
+
+
+def _fraction(source: Mapping[str, Any], defaults: Mapping[str, Any], default: float | None, name: str) -> float | None:
+    value = source.get("max_bad_fraction", defaults.get("max_bad_fraction"))
+    if value is None:
+        return default
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 1:
+        raise PrepareError(
+            f"max_bad_fraction (of source {name}) must be a number in [0, 1], got {value!r}: the largest "
+            "share of a source's inputs that may be skipped as bad (1 = no limit)"
+        )
+    return float(value)
 
 
 def _cores() -> int:
@@ -248,12 +224,10 @@ def _positive_int(value: Any, key: str) -> int:
     return value
 
 
-def _tokenizer(
-    cfg: DictConfig, sources: list[SourceSpec], val_fraction: float, on_bad_input: str
-) -> Tokenizer:
-    """The configured tokenizer, or a new BPE trained on the train documents of all sources.
+def _tokenizer(cfg: DictConfig, sources: list[SourceSpec], val_fraction: float) -> Tokenizer:
+    """The configured tokenizer, or a new BPE trained on the train examples of all sources.
 
-    Bad inputs stop this pass (``on_bad_input=error``) or are skipped silently: the tokenize
+    Bad inputs stop this pass (``on_bad_input=error``) or are skipped silently: the encoding
     pass that follows meets them again, and counts them.
     """
     if cfg.get("path"):
@@ -261,12 +235,11 @@ def _tokenizer(
     vocab_size = _positive_int(cfg.get("vocab_size"), "tokenizer.vocab_size")
     min_frequency = _positive_int(cfg.get("min_frequency", 2), "tokenizer.min_frequency")
     logger.info("training a byte-level BPE tokenizer of %d ids on the train documents", vocab_size)
-    bad = [BadInputs(on_bad_input, spec.name, log=False) for spec in sources]
+    bad = [BadInputs(spec.on_bad_input, spec.name, log=False) for spec in sources]
     texts = (
-        doc.text
+        text
         for spec, on_bad in zip(sources, bad, strict=True)
-        for doc in spec.documents(on_bad)
-        if doc.text.strip() and assign_split(doc.id, val_fraction) == "train"
+        for text in kind_of(spec.kind).texts(spec, val_fraction, on_bad)
     )
     try:
         return train_tokenizer(texts, vocab_size, min_frequency)
@@ -297,74 +270,6 @@ def _load_tokenizer(path: Path) -> Tokenizer:
         raise
     except Exception as err:  # the tokenizers library raises plain Exception for a malformed tokenizer
         raise PrepareError(f"tokenizer.path: {file} is not a tokenizer herd can use ({err}). {fix}") from None
-
-
-def assign_split(document_id: str, val_fraction: float) -> str:
-    """``"val"`` for a fixed ~``val_fraction`` of document ids (by sha256), else ``"train"``."""
-    digest = hashlib.sha256(document_id.encode("utf-8")).digest()
-    return "val" if int.from_bytes(digest[:8], "big") < val_fraction * 2**64 else "train"
-
-
-def _tokenize(spec, tokenizer, pool, val_fraction, tmp, progress, bad_inputs: BadInputs):
-    """Tokenize one source into per-split buffers; returns (buffers, document and skip counts)."""
-    buffers = {split: _SplitBuffer(tmp / f"{spec.name}.{split}.bin") for split in SPLITS}
-    counts: dict[str, Any] = {"documents": 0, "empty_documents": 0, "tokens": 0}
-    task = progress.add_task(f"tokenize {spec.name}", total=None)
-    batches = _batches(spec.documents(bad_inputs), counts)
-    for docs, encoded in pool.encode(batches, lambda batch: [doc.text for doc in batch]):
-        for doc, token_ids in zip(docs, encoded, strict=True):
-            tokens = with_boundaries(token_ids, tokenizer.bos_id, tokenizer.eos_id)
-            buffers[assign_split(doc.id, val_fraction)].append(tokens, counts["documents"])
-            counts["documents"] += 1
-            counts["tokens"] += len(tokens)
-        progress.update(task, advance=len(docs), description=_describe(spec.name, counts))
-    for buffer in buffers.values():
-        buffer.close()
-    counts["skipped"] = dict(sorted(bad_inputs.counts.items()))
-    if counts["documents"] == 0 and bad_inputs.counts:
-        raise PrepareError(
-            f"source {spec.name}: every input was skipped as bad ({_reasons(counts['skipped'])}); "
-            f"check sources.{spec.name}.input, glob and text_field"
-        )
-    return buffers, counts
-
-
-def _batches(documents: Iterator[Document], counts: dict[str, int]) -> Iterator[list[Document]]:
-    """Non-empty documents in batches of about _BATCH_CHARS; empty ones are counted."""
-    batch: list[Document] = []
-    chars = 0
-    for doc in documents:
-        if not doc.text.strip():
-            counts["empty_documents"] += 1
-            continue
-        batch.append(doc)
-        chars += len(doc.text)
-        if chars >= _BATCH_CHARS or len(batch) >= _BATCH_DOCS:
-            yield batch
-            batch, chars = [], 0
-    if batch:
-        yield batch
-
-
-def _describe(name: str, counts: dict[str, int]) -> str:
-    return f"tokenize {name}: {counts['documents']:,} docs, {counts['tokens']:,} tokens"
-
-
-def _write(out, source, split, buffer, seq_len, tokenizer, settings: _Settings, pool) -> dict[str, Any]:
-    """Pack one split's buffer into shards (in the worker processes); returns its manifest entry."""
-    return write_split(
-        out,
-        f"{source}/{split}",
-        buffer.tokens(),
-        np.asarray(buffer.ends, np.int64),
-        np.asarray(buffer.ids, np.int64),
-        row_len=seq_len + 1,
-        pad_id=tokenizer.eos_id,
-        dtype=token_dtype(tokenizer.vocab_size),
-        max_rows=settings.max_rows,
-        min_count=settings.min_count,
-        map_fn=pool.imap,
-    )
 
 
 @contextmanager
@@ -430,7 +335,7 @@ def _commit(staging: Path, out: Path, sources: list[str]) -> None:
         raise
 
 
-def _manifest(tokenizer, seq_len, val_fraction, sources, stats) -> dict[str, Any]:
+def _manifest(tokenizer, seq_len, val_fraction, entries: dict[str, Any]) -> dict[str, Any]:
     return {
         "format": FORMAT,
         "seq_len": seq_len,
@@ -444,10 +349,7 @@ def _manifest(tokenizer, seq_len, val_fraction, sources, stats) -> dict[str, Any
             "vocab_size": tokenizer.vocab_size,
             "special_ids": tokenizer.special_ids,
         },
-        "sources": {
-            spec.name: {"inputs": spec.inputs, "text_field": spec.text_field, **stats[spec.name]}
-            for spec in sources
-        },
+        "sources": entries,
     }
 
 
@@ -461,22 +363,14 @@ def _progress(enabled: bool) -> Progress:
     )
 
 
-def _reasons(skipped: Mapping[str, int]) -> str:
-    return ", ".join(f"{reason}: {count}" for reason, count in skipped.items())
-
-
-def _log_summary(stats: dict[str, Any], seconds: float, manifest: Path) -> None:
-    total = sum(s["tokens"] for s in stats.values())
-    for name, s in stats.items():
-        bad = sum(s["skipped"].values())
-        logger.info(
-            "%s: %d documents (%d empty skipped), %d tokens; train %d rows in %d shards, val %d rows in %d shards",
-            name, s["documents"], s["empty_documents"], s["tokens"],
-            s["splits"]["train"]["rows"], len(s["splits"]["train"]["shards"]),
-            s["splits"]["val"]["rows"], len(s["splits"]["val"]["shards"]),
-        )  # fmt: skip
+def _log_summary(sources: list[SourceSpec], entries: dict[str, Any], seconds: float, manifest: Path) -> None:
+    total = sum(entry["tokens"] for entry in entries.values())
+    for spec in sources:
+        entry = entries[spec.name]
+        logger.info("%s", kind_of(spec.kind).summary(spec.name, entry))
+        bad = sum(entry["skipped"].values())
         if bad:
-            logger.warning("%s: %d bad inputs skipped (%s)", name, bad, _reasons(s["skipped"]))
+            logger.warning("%s: %d bad inputs skipped (%s)", spec.name, bad, reasons(entry["skipped"]))
     logger.info(
         "prepared %d tokens in %.1f s (%.0f tokens/s); manifest: %s",
         total,

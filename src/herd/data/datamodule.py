@@ -6,6 +6,14 @@ Batches are dicts of int64 tensors of shape (batch_size, seq_len):
 - ``document_ids``: per row, 0 for the first document and +1 at each document boundary, so
   ``document_ids[:, i] == document_ids[:, j]`` is the document mask;
 - ``targets``: the next token, or -100 where it belongs to another document or is padding.
+  Rows of dialog sources carry a loss mask, and their targets are also -100 wherever the next
+  token is not one the assistant wrote (its content and closing ``<|eot_id|>``/``<|eom_id|>``),
+  so the same next-token loss trains text (every token) and dialogs (assistant tokens only).
+  One DataModule may mix text and dialog sources.
+
+Dialog sources pack whole dialogs into rows, so they are read at the seq_len they were prepared
+with: another ``seq_len`` (at construction or with :meth:`PackedDataModule.set_seq_len`) is
+refused, naming the source and the stored length. Text sources are re-cut to any length.
 
 The train stream is infinite (sources repeat pass after pass): bound training with
 ``trainer.max_steps`` and validate every N steps. The val stream reads every source's val split
@@ -110,6 +118,7 @@ class PackedDataModule(L.LightningDataModule):
         self.manifests: dict[str, Manifest] = {}
         self.names, self.weights, self._train, self._val = self._load_sources(data_dir, sources)
         self._check_tokenizer(expected_vocab_size, expected_tokenizer_fingerprint)
+        self._check_seq_len(self.seq_len)
         self.tokenizer = resolve_location(tokenizer) if tokenizer else self.manifest.tokenizer_location
         self._segments: list[Segment] = []
         self._skipped_shards = 0
@@ -117,8 +126,12 @@ class PackedDataModule(L.LightningDataModule):
     # --- configuration ------------------------------------------------------------------------
 
     def set_seq_len(self, seq_len: int) -> None:
-        """Sequence length of the next dataloaders (rows are re-cut; nothing to re-prepare)."""
-        self.seq_len = _positive("seq_len", seq_len)
+        """Sequence length of the next dataloaders (text rows are re-cut; nothing to re-prepare).
+
+        Refused (ValueError) when a dialog source was prepared with another seq_len.
+        """
+        self._check_seq_len(_positive("seq_len", seq_len))
+        self.seq_len = seq_len
 
     def set_batch_size(self, batch_size: int) -> None:
         """Batch size of the next train dataloader."""
@@ -271,6 +284,16 @@ class PackedDataModule(L.LightningDataModule):
     def _data_parallel_rank(self) -> tuple[int, int]:
         return data_parallel_rank(self.trainer)
 
+    def _check_seq_len(self, seq_len: int) -> None:
+        """Sources of whole examples (dialogs) must be read at the length they were packed for."""
+        for name, row_len in self._whole_rows.items():
+            if seq_len + 1 != row_len:
+                raise ValueError(
+                    f"data.seq_len={seq_len}, but source {name!r} holds dialogs packed whole into rows of "
+                    f"seq_len={row_len - 1}, which cannot be re-cut without splitting dialogs: set "
+                    f"data.seq_len={row_len - 1}, or re-run herd.prepare with seq_len={seq_len}"
+                )
+
     def _load_sources(self, data_dir, sources):
         """Names, weights and train/val shard lists of the configured sources."""
         if sources is None:
@@ -280,6 +303,7 @@ class PackedDataModule(L.LightningDataModule):
         if not sources:
             raise ValueError("data.sources is empty; name at least one source")
         names, weights, train, val = [], [], [], []
+        self._whole_rows: dict[str, int] = {}  # row_len of each source packed as whole examples
         for name, spec in sources.items():
             spec = dict(spec or {})
             location = spec.get("data_dir") or data_dir
@@ -287,6 +311,8 @@ class PackedDataModule(L.LightningDataModule):
                 raise ValueError(f"data.sources.{name}: no data_dir (set it here or at the top level)")
             manifest = self._manifest(location)
             in_manifest = spec.get("source", name)
+            if manifest.whole_examples(in_manifest):
+                self._whole_rows[name] = manifest.row_len
             names.append(name)
             weights.append(_weight(name, spec, manifest, in_manifest))
             train.append(_source_shards(name, manifest, in_manifest, "train", spec.get("train")))
@@ -367,7 +393,8 @@ class _StreamLoader(DataLoader):
 def _source_shards(name: str, manifest: Manifest, in_manifest: str, split: str, explicit) -> SourceShards:
     listed = manifest.shards(in_manifest, split)
     shards = listed if explicit is None else _explicit_shards(name, split, explicit, listed, manifest)
-    return SourceShards(name, tuple(shards), manifest.row_len, manifest.vocab_size)
+    loss_mask = manifest.has_loss_mask(in_manifest)
+    return SourceShards(name, tuple(shards), manifest.row_len, manifest.vocab_size, loss_mask)
 
 
 def _explicit_shards(name, split, explicit, listed: list[ShardInfo], manifest: Manifest) -> list[ShardInfo]:

@@ -1,36 +1,47 @@
 """Packing documents into fixed-length rows, and re-cutting rows into training samples.
 
-Prepare side: each document becomes ``<|begin_of_text|> tokens <|end_of_text|>``; a source's
-documents are concatenated in order and cut into rows of ``row_len = seq_len + 1`` tokens, with a
-parallel array of document ids. Rows are disjoint, so every token is stored exactly once. Only
-the last row of a split is padded, with ``end_of_text`` tokens whose document id is
-:data:`PAD_DOCUMENT_ID`.
+Prepare side, text: each document becomes ``<|begin_of_text|> tokens <|end_of_text|>``; a
+source's documents are concatenated in order and cut into rows of ``row_len = seq_len + 1``
+tokens, with a parallel array of document ids. Rows are disjoint, so every token is stored
+exactly once. Only the last row of a split is padded, with ``end_of_text`` tokens whose document
+id is :data:`PAD_DOCUMENT_ID`.
+
+Prepare side, whole examples (dialogs): :class:`WholePacker` places each example, never split,
+first-fit into one of a few open rows; a row's unused tail is padding. Such rows also carry a
+per-token loss mask (true on the tokens a model is trained to predict, e.g. the assistant's).
 
 Read side: :class:`Rechunker` concatenates the rows of a stream and cuts samples of any
 ``seq_len + 1``; with the stored length it returns the rows unchanged. A sample's document ids
 are renumbered from 0 and a new id starts wherever the document changes or two rows that were
 not neighbours in the packed stream meet, so attention masks never join unrelated text.
 Targets are the next token, or :data:`IGNORE_INDEX` where the next token belongs to another
-document or either token is padding.
+document or either token is padding, or, for rows with a loss mask, where the mask is false on
+the next (the predicted) token.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 import numpy as np
 
 PAD_DOCUMENT_ID = -1
 IGNORE_INDEX = -100
+T = TypeVar("T", bound=Hashable)
 
 
 @dataclass(frozen=True)
 class PackedRows:
-    """``tokens`` and ``document_ids``, both of shape (rows, row_len)."""
+    """``tokens`` and ``document_ids``, both of shape (rows, row_len), and an optional loss mask.
+
+    ``loss_mask`` (rows, row_len) bool, or None for text: true where a token is to be predicted.
+    """
 
     tokens: np.ndarray
     document_ids: np.ndarray
+    loss_mask: np.ndarray | None = None
 
 
 def with_boundaries(ids: Sequence[int] | np.ndarray, bos_id: int, eos_id: int) -> np.ndarray:
@@ -64,11 +75,14 @@ def pack_range(
     pad_id: int,
     first_row: int,
     end_row: int,
+    loss_mask: np.ndarray | None = None,
 ) -> PackedRows:
     """Rows ``first_row .. end_row-1`` of the packed stream ``flat``.
 
     ``document_ends[i]`` is the end offset of document ``i`` in ``flat``; its id is
-    ``document_ids[i]``. Positions past the end of ``flat`` are padding.
+    ``document_ids[i]`` (a span with id :data:`PAD_DOCUMENT_ID` is padding inside the stream).
+    Positions past the end of ``flat`` are padding. ``loss_mask``, parallel to ``flat``, is cut
+    the same way (false on padding).
     """
     start, stop = first_row * row_len, min(end_row * row_len, flat.size)
     size = (end_row - first_row) * row_len
@@ -77,12 +91,66 @@ def pack_range(
     index = np.searchsorted(document_ends, np.arange(start, stop), side="right")
     docs = np.full(size, PAD_DOCUMENT_ID, dtype=np.int32)
     docs[: stop - start] = np.asarray(document_ids)[index]
-    return PackedRows(tokens.reshape(-1, row_len), docs.reshape(-1, row_len))
+    mask = None
+    if loss_mask is not None:
+        mask = np.zeros(size, dtype=bool)
+        mask[: stop - start] = loss_mask[start:stop]
+        mask = mask.reshape(-1, row_len)
+    return PackedRows(tokens.reshape(-1, row_len), docs.reshape(-1, row_len), mask)
 
 
-def next_token_targets(tokens: np.ndarray, segments: np.ndarray, pad: np.ndarray) -> np.ndarray:
-    """Targets for ``tokens[:-1]``: ``tokens[1:]``, or IGNORE_INDEX across documents and padding."""
+class WholePacker(Generic[T]):
+    """Packs examples whole, first-fit, into rows of ``row_len`` tokens; deterministic.
+
+    :meth:`add` places an example of ``length`` tokens (at most ``row_len``) in the first open row
+    with room for it, or opens a new row. At most ``open_rows`` rows are open: opening one more
+    closes the oldest, and a row that is full closes at once. Closed rows come back from
+    :meth:`add` and, at the end, :meth:`finish`, as lists of the examples they hold, in order.
+    """
+
+    def __init__(self, row_len: int, open_rows: int = 16) -> None:
+        if row_len < 1 or open_rows < 1:
+            raise ValueError(f"WholePacker needs row_len >= 1 and open_rows >= 1, got {row_len}, {open_rows}")
+        self.row_len = row_len
+        self.open_rows = open_rows
+        self._rows: list[tuple[list[T], list[int]]] = []  # (examples, [tokens used]) per open row
+
+    def add(self, example: T, length: int) -> list[list[T]]:
+        """Place one example; returns the rows this closed."""
+        if not 0 < length <= self.row_len:
+            raise ValueError(f"an example of {length} tokens does not fit a row of {self.row_len}")
+        closed = []
+        for index, (examples, used) in enumerate(self._rows):
+            if used[0] + length <= self.row_len:
+                examples.append(example)
+                used[0] += length
+                if used[0] == self.row_len:
+                    closed.append(self._rows.pop(index)[0])
+                return closed
+        if len(self._rows) == self.open_rows:
+            closed.append(self._rows.pop(0)[0])
+        self._rows.append(([example], [length]))
+        if length == self.row_len:
+            closed.append(self._rows.pop()[0])
+        return closed
+
+    def finish(self) -> list[list[T]]:
+        """Close and return the rows still open."""
+        rows, self._rows = [examples for examples, _ in self._rows], []
+        return rows
+
+
+def next_token_targets(
+    tokens: np.ndarray, segments: np.ndarray, pad: np.ndarray, loss_mask: np.ndarray | None = None
+) -> np.ndarray:
+    """Targets for ``tokens[:-1]``: ``tokens[1:]``, or IGNORE_INDEX across documents and padding.
+
+    With ``loss_mask`` (parallel to ``tokens``), also IGNORE_INDEX where the predicted token,
+    ``tokens[i + 1]``, is not in the mask.
+    """
     valid = (segments[1:] == segments[:-1]) & ~pad[1:] & ~pad[:-1]
+    if loss_mask is not None:
+        valid &= loss_mask[1:]
     return np.where(valid, tokens[1:].astype(np.int32), np.int32(IGNORE_INDEX))
 
 
@@ -104,7 +172,8 @@ class Rechunker:
     Feed rows in stream order with :meth:`add`; each call returns the samples completed so far.
     ``row_index`` is the row's position in its packed split: rows continue each other only when
     indices are consecutive. Leftover tokens shorter than a sample stay pending (drop them with
-    :meth:`reset` at the end of a pass).
+    :meth:`reset` at the end of a pass). Rows with a loss mask (dialogs) are meant to be read at
+    their stored length, one sample per row; the mask then limits the targets.
     """
 
     def __init__(self, seq_len: int) -> None:
@@ -115,15 +184,20 @@ class Rechunker:
 
     def reset(self) -> None:
         """Forget pending tokens and the previous row."""
-        self._pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self._pending: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]] = []
         self._pending_len = 0
         self._segment = 0
         self._previous: tuple[int, int] | None = None  # (row_index, last document id)
 
-    def add(self, tokens: np.ndarray, document_ids: np.ndarray, row_index: int) -> list[Sample]:
-        """Append one stored row; return the samples it completes."""
+    def add(
+        self, tokens: np.ndarray, document_ids: np.ndarray, row_index: int, loss_mask: np.ndarray | None = None
+    ) -> list[Sample]:
+        """Append one stored row (and its loss mask, if it has one); return the samples it completes."""
+        if self._pending and (loss_mask is None) != (self._pending[0][3] is None):
+            raise ValueError("Rechunker: rows with and without a loss mask cannot be mixed in one stream")
         segments = self._segments(document_ids, row_index)
-        self._pending.append((tokens, segments, document_ids < 0))
+        mask = None if loss_mask is None else np.asarray(loss_mask, dtype=bool)
+        self._pending.append((tokens, segments, document_ids < 0, mask))
         self._pending_len += len(tokens)
         samples = []
         while self._pending_len >= self.sample_len:
@@ -143,13 +217,16 @@ class Rechunker:
 
     def _cut(self) -> Sample:
         """Take one sample's tokens off the front of the pending rows."""
-        tokens, segments, pad = (np.concatenate(arrays) for arrays in zip(*self._pending, strict=True))
+        tokens, segments, pad = (np.concatenate(arrays) for arrays in list(zip(*self._pending, strict=True))[:3])
+        masked = self._pending[0][3] is not None
+        mask = np.concatenate([row[3] for row in self._pending]) if masked else None
         n = self.sample_len
-        self._pending = [(tokens[n:], segments[n:], pad[n:])] if len(tokens) > n else []
+        rest = (tokens[n:], segments[n:], pad[n:], mask[n:] if masked else None)
+        self._pending = [rest] if len(tokens) > n else []
         self._pending_len = len(tokens) - n
         tokens, segments, pad = tokens[:n], segments[:n], pad[:n]
         return Sample(
             tokens=tokens[:-1].astype(np.int32),
             document_ids=(segments[:-1] - segments[0]).astype(np.int32),
-            targets=next_token_targets(tokens, segments, pad),
+            targets=next_token_targets(tokens, segments, pad, mask[:n] if masked else None),
         )

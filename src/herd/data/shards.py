@@ -7,15 +7,21 @@ A prepared folder looks like::
     <source>/train-000000.tar     WebDataset shards, one sample per packed row:
     <source>/val-000000.tar         <row>.tokens.npy        (row_len,) uint16 or uint32
                                     <row>.document_ids.npy  (row_len,) int32, -1 = padding
+                                    <row>.loss_mask.npy     (row_len,) uint8, 1 = trained on
+                                                            (dialog sources only)
 
 ``<row>`` is the row's index in its packed split, zero-padded to 9 digits. Tar headers are fixed
 (mtime 0, uid/gid 0, no user names, mode 644), so the same inputs give byte-identical shards.
 
-Reading decodes only those two members, with ``numpy.load(allow_pickle=False)``; nothing is ever
+Each source's entry in the manifest names its ``kind`` (``text`` or ``dialog``) and its row
+``layout`` (:data:`LAYOUTS`): the members of every row and how examples were packed. A manifest
+without them (written before dialogs existed) holds text sources.
+
+Reading decodes only those members, with ``numpy.load(allow_pickle=False)``; nothing is ever
 unpickled. Each shard is read whole and checked against the manifest (sha256, row count, row
-indices, shapes, dtypes, token range) before any of its rows is used, so a damaged shard never
-reaches training: it raises :class:`ShardError` naming the shard, or is skipped when the reader
-is configured to.
+indices, members, shapes, dtypes, token and mask range) before any of its rows is used, so a
+damaged shard never reaches training: it raises :class:`ShardError` naming the shard, or is
+skipped when the reader is configured to.
 
 Locations listed in a manifest never run code: they must be plain paths (relative to the
 manifest's folder, or absolute) or URLs with a scheme in :data:`MANIFEST_URL_SCHEMES`.
@@ -46,7 +52,15 @@ from herd.paths import url_scheme
 MANIFEST_FILE = "manifest.json"
 FORMAT = "herd-packed-v1"
 SPLITS = ("train", "val")
-_TOKENS, _DOCS = "tokens.npy", "document_ids.npy"
+_TOKENS, _DOCS, _LOSS = "tokens.npy", "document_ids.npy", "loss_mask.npy"
+
+# Row layouts by kind of source (manifest: sources.<name>.kind and .layout). "stream": documents
+# are concatenated and cut into rows (a document may continue in the next row); "whole": each
+# example sits whole in one row, and the row's tail is padding.
+LAYOUTS: dict[str, dict[str, Any]] = {
+    "text": {"members": ["tokens", "document_ids"], "packing": "stream"},
+    "dialog": {"members": ["tokens", "document_ids", "loss_mask"], "packing": "whole"},
+}
 
 # URL schemes a manifest may name for its shards and tokenizer. Others are refused: ``pipe:``
 # would run the listed text as a shell command.
@@ -87,16 +101,20 @@ def shard_bytes(rows: PackedRows, first_row: int, dtype: np.dtype) -> bytes:
 
     The bytes are those ``tarfile`` writes in USTAR format, built member by member with
     ``TarInfo.tobuf`` (``addfile`` costs more than tokenizing); every npy member of a shard
-    shares one header, computed once.
+    shares one header, computed once. Rows with a loss mask get a third member, ``loss_mask``.
     """
     tokens, docs = rows.tokens.astype(dtype), rows.document_ids.astype(np.int32)
+    masks = None if rows.loss_mask is None else rows.loss_mask.astype(np.uint8)
     parts: list[bytes] = []
     if len(tokens):
         token_header, doc_header = _npy_header(tokens[0]), _npy_header(docs[0])
+        mask_header = b"" if masks is None else _npy_header(masks[0])
     for i in range(len(tokens)):
         key = f"{first_row + i:09d}"
         parts += _member(f"{key}.{_TOKENS}", token_header + tokens[i].tobytes())
         parts += _member(f"{key}.{_DOCS}", doc_header + docs[i].tobytes())
+        if masks is not None:
+            parts += _member(f"{key}.{_LOSS}", mask_header + masks[i].tobytes())
     parts.append(tarfile.NUL * (2 * tarfile.BLOCKSIZE))  # end-of-archive marker
     size = sum(map(len, parts))
     parts.append(tarfile.NUL * (-size % tarfile.RECORDSIZE))  # pad the last record, as tarfile does
@@ -142,32 +160,42 @@ def write_split(
     max_rows: int = 2048,
     min_count: int = 8,
     map_fn: Callable[[Callable, Iterable], Iterable] = map,
+    loss_mask: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Pack a split's token stream into rows and write it as ``<prefix>-000000.tar``, ...
 
     Uses at most ``max_rows`` rows per shard and at least ``min_count`` shards when there are
     enough rows. ``map_fn`` runs the per-shard work (e.g. ``WorkerPool.imap``, in processes).
-    Returns the split's manifest entry (counts and the shard list).
+    Spans whose document id is negative are padding inside the stream (whole-example rows lay
+    out their padding so); ``loss_mask`` (parallel to ``flat``) is written as each row's
+    ``loss_mask`` member. Returns the split's manifest entry (counts and the shard list): the
+    counts are of real tokens and documents, padding apart, plus ``trained_tokens`` with a mask.
     """
     rows = num_rows(flat.size, row_len)
     per_shard = max(1, min(max_rows, -(-rows // min_count)))
     tasks = (
         _ShardTask.cut(folder / f"{prefix}-{index:06d}.tar", flat, document_ends, document_ids, first,
-                       min(rows, first + per_shard), row_len, pad_id, dtype)
+                       min(rows, first + per_shard), row_len, pad_id, dtype, loss_mask)
         for index, first in enumerate(range(0, rows, per_shard))
     )  # fmt: skip
     shards = [
         {"path": f"{prefix}-{i:06d}.tar", "rows": n, "first_row": first, "sha256": digest}
         for i, (first, n, digest) in enumerate(map_fn(_write_task, tasks))
     ]
-    return {
-        "documents": len(document_ids),
-        "tokens": int(flat.size),
+    real = np.asarray(document_ids) >= 0
+    lengths = np.diff(document_ends, prepend=0)
+    tokens = int(lengths[real].sum()) if not real.all() else int(flat.size)
+    entry = {
+        "documents": int(real.sum()),
+        "tokens": tokens,
         "rows": rows,
-        "padding_tokens": rows * row_len - int(flat.size),
-        "unigram_entropy": unigram_entropy(flat),
+        "padding_tokens": rows * row_len - tokens,
+        "unigram_entropy": unigram_entropy(flat if real.all() else flat[np.repeat(real, lengths)]),
         "shards": shards,
     }
+    if loss_mask is not None:
+        entry["trained_tokens"] = int(np.count_nonzero(loss_mask))
+    return entry
 
 
 def unigram_entropy(tokens: np.ndarray) -> float:
@@ -190,20 +218,23 @@ class _ShardTask:
     row_len: int
     pad_id: int
     dtype: np.dtype
+    loss_mask: np.ndarray | None = None  # the shard's slice of the split's loss mask
 
     @classmethod
-    def cut(cls, path, flat, ends, ids, first, end, row_len, pad_id, dtype) -> _ShardTask:
+    def cut(cls, path, flat, ends, ids, first, end, row_len, pad_id, dtype, loss_mask=None) -> _ShardTask:
         """The task for rows ``first .. end-1`` of the split ``flat``."""
         start, stop = first * row_len, min(end * row_len, flat.size)
         lo, hi = np.searchsorted(ends, [start, stop - 1], side="right")
+        mask = None if loss_mask is None else np.array(loss_mask[start:stop])
         return cls(path, np.array(flat[start:stop]), ends[lo : hi + 1] - start, ids[lo : hi + 1],
-                   first, end - first, row_len, pad_id, dtype)  # fmt: skip
+                   first, end - first, row_len, pad_id, dtype, mask)  # fmt: skip
 
 
 def _write_task(task: _ShardTask) -> tuple[int, int, str]:
     """Pack and write one shard; returns (first row, rows, sha256)."""
     packed = pack_range(
-        task.tokens, task.document_ends, task.document_ids, task.row_len, task.pad_id, 0, task.rows
+        task.tokens, task.document_ends, task.document_ids, task.row_len, task.pad_id, 0, task.rows,
+        task.loss_mask,
     )
     return task.first_row, task.rows, write_shard(task.path, packed, task.first_row, task.dtype)
 
@@ -267,6 +298,34 @@ class Manifest:
         """Tokens per stored row (seq_len + 1)."""
         return int(self.data["row_len"])
 
+    def source_kind(self, source: str) -> str:
+        """The kind of examples ``source`` holds: ``"text"`` (the default) or ``"dialog"``."""
+        self._check_source(source)
+        kind = self.data["sources"][source].get("kind", "text")
+        if kind not in LAYOUTS:
+            raise ManifestError(
+                f"source {source!r} in {self.location} is of kind {kind!r}; herd reads packed rows of the "
+                f"kinds {sorted(LAYOUTS)} (re-run herd.prepare with a herd that knows it, or leave the source out)"
+            )
+        return kind
+
+    def layout(self, source: str) -> dict[str, Any]:
+        """The row layout of ``source`` (an entry of :data:`LAYOUTS`): its members and packing."""
+        layout = self.data["sources"][source].get("layout") if self.source_kind(source) else None
+        if layout is None:
+            return LAYOUTS[self.source_kind(source)]
+        if not isinstance(layout, dict) or not isinstance(layout.get("members"), list):
+            raise ManifestError(f"{self.location}: sources.{source}.layout is malformed; re-run herd.prepare")
+        return layout
+
+    def has_loss_mask(self, source: str) -> bool:
+        """True when the rows of ``source`` carry a ``loss_mask`` member (dialog sources)."""
+        return "loss_mask" in self.layout(source)["members"]
+
+    def whole_examples(self, source: str) -> bool:
+        """True when each example of ``source`` sits whole in one row (it must be read at row_len)."""
+        return self.layout(source).get("packing") == "whole"
+
     @property
     def vocab_size(self) -> int:
         """Vocabulary size of the tokenizer the shards were made with."""
@@ -286,12 +345,15 @@ class Manifest:
         """Names of the sources in this dataset."""
         return list(self.data["sources"])
 
-    def shards(self, source: str, split: str) -> list[ShardInfo]:
-        """The shards of ``source``'s ``split``, with locations resolved."""
+    def _check_source(self, source: str) -> None:
         if source not in self.data["sources"]:
             raise ManifestError(
                 f"source {source!r} is not in manifest {self.location} (it has {self.source_names()})"
             )
+
+    def shards(self, source: str, split: str) -> list[ShardInfo]:
+        """The shards of ``source``'s ``split``, with locations resolved."""
+        self._check_source(source)
         listed = self.data["sources"][source]["splits"].get(split, {}).get("shards", [])
         entry = f"sources.{source}.splits.{split}.shards"
         return [
@@ -372,18 +434,24 @@ class Manifest:
 
 @dataclass(frozen=True)
 class Row:
-    """One stored row: its index in the packed split, token ids and document ids."""
+    """One stored row: its index in the packed split, token ids, document ids and loss mask.
+
+    ``loss_mask`` is a bool array for dialog rows (true on the tokens to predict), else None.
+    """
 
     index: int
     tokens: np.ndarray
     document_ids: np.ndarray
+    loss_mask: np.ndarray | None = None
 
 
-def read_shard(shard: ShardInfo, row_len: int, vocab_size: int) -> list[Row]:
+def read_shard(shard: ShardInfo, row_len: int, vocab_size: int, loss_mask: bool = False) -> list[Row]:
     """All rows of ``shard``, checked against the manifest; raises ShardError naming the shard.
 
-    ``shard.url`` is opened with webdataset's ``gopen``, as given: a ``pipe:`` URL runs its
-    command. :class:`Manifest` never yields one; only a location the user configured can be one.
+    ``loss_mask``: whether the source's layout has a ``loss_mask`` member (dialog sources); a
+    row must hold exactly the members its layout names. ``shard.url`` is opened with webdataset's
+    ``gopen``, as given: a ``pipe:`` URL runs its command. :class:`Manifest` never yields one;
+    only a location the user configured can be one.
     """
     data = _fetch(shard.url)
     if shard.sha256 is not None and hashlib.sha256(data).hexdigest() != shard.sha256:
@@ -392,7 +460,7 @@ def read_shard(shard: ShardInfo, row_len: int, vocab_size: int) -> list[Row]:
             "Re-run herd.prepare or restore the file (or set on_corrupt_shard=skip to skip it)."
         )
     try:
-        rows = [_decode(sample, row_len, vocab_size) for sample in _samples(data, shard.url)]
+        rows = [_decode(sample, row_len, vocab_size, loss_mask) for sample in _samples(data, shard.url)]
     except ShardError:
         raise
     except Exception as err:  # tarfile, numpy and webdataset raise many kinds on damaged bytes
@@ -422,12 +490,18 @@ def _samples(data: bytes, url: str):
     return group_by_keys(files)
 
 
-def _decode(sample: dict[str, Any], row_len: int, vocab_size: int) -> Row:
-    """A Row from one sample's npy members; checks shapes, dtypes and token range."""
+def _decode(sample: dict[str, Any], row_len: int, vocab_size: int, loss_mask: bool = False) -> Row:
+    """A Row from one sample's npy members; checks members, shapes, dtypes, token and mask range."""
     key = sample["__key__"]
-    missing = [name for name in (_TOKENS, _DOCS) if name not in sample]
+    members = (_TOKENS, _DOCS, _LOSS) if loss_mask else (_TOKENS, _DOCS)
+    missing = [name for name in members if name not in sample]
     if missing or not key.isdigit():
         raise ShardError(f"sample {key!r} in {sample['__url__']} is malformed (missing {missing})")
+    if not loss_mask and _LOSS in sample:
+        raise ShardError(
+            f"sample {key} in {sample['__url__']} has a loss mask, but the manifest lists its source as "
+            "text; re-run herd.prepare or fix the manifest"
+        )
     tokens = _load_npy(sample[_TOKENS], key, sample["__url__"])
     docs = _load_npy(sample[_DOCS], key, sample["__url__"])
     if (
@@ -444,7 +518,20 @@ def _decode(sample: dict[str, Any], row_len: int, vocab_size: int) -> Row:
         raise ShardError(
             f"sample {key} in {sample['__url__']}: token id {int(tokens.max())} >= vocab size {vocab_size}"
         )
-    return Row(int(key), tokens, docs)
+    return Row(int(key), tokens, docs, _decode_mask(sample, key, row_len) if loss_mask else None)
+
+
+def _decode_mask(sample: dict[str, Any], key: str, row_len: int) -> np.ndarray:
+    """The row's loss mask as bool: (row_len,) uint8 or bool holding only 0 and 1."""
+    mask = _load_npy(sample[_LOSS], key, sample["__url__"])
+    if mask.shape != (row_len,) or mask.dtype not in (np.uint8, np.bool_):
+        raise ShardError(
+            f"sample {key} in {sample['__url__']}: expected a loss mask of {row_len} uint8, got "
+            f"{mask.dtype}{mask.shape}"
+        )
+    if mask.size and int(mask.max()) > 1:
+        raise ShardError(f"sample {key} in {sample['__url__']}: loss mask values must be 0 or 1")
+    return mask.astype(bool)
 
 
 def _load_npy(data: bytes, key: str, url: str) -> np.ndarray:

@@ -161,19 +161,39 @@ def jsonl_documents(
 ) -> Iterator[Document]:
     """One document per non-blank line of a jsonl file; bad lines are reported as ``file:line``."""
     doc_id = doc_id or path.name
+    for line_number, record in jsonl_records(path, on_bad_input, f"a {text_field!r} field"):
+        where = f"{path}:{line_number}"
+        try:
+            text = _record_text(record, where, text_field)
+        except BadInputError as err:
+            on_bad_input(err)
+            continue
+        yield Document(f"{doc_id}:{line_number}", text)
+
+
+def jsonl_records(
+    path: Path, on_bad_input: OnBadInput = raise_bad_input, expected: str = "fields"
+) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(line number, JSON object)`` of each non-blank line of a jsonl file.
+
+    A line that is not UTF-8, not JSON or not a JSON object goes to ``on_bad_input`` as a
+    :class:`BadInputError` located at ``file:line`` (reasons ``not_utf8``, ``malformed_json``,
+    ``not_an_object``); ``expected`` says in that message what an object should hold. Every kind
+    of example read from jsonl (text, dialogs) starts here.
+    """
     # surrogateescape: a line that is not UTF-8 is reported alone, and the next lines still read
     with open(path, encoding="utf-8", errors="surrogateescape") as lines:
         for line_number, line in enumerate(lines, start=1):
             if line.strip():
                 try:
-                    text = _jsonl_text(line, f"{path}:{line_number}", text_field)
+                    record = _jsonl_object(line, f"{path}:{line_number}", expected)
                 except BadInputError as err:
                     on_bad_input(err)
                     continue
-                yield Document(f"{doc_id}:{line_number}", text)
+                yield line_number, record
 
 
-def _jsonl_text(line: str, where: str, text_field: str) -> str:
+def _jsonl_object(line: str, where: str, expected: str) -> dict[str, Any]:
     try:
         line.encode("utf-8")
     except UnicodeEncodeError as err:  # a byte that surrogateescape kept
@@ -190,9 +210,13 @@ def _jsonl_text(line: str, where: str, text_field: str) -> str:
         ) from None  # fmt: skip
     if not isinstance(record, dict):
         raise BadInputError(
-            f"{where}: expected a JSON object with a {text_field!r} field, got {type(record).__name__}; "
+            f"{where}: expected a JSON object with {expected}, got {type(record).__name__}; "
             "fix or remove the line", "not_an_object", where,
         )  # fmt: skip
+    return record
+
+
+def _record_text(record: dict[str, Any], where: str, text_field: str) -> str:
     if text_field not in record:
         raise BadInputError(
             f"{where}: no {text_field!r} field (fields: {sorted(record)}); set the source's "
@@ -204,7 +228,7 @@ def _jsonl_text(line: str, where: str, text_field: str) -> str:
             f"{where}: field {text_field!r} must be a string, got {type(text).__name__}; fix or "
             "remove the line", "not_a_string", where,
         )  # fmt: skip
-    _check_text(text, where, f"the {text_field!r} field", "fix or remove the line")
+    check_text(text, where, f"the {text_field!r} field", "fix or remove the line")
     return text
 
 
@@ -216,7 +240,7 @@ def _read_text(path: Path) -> str:
             f"{path} is not UTF-8 text ({err.reason} at byte {err.start}); convert it or narrow "
             "the source's glob to text files", "not_utf8", str(path),
         ) from None  # fmt: skip
-    _check_text(text, str(path), "the file", "remove it or narrow the source's glob to text files")
+    check_text(text, str(path), "the file", "remove it or narrow the source's glob to text files")
     return text
 
 
@@ -234,7 +258,11 @@ def binary_reason(text: str) -> str | None:
     return None
 
 
-def _check_text(text: str, where: str, what: str, fix: str) -> None:
+def check_text(text: str, where: str, what: str, fix: str) -> None:
+    """Raise a ``binary`` :class:`BadInputError` for ``text`` that looks like binary data.
+
+    The message reads ``{where}: {what} is not text ({why}); {fix}``.
+    """
     if why := binary_reason(text):
         raise BadInputError(f"{where}: {what} is not text ({why}); {fix}", "binary", where)
 

@@ -8,7 +8,9 @@ Each DataLoader worker of each data-parallel rank is one *reader*. For every sou
    ``split_by_worker`` do. Readers of one pass therefore never share a row, and together they
    read every row of the split once;
 2. reads each shard whole and checks it (``herd.data.shards.read_shard``);
-3. re-cuts the rows into samples of ``seq_len + 1`` tokens (``herd.data.packing.Rechunker``);
+3. re-cuts the rows into samples of ``seq_len + 1`` tokens (``herd.data.packing.Rechunker``;
+   dialog rows are read at their stored length, one sample per row, targets limited by the
+   row's loss mask);
 4. shuffles the samples of the pass in a buffer (webdataset's ``shuffle``, seeded), then starts
    the next pass, so a pass is an epoch of that source for this reader.
 
@@ -52,12 +54,16 @@ ON_CORRUPT = ("error", "skip")
 
 @dataclass(frozen=True)
 class SourceShards:
-    """One source as a reader sees it: its shards and how to check them."""
+    """One source as a reader sees it: its shards and how to check them.
+
+    ``loss_mask``: its rows carry a loss mask (dialog sources), which limits the targets.
+    """
 
     name: str
     shards: tuple[ShardInfo, ...]
     row_len: int
     vocab_size: int
+    loss_mask: bool = False
 
 
 @dataclass(frozen=True)
@@ -348,7 +354,7 @@ class PackedStream(IterableDataset):
     def _read(self, shard: ShardInfo, source: SourceShards, reader: _Reader) -> list[Row] | None:
         """The rows of a shard, or None when it is damaged and damaged shards are skipped."""
         try:
-            return read_shard(shard, source.row_len, source.vocab_size)
+            return read_shard(shard, source.row_len, source.vocab_size, source.loss_mask)
         except ShardError as err:
             if self.on_corrupt_shard == "error":
                 raise
@@ -389,7 +395,7 @@ def val_batches_per_rank(sources: Sequence[SourceShards], plan: Plan) -> list[in
 def _rechunked(rows: Iterator[Row], seq_len: int) -> Iterator[Sample]:
     rechunker = Rechunker(seq_len)
     for row in rows:
-        yield from rechunker.add(row.tokens, row.document_ids, row.index)
+        yield from rechunker.add(row.tokens, row.document_ids, row.index, row.loss_mask)
 
 
 def _seed(*parts: object) -> int:
