@@ -5,7 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from herd.data.packing import IGNORE_INDEX, PAD_DOCUMENT_ID, Rechunker, pack_documents, with_boundaries
+from herd.data.packing import (
+    IGNORE_INDEX,
+    PAD_DOCUMENT_ID,
+    Rechunker,
+    WholePacker,
+    pack_documents,
+    with_boundaries,
+)
 
 BOS, EOS, PAD = 1000, 1001, 1001
 
@@ -97,3 +104,58 @@ def test_rows_that_were_not_neighbours_never_share_a_document():
     (near,) = chunker.add(tokens + 8, same_doc, row_index=5)  # the next row: one document
     assert near.document_ids.tolist() == [0] * 15
     assert near.targets[7] == 8
+
+
+# --- whole examples with a loss mask (dialogs) -----------------------------------------------------
+
+
+def test_loss_mask_limits_targets_to_masked_next_tokens():
+    tokens = np.array([BOS, 5, 6, 7, EOS, BOS, 8, 9, PAD, PAD], dtype=np.uint32)
+    docs = np.array([3, 3, 3, 3, 3, 4, 4, 4, -1, -1], dtype=np.int32)
+    mask = np.array([0, 0, 0, 1, 1, 0, 1, 1, 0, 0], dtype=bool)  # "7 EOS" and "8 9" are trained
+    (sample,) = Rechunker(9).add(tokens, docs, 0, mask)
+    assert sample.targets.tolist() == [IGNORE_INDEX, IGNORE_INDEX, 7, EOS, IGNORE_INDEX, 8, 9, IGNORE_INDEX,
+                                       IGNORE_INDEX]  # fmt: skip
+    assert sample.document_ids.tolist() == [0, 0, 0, 0, 0, 1, 1, 1, 2]
+    (unmasked,) = Rechunker(9).add(tokens, docs, 0)  # the same row as text: every next token
+    assert unmasked.targets.tolist() == [5, 6, 7, EOS, IGNORE_INDEX, 8, 9, IGNORE_INDEX, IGNORE_INDEX]
+
+
+def test_rows_with_and_without_a_mask_do_not_mix():
+    chunker = Rechunker(15)
+    chunker.add(np.arange(8, dtype=np.uint32), np.zeros(8, np.int32), 0, np.ones(8, bool))
+    with pytest.raises(ValueError, match="cannot be mixed"):
+        chunker.add(np.arange(8, dtype=np.uint32), np.zeros(8, np.int32), 1)
+
+
+@pytest.mark.parametrize("open_rows", [1, 4, 16])
+def test_whole_packer_places_every_example_once_whole_and_deterministically(open_rows):
+    rng = np.random.default_rng(3)
+    lengths = [int(n) for n in rng.integers(1, 18, size=300)] + [17]
+
+    def pack():
+        packer = WholePacker(17, open_rows)
+        rows = [row for index, n in enumerate(lengths) for row in packer.add(index, n)]
+        return rows + packer.finish()
+
+    rows = pack()
+    assert sorted(i for row in rows for i in row) == list(range(len(lengths)))  # each exactly once
+    assert all(sum(lengths[i] for i in row) <= 17 for row in rows)  # whole, never over a row
+    assert pack() == rows
+    # first-fit within the open rows beats one-row greedy (open_rows=1) on padding
+    greedy = WholePacker(17, 1)
+    greedy_rows = [row for index, n in enumerate(lengths) for row in greedy.add(index, n)] + greedy.finish()
+    assert len(rows) <= len(greedy_rows)
+
+
+def test_whole_packer_first_fit_by_hand():
+    packer = WholePacker(10, open_rows=2)
+    assert packer.add("a", 6) == []
+    assert packer.add("b", 6) == []  # does not fit next to a: a second row
+    assert packer.add("c", 4) == [["a", "c"]]  # fills a's row, which closes
+    assert packer.add("d", 7) == []
+    assert packer.add("e", 5) == [["b"]]  # a third open row closes the oldest
+    assert packer.add("f", 10) == [["f"]]  # a full row closes at once
+    assert packer.finish() == [["d"], ["e"]]
+    with pytest.raises(ValueError, match="does not fit a row of 10"):
+        packer.add("g", 11)

@@ -10,8 +10,9 @@ import tarfile
 import numpy as np
 import pytest
 
-from herd.data.packing import pack_documents, with_boundaries
+from herd.data.packing import PackedRows, pack_documents, with_boundaries
 from herd.data.shards import (
+    LAYOUTS,
     Manifest,
     ManifestError,
     ShardError,
@@ -244,3 +245,57 @@ def test_a_pipe_data_dir_written_by_the_user_still_works_but_is_not_extended_wit
     with pytest.raises(ManifestError, match="appended to the pipe: command of data_dir"):
         Manifest.load(f"pipe:cat {tmp_path}/data/manifest.json")
     assert not marker.exists()
+
+
+# --- the loss mask of dialog rows -------------------------------------------------------------------
+
+
+def _masked(tmp_path, mask_of=lambda packed: packed.tokens % 2 == 0):
+    packed = _packed()
+    packed = PackedRows(packed.tokens, packed.document_ids, mask_of(packed))
+    path = tmp_path / "masked.tar"
+    digest = write_shard(path, packed, first_row=0, dtype=np.dtype(np.uint16))
+    return ShardInfo(str(path), len(packed.tokens), 0, digest), packed
+
+
+def test_a_loss_mask_is_a_third_member_read_back_as_bool(tmp_path):
+    info, packed = _masked(tmp_path)
+    rows = read_shard(info, ROW_LEN, 1000, loss_mask=True)
+    np.testing.assert_array_equal(np.stack([r.loss_mask for r in rows]), packed.loss_mask)
+    assert rows[0].loss_mask.dtype == np.bool_
+    with tarfile.open(info.url) as tar:
+        assert [m.name for m in tar.getmembers()[:3]] == [
+            "000000000.tokens.npy", "000000000.document_ids.npy", "000000000.loss_mask.npy",
+        ]  # fmt: skip
+        mask = np.load(io.BytesIO(tar.extractfile("000000000.loss_mask.npy").read()), allow_pickle=False)
+    assert mask.dtype == np.uint8
+    assert all(r.loss_mask is None for r in read_shard(_write(tmp_path)[1], ROW_LEN, 1000))  # text: no mask
+
+
+def test_a_loss_mask_must_match_the_layout(tmp_path):
+    info, _ = _masked(tmp_path)
+    with pytest.raises(ShardError, match="has a loss mask, but the manifest lists its source as text"):
+        read_shard(info, ROW_LEN, 1000)
+    _, text, _ = _write(tmp_path)
+    with pytest.raises(ShardError, match=r"is malformed \(missing \['loss_mask.npy'\]\)"):
+        read_shard(text, ROW_LEN, 1000, loss_mask=True)
+
+
+def test_a_loss_mask_with_other_values_is_refused(tmp_path):
+    info, _ = _masked(tmp_path, lambda packed: (packed.tokens % 3).astype(np.uint8))
+    with pytest.raises(ShardError, match="loss mask values must be 0 or 1"):
+        read_shard(info, ROW_LEN, 1000, loss_mask=True)
+
+
+def test_the_manifest_tells_each_sources_kind_and_layout(tmp_path):
+    manifest = _manifest(tmp_path)  # without kind or layout: text
+    assert (manifest.source_kind("code"), manifest.has_loss_mask("code"), manifest.whole_examples("code")) == (
+        "text", False, False,
+    )  # fmt: skip
+    manifest.data["sources"]["code"].update(kind="dialog", layout=LAYOUTS["dialog"])
+    assert (manifest.source_kind("code"), manifest.has_loss_mask("code"), manifest.whole_examples("code")) == (
+        "dialog", True, True,
+    )  # fmt: skip
+    manifest.data["sources"]["code"]["kind"] = "preference"
+    with pytest.raises(ManifestError, match="source 'code' .* is of kind 'preference'"):
+        manifest.source_kind("code")

@@ -104,7 +104,8 @@ class WholePacker(Generic[T]):
 
     :meth:`add` places an example of ``length`` tokens (at most ``row_len``) in the first open row
     with room for it, or opens a new row. At most ``open_rows`` rows are open: opening one more
-    closes the oldest, and a row that is full closes at once. Closed rows come back from
+    closes the oldest, and a row that is full closes at once (an example of ``row_len`` tokens
+    is a row by itself). Closed rows come back from
     :meth:`add` and, at the end, :meth:`finish`, as lists of the examples they hold, in order.
     """
 
@@ -127,11 +128,11 @@ class WholePacker(Generic[T]):
                 if used[0] == self.row_len:
                     closed.append(self._rows.pop(index)[0])
                 return closed
+        if length == self.row_len:  # a row of its own, closed at once: no open row need close
+            return [[example]]
         if len(self._rows) == self.open_rows:
             closed.append(self._rows.pop(0)[0])
         self._rows.append(([example], [length]))
-        if length == self.row_len:
-            closed.append(self._rows.pop()[0])
         return closed
 
     def finish(self) -> list[list[T]]:
