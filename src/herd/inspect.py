@@ -97,7 +97,9 @@ def load_row(data_dir: str, source: str | None = None, split: str = "train", row
     shard = next(s for s in shards if s.first_row <= row < s.first_row + s.rows)
     loss_mask = manifest.has_loss_mask(source)
     stored = read_shard(shard, manifest.row_len, manifest.vocab_size, loss_mask)[row - shard.first_row]
-    (sample,) = Rechunker(manifest.row_len - 1).add(stored.tokens, stored.document_ids, stored.index, stored.loss_mask)
+    (sample,) = Rechunker(manifest.row_len - 1).add(
+        stored.tokens, stored.document_ids, stored.index, stored.loss_mask
+    )
     trained = np.zeros(len(stored.tokens), bool)
     trained[1:] = sample.targets != IGNORE_INDEX
     shard_name = "/".join(shard.url.rsplit("/", 2)[-2:])  # <source>/<split>-NNNNNN.tar
@@ -109,7 +111,9 @@ def tokenizer_of(data_dir: str) -> Tokenizer:
     """The tokenizer saved with a prepared folder."""
     location = Manifest.load(resolve_location(str(data_dir))).tokenizer_location
     if is_url(location):
-        raise InspectError(f"the tokenizer of {data_dir} is at {location}; herd.inspect reads local folders only")
+        raise InspectError(
+            f"the tokenizer of {data_dir} is at {location}; herd.inspect reads local folders only"
+        )
     return Tokenizer.load(location)
 
 

@@ -123,7 +123,9 @@ def iter_dialogs(
                 if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
             )  # fmt: skip
             if not files:
-                raise FileNotFoundError(f"no files match {glob!r} in {path}; check the input folder or the glob")
+                raise FileNotFoundError(
+                    f"no files match {glob!r} in {path}; check the input folder or the glob"
+                )
             for file in files:
                 yield from jsonl_dialogs(file, file.relative_to(path).as_posix(), on_bad_input)
         elif path.is_file():
@@ -135,7 +137,9 @@ def iter_dialogs(
             )
 
 
-def jsonl_dialogs(path: Path, file_id: str | None = None, on_bad_input: OnBadInput = raise_bad_input) -> Iterator[Dialog]:
+def jsonl_dialogs(
+    path: Path, file_id: str | None = None, on_bad_input: OnBadInput = raise_bad_input
+) -> Iterator[Dialog]:
     """One dialog per non-blank line of a jsonl file (id ``file_id:line``); bad lines named ``file:line``."""
     file_id = file_id or path.name
     for line_number, record in jsonl_records(path, on_bad_input, "'messages' (or 'prompt' and 'completion')"):
@@ -155,16 +159,24 @@ def record_dialog(record: Mapping[str, Any], where: str, dialog_id: str) -> Dial
         if isinstance(messages, list) and not messages:
             raise _bad(where, "no_messages", "'messages' is empty")
         if not isinstance(messages, list):
-            raise _bad(where, "bad_message", f"'messages' must be a list of messages, got {type(messages).__name__}")
+            raise _bad(
+                where, "bad_message", f"'messages' must be a list of messages, got {type(messages).__name__}"
+            )
     elif "prompt" in record or "completion" in record:
         missing = [key for key in ("prompt", "completion") if key not in record]
         if missing:
-            raise _bad(where, "no_messages", f"a prompt/completion line needs both fields, {missing[0]!r} is missing")
+            raise _bad(
+                where, "no_messages", f"a prompt/completion line needs both fields, {missing[0]!r} is missing"
+            )
         messages = _turns(record["prompt"], "user", where, "prompt") + _turns(
             record["completion"], "assistant", where, "completion"
         )
     else:
-        raise _bad(where, "no_messages", f"no 'messages' (or 'prompt' and 'completion') field (fields: {sorted(record)})")
+        raise _bad(
+            where,
+            "no_messages",
+            f"no 'messages' (or 'prompt' and 'completion') field (fields: {sorted(record)})",
+        )
     group = record.get("group")
     if group is not None and (not isinstance(group, str) or not group):
         raise _bad(where, "bad_message", f"'group' must be a non-empty string, got {group!r}")
@@ -177,7 +189,9 @@ def _turns(value: Any, role: str, where: str, key: str) -> list[Any]:
         return [{"role": role, "content": value}]
     if isinstance(value, list):
         return list(value)
-    raise _bad(where, "bad_message", f"{key!r} must be a string or a list of messages, got {type(value).__name__}")
+    raise _bad(
+        where, "bad_message", f"{key!r} must be a string or a list of messages, got {type(value).__name__}"
+    )
 
 
 def checked_messages(messages: Sequence[Any], where: str) -> list[dict[str, Any]]:
@@ -185,7 +199,11 @@ def checked_messages(messages: Sequence[Any], where: str) -> list[dict[str, Any]
     out = []
     for index, message in enumerate(messages):
         if not isinstance(message, Mapping):
-            raise _bad(where, "bad_message", f"message {index} is a {type(message).__name__}, not a {{role, content}} object")
+            raise _bad(
+                where,
+                "bad_message",
+                f"message {index} is a {type(message).__name__}, not a {{role, content}} object",
+            )
         role, content = message.get("role"), message.get("content")
         if not isinstance(role, str):
             raise _bad(where, "bad_message", f"message {index} has no string 'role'")
@@ -199,7 +217,9 @@ def checked_messages(messages: Sequence[Any], where: str) -> list[dict[str, Any]
             raise _bad(where, "binary", f"message {index} ({role}): the content is not text ({why})")
         flags = {key: message[key] for key in _MESSAGE_FLAGS if key in message}
         if any(not isinstance(value, bool) for value in flags.values()):
-            raise _bad(where, "bad_message", f"message {index} ({role}): python_tag and eom must be true or false")
+            raise _bad(
+                where, "bad_message", f"message {index} ({role}): python_tag and eom must be true or false"
+            )
         out.append({"role": role, "content": content, **flags})
     if not any(message["role"] == "assistant" for message in out):
         raise _bad(where, "no_assistant_turn", "no assistant message, so nothing to train on")
@@ -218,7 +238,9 @@ def sft_options(item: str) -> dict[str, Any]:
     options: dict[str, Any] = {}
     for key, value in parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query)):
         if key not in _SFT_OPTIONS:
-            raise ValueError(f"input {item!r}: unknown option {key!r}; {STDLIB_SFT} takes {sorted(_SFT_OPTIONS)}")
+            raise ValueError(
+                f"input {item!r}: unknown option {key!r}; {STDLIB_SFT} takes {sorted(_SFT_OPTIONS)}"
+            )
         try:
             options[key] = _SFT_OPTIONS[key](value)
         except ValueError:
@@ -301,7 +323,10 @@ class TemplateEncoder:
                 )  # fmt: skip
             start = self._render(messages[:k], dialog.id, generation=True)
             end = self._render(messages[: k + 1], dialog.id)
-            for prefix, what in ((start, f"{k} messages and the generation prompt"), (end, f"{k + 1} messages")):
+            for prefix, what in (
+                (start, f"{k} messages and the generation prompt"),
+                (end, f"{k + 1} messages"),
+            ):
                 if ids[: len(prefix)] != prefix:
                     raise PrepareError(
                         f"chat_template=tokenizer: the chat template of {self.source} renders the first {what} "
@@ -337,7 +362,9 @@ class DialogKind:
         """Refuse an unknown chat_template or too_long."""
         for key, allowed in (("chat_template", CHAT_TEMPLATES), ("too_long", TOO_LONG)):
             if spec.options[key] not in allowed:
-                raise PrepareError(f"sources.{spec.name}.{key} must be one of {allowed}, got {spec.options[key]!r}")
+                raise PrepareError(
+                    f"sources.{spec.name}.{key} must be one of {allowed}, got {spec.options[key]!r}"
+                )
 
     def dialogs(self, spec: SourceSpec, on_bad_input: OnBadInput) -> Iterator[Dialog]:
         """The source's dialogs in order; bad lines go to ``on_bad_input``."""
@@ -386,7 +413,9 @@ class DialogKind:
         bad_inputs.check(read, f"check sources.{spec.name}.input (jsonl lines of 'messages', or 'prompt' and "
                                "'completion') and glob")  # fmt: skip
         if read == 0:
-            raise PrepareError(f"source {spec.name}: its inputs hold no dialogs; check sources.{spec.name}.input")
+            raise PrepareError(
+                f"source {spec.name}: its inputs hold no dialogs; check sources.{spec.name}.input"
+            )
         if kept == 0:
             raise PrepareError(
                 f"source {spec.name}: all {read} dialogs are longer than a row of seq_len + 1 = {job.row_len} "

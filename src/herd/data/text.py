@@ -37,7 +37,9 @@ class TextKind:
 
     def documents(self, spec: SourceSpec, on_bad_input: BadInputs) -> Iterator[Document]:
         """The source's documents in order; bad inputs go to ``on_bad_input``."""
-        return iter_documents(spec.inputs, str(spec.options["text_field"]), str(spec.options["glob"]), on_bad_input)
+        return iter_documents(
+            spec.inputs, str(spec.options["text_field"]), str(spec.options["glob"]), on_bad_input
+        )
 
     def texts(self, spec: SourceSpec, val_fraction: float, on_bad_input: BadInputs) -> Iterator[str]:
         """The text of every non-empty train document."""
