@@ -14,7 +14,7 @@ from herd.model import generate
 
 
 class TextSamples(L.Callback):
-    """Every ``every_n_steps`` optimizer steps (and at the end of training), continue each prompt greedily.
+    """Every ``every_n_steps`` optimizer steps (and at the end of training), continue the prompts greedily (one batch).
 
     ``tokenizer`` is a tokenizer directory (the one the data was prepared with).
     """
@@ -64,10 +64,10 @@ class TextSamples(L.Callback):
         device = next(model.parameters()).device
         texts = []
         try:
-            for prompt in self.prompts:
-                ids = torch.tensor([[tok.bos_id, *tok.encode(prompt)]], device=device)
-                out = generate(model, ids, self.max_new_tokens, stop_ids=[tok.eos_id])
-                continuation = tok.decode(out[0, ids.shape[1] :].tolist())
+            prompts = [torch.tensor([tok.bos_id, *tok.encode(prompt)], device=device) for prompt in self.prompts]
+            outputs = generate(model, prompts, self.max_new_tokens, stop_ids=[tok.eos_id])  # one batch
+            for prompt, new_tokens in zip(self.prompts, outputs, strict=True):
+                continuation = tok.decode(new_tokens)
                 # An indented block renders verbatim in TensorBoard's markdown (code keeps its layout).
                 texts.append("\n".join("    " + line for line in (prompt + continuation).splitlines()))
         finally:

@@ -2,7 +2,8 @@
 
 from herd.model.attention import KVCache
 from herd.model.config import ModelConfig, RopeScaling
-from herd.model.generate import generate
+from herd.model.generate import generate, stream
 from herd.model.transformer import Transformer, default_position_ids
 
-__all__ = ["KVCache", "ModelConfig", "RopeScaling", "Transformer", "default_position_ids", "generate"]
+__all__ = ["KVCache", "ModelConfig", "RopeScaling", "Transformer", "default_position_ids", "generate",
+           "stream"]

@@ -1,8 +1,10 @@
 """Grouped-query attention with document masking, on SDPA (CPU and GPU) or FlexAttention (GPU).
 
 Masks are built once per forward by :func:`build_attention_mask` and shared by every layer:
-- ``None``: plain causal attention (no packing, no cache) - SDPA's fastest path;
-- a boolean tensor (batch, 1, q_len, kv_len), True where a query may attend a key;
+- ``None``: plain causal attention (no packing, no padding; a prefill or a single decoded query
+  with a cache) - SDPA's fastest path;
+- a boolean tensor (batch, 1, q_len, kv_len), True where a query may attend a key (with a KV
+  cache: causal, never a left-padding slot, see :meth:`KVCache.pad_left`);
 - a FlexAttention ``BlockMask`` when ``config.attention == "flex"`` and the tensors are on a GPU.
 """
 
@@ -31,6 +33,11 @@ class KVCache:
     Usage: ``cache = model.new_cache(batch, max_len)``; then call ``model(tokens, cache=cache)``
     with the prompt and afterwards one (or a few) new tokens at a time. Positions continue from
     ``cache.length`` automatically.
+
+    Prompts of different lengths share a batch by left padding: :meth:`pad_left` marks each row's
+    leading padding slots, which are then never attended, and positions count from each row's
+    first real token. :meth:`select` keeps, reorders or repeats rows in place (dropping finished
+    rows, or expanding one prefill into several samples).
     """
 
     def __init__(
@@ -45,10 +52,19 @@ class KVCache:
         device: torch.device | str | None = None,
     ) -> None:
         shape = (batch, n_kv_heads, max_len, head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self._key_storage = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self._value_storage = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.keys = list(self._key_storage)  # the rows in use: a prefix of each storage tensor
+        self.values = list(self._value_storage)
         self.max_len = max_len
         self.length = 0
+        self.starts: torch.Tensor | None = None  # (batch,) first real slot of each row; None: no padding
+        self.key_mask: torch.Tensor | None = None  # (batch, max_len) True where a slot may be attended
+
+    @property
+    def batch(self) -> int:
+        """Number of rows in use."""
+        return self.keys[0].shape[0]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (batch, n_kv_heads, new, head_dim) after the cached ones; return all so far."""
@@ -65,8 +81,65 @@ class KVCache:
         self.length += n
 
     def reset(self) -> None:
-        """Forget everything cached (the buffers are reused)."""
+        """Forget everything cached (the buffers are reused) and any padding."""
         self.length = 0
+        self.starts = self.key_mask = None
+
+    def pad_left(self, pad_lengths: torch.Tensor) -> None:
+        """Declare that row i starts with ``pad_lengths[i]`` padding slots (call before the prompt).
+
+        Padding slots are never attended by real tokens, and RoPE positions of row i count from
+        its first real token, so a left-padded prompt decodes exactly as it would alone.
+        """
+        device = self.keys[0].device
+        self.starts = pad_lengths.to(device=device, dtype=torch.long)
+        slots = torch.arange(self.max_len, device=device)
+        self.key_mask = slots[None, :] >= self.starts[:, None]  # (batch, max_len)
+
+    def positions(self, seq: int) -> torch.Tensor:
+        """RoPE positions (batch, seq) of the next ``seq`` tokens of every row."""
+        index = torch.arange(self.length, self.length + seq, device=self.keys[0].device)
+        if self.starts is None:
+            return index.expand(self.batch, seq)
+        return (index[None, :] - self.starts[:, None]).clamp(min=0)  # padding slots sit at 0
+
+    def attention_mask(self, q_len: int) -> torch.Tensor | None:
+        """The mask of the next ``q_len`` queries over every slot so far (see :func:`build_attention_mask`)."""
+        end = self.length + q_len
+        if self.key_mask is None:
+            if self.length == 0 or q_len == 1:  # causal prefill, or one query that sees every key
+                return None
+            q_pos = torch.arange(self.length, end, device=self.keys[0].device)
+            k_pos = torch.arange(end, device=self.keys[0].device)
+            return (k_pos[None, :] <= q_pos[:, None])[None, None]  # (1, 1, q_len, kv_len)
+        keys = self.key_mask[:, None, None, :end]  # (batch, 1, 1, kv_len): a view, nothing built
+        if q_len == 1:
+            return keys
+        q_pos = torch.arange(self.length, end, device=self.key_mask.device)
+        k_pos = torch.arange(end, device=self.key_mask.device)
+        causal = k_pos[None, :] <= q_pos[:, None]
+        own = k_pos[None, :] == q_pos[:, None]  # a padding query sees itself, so no row is all masked
+        return (causal & keys) | own  # (batch, 1, q_len, kv_len)
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep, reorder or repeat rows in place: new row i is the old row ``rows[i]``.
+
+        ``rows`` may drop rows (finished sequences) or repeat them (``repeat_interleave`` to
+        sample several continuations of one prefill). The storage allocated by the constructor
+        is reused while the rows fit in it; only the filled positions are copied.
+        """
+        rows = rows.to(device=self.keys[0].device, dtype=torch.long)
+        n = rows.numel()
+        for cached, storage in ((self.keys, self._key_storage), (self.values, self._value_storage)):
+            for layer, tensor in enumerate(cached):
+                kept = tensor[:, :, : self.length].index_select(0, rows)  # a copy: safe to write back
+                if n > storage[layer].shape[0]:
+                    storage[layer] = tensor.new_zeros((n, *tensor.shape[1:]))
+                cached[layer] = storage[layer][:n]
+                cached[layer][:, :, : self.length] = kept
+        if self.starts is not None:
+            self.starts = self.starts.index_select(0, rows)
+            self.key_mask = self.key_mask.index_select(0, rows)
 
 
 def use_flex(config: ModelConfig, device: torch.device) -> bool:
@@ -87,11 +160,7 @@ def build_attention_mask(
     if cache is not None:
         if document_ids is not None:
             raise ValueError("document_ids cannot be combined with a KV cache; decode one document per row")
-        if cache.length == 0:
-            return None
-        q_pos = torch.arange(cache.length, cache.length + q_len, device=device)
-        k_pos = torch.arange(cache.length + q_len, device=device)
-        return (k_pos[None, :] <= q_pos[:, None])[None, None]  # (1, 1, q_len, kv_len)
+        return cache.attention_mask(q_len)
     if document_ids is None:
         return None
     if use_flex(config, device):

@@ -144,11 +144,14 @@ class Transformer(nn.Module):
 
         ``document_ids`` (batch, seq) marks packed documents: attention never crosses a boundary
         and positions restart at 0 per document unless ``position_ids`` is given. With a
-        ``cache``, positions continue from what it holds and it is advanced.
+        ``cache``, positions continue from what it holds (left padding excluded, see
+        :meth:`KVCache.pad_left`) and it is advanced.
         """
         batch, seq = tokens.shape
-        if position_ids is None:
-            position_ids = default_position_ids(tokens, document_ids, offset=cache.length if cache else 0)
+        if position_ids is None and cache is not None:
+            position_ids = cache.positions(seq)  # continues each row, counted from its first real token
+        elif position_ids is None:
+            position_ids = default_position_ids(tokens, document_ids)
         mask = build_attention_mask(self.config, batch, seq, tokens.device, document_ids=document_ids, cache=cache)
         cos, sin = self.rope(position_ids)
         h = self.tok_embeddings(tokens)
