@@ -103,6 +103,10 @@ def test_every_document_is_packed_once_in_its_split(prepared, corpus):
             assert source["splits"][split]["padding_tokens"] == int((~real).sum()) < 17
         assert source["splits"]["val"]["documents"] > 0
         assert len(source["splits"]["train"]["shards"]) >= 2
+        assert source["kind"] == "text"
+        assert source["layout"] == {"members": ["tokens", "document_ids"], "packing": "stream"}
+        with tarfile.open(prepared / source["splits"]["train"]["shards"][0]["path"]) as tar:
+            assert {m.name.split(".", 1)[1] for m in tar.getmembers()} == {"tokens.npy", "document_ids.npy"}
 
 
 def _files(folder):
@@ -336,4 +340,17 @@ def test_the_command_line_reports_user_errors_in_one_line(corpus, tmp_path):
         assert result.returncode == 2, result.stderr
         assert result.stderr.startswith("herd: ") and named in result.stderr
         assert "Traceback" not in result.stderr + result.stdout
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_command_line_reports_a_bad_dialog_option_in_one_line(corpus, tmp_path):
+    dialogs = tmp_path / "chat.jsonl"
+    dialogs.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n')
+    command = [sys.executable, "-m", "herd.prepare", f"output_dir={tmp_path / 'out'}", "num_proc=1", "progress=false",
+               f"hydra.run.dir={tmp_path / 'logs'}", "~sources",
+               f"+sources={{chat: {{input: {dialogs}, kind: dialog, too_long: wrap}}}}"]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("herd: sources.chat.too_long must be one of ('drop', 'truncate'), got 'wrap'")
+    assert "Traceback" not in result.stderr + result.stdout
     assert not (tmp_path / "out").exists()
