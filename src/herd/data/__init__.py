@@ -1,4 +1,4 @@
-"""herd's data pipeline: tokenizer, chat format, embedded corpus, packing, shards, DataModule.
+"""herd's data pipeline: tokenizer, chat format, embedded corpus, dialogs, packing, shards, DataModule.
 
 Names are imported lazily, so that light users (tokenizer worker processes, herd.prepare) do
 not pay for importing torch and Lightning.
@@ -20,8 +20,12 @@ _EXPORTS = {
     "iter_documents": "herd.data.sources",
     "stdlib_prose": "herd.data.sources",
     "stdlib_code": "herd.data.sources",
+    "Dialog": "herd.data.dialogs",
+    "iter_dialogs": "herd.data.dialogs",
+    "dialog_encoder": "herd.data.dialogs",
     "pack_documents": "herd.data.packing",
     "Rechunker": "herd.data.packing",
+    "WholePacker": "herd.data.packing",
     "IGNORE_INDEX": "herd.data.packing",
     "Manifest": "herd.data.shards",
     "ManifestError": "herd.data.shards",

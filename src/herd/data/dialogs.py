@@ -58,7 +58,14 @@ from herd.data.chat import ROLES, encode_dialog
 from herd.data.kinds import BadInputs, Job, PrepareError, SourceSpec, assign_split
 from herd.data.packing import WholePacker
 from herd.data.shards import LAYOUTS, SPLITS
-from herd.data.sources import BadInputError, OnBadInput, binary_reason, jsonl_records, raise_bad_input
+from herd.data.sources import (
+    BadInputError,
+    OnBadInput,
+    binary_reason,
+    folder_files,
+    jsonl_records,
+    raise_bad_input,
+)
 
 if TYPE_CHECKING:
     from herd.data.tokenizer import Tokenizer
@@ -118,15 +125,7 @@ def iter_dialogs(
             continue
         path = Path(item).expanduser()
         if path.is_dir():
-            files = sorted(
-                p for p in path.glob(glob)
-                if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
-            )  # fmt: skip
-            if not files:
-                raise FileNotFoundError(
-                    f"no files match {glob!r} in {path}; check the input folder or the glob"
-                )
-            for file in files:
+            for file in folder_files(path, glob):
                 yield from jsonl_dialogs(file, file.relative_to(path).as_posix(), on_bad_input)
         elif path.is_file():
             yield from jsonl_dialogs(path, path.name, on_bad_input)

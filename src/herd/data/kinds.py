@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from herd.data.shards import token_dtype, write_split
+from herd.data.shards import SPLITS, token_dtype, write_split
 from herd.data.sources import BadInputError
 
 if TYPE_CHECKING:
@@ -203,8 +203,6 @@ class Job:
 
     def buffers(self, source: str, loss_mask: bool = False) -> dict[str, SplitBuffer]:
         """A fresh :class:`SplitBuffer` per split for ``source``."""
-        from herd.data.shards import SPLITS
-
         return {split: SplitBuffer(self.scratch / f"{source}.{split}.bin", loss_mask) for split in SPLITS}
 
     def write(self, source: str, split: str, buffer: SplitBuffer) -> dict[str, Any]:

@@ -18,6 +18,9 @@ The embedded corpus comes from the running Python's standard library, so herd ru
 Both skip site-packages, the test suites (``test/``, ``tests/``, ``idlelib/idle_test``) and files
 that resolve outside the Python install; modules are taken in sorted path order.
 
+(``stdlib:sft``, questions about the stdlib's functions answered by their docs, is a dialog input:
+see ``herd.data.sft`` and ``herd.data.dialogs``, which reads jsonl through :func:`jsonl_records`.)
+
 Files and jsonl records are checked to be text: a file that is not UTF-8, a jsonl line that is
 not a JSON object with a string in ``text_field``, and any text holding a NUL character or more
 than :data:`MAX_CONTROL_SHARE` of control characters (other than tab, newlines, form feed and
@@ -127,6 +130,12 @@ def folder_documents(
     folder: Path, text_field: str = "text", glob: str = "**/*", on_bad_input: OnBadInput = raise_bad_input
 ) -> Iterator[Document]:
     """Every non-hidden file under ``folder`` matching ``glob``, in sorted order."""
+    for file in folder_files(folder, glob):
+        yield from file_documents(file, file.relative_to(folder).as_posix(), text_field, on_bad_input)
+
+
+def folder_files(folder: Path, glob: str = "**/*") -> list[Path]:
+    """The non-hidden files under ``folder`` matching ``glob``, sorted; FileNotFoundError if none."""
     files = sorted(
         p
         for p in folder.glob(glob)
@@ -134,8 +143,7 @@ def folder_documents(
     )
     if not files:
         raise FileNotFoundError(f"no files match {glob!r} in {folder}; check the input folder or the glob")
-    for file in files:
-        yield from file_documents(file, file.relative_to(folder).as_posix(), text_field, on_bad_input)
+    return files
 
 
 def file_documents(
