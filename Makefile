@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: train test test-fast lint bench clean-venv env prepare prepare-passkey
+.PHONY: train test test-fast lint bench clean-venv env prepare prepare-passkey prepare-sft
 
 # Which torch to install, and extra arguments for every pip install below. On Linux the default
 # torch wheel of the package registry is the CUDA build (several GB with its nvidia-* packages);
@@ -47,6 +47,16 @@ $(PASSKEY): $(CORPUS)
 		tokenizer.path=data/prepared/stdlib/tokenizer
 
 prepare-passkey: $(PASSKEY)
+
+SFT := data/prepared/sft/manifest.json
+
+# The embedded chat set for experiment=tiny_sft (questions about stdlib functions answered by their
+# signature and docstring), with the corpus' tokenizer so that the make train export can learn it.
+$(SFT): $(CORPUS)
+	$(PY) -m herd.prepare output_dir=data/prepared/sft '~sources' '+sources={sft: {input: "stdlib:sft", kind: dialog}}' \
+		tokenizer.path=data/prepared/stdlib/tokenizer
+
+prepare-sft: $(SFT)
 
 ## make train: tiny pretraining on the embedded corpus (no download).
 train: $(STAMP) $(CORPUS)

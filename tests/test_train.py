@@ -69,6 +69,10 @@ def test_every_config_group_option_composes_and_instantiates(tmp_path, prepared_
     if cfg.trainer.accelerator == "gpu" and not torch.cuda.is_available():
         assert cfg.trainer.precision == "bf16-mixed"
         return
+    if option == "sft":  # fine-tuning needs a model to start from
+        start = hf.save(Transformer(ModelConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))),
+                        tmp_path / "start")
+        cfg.stage.init_from = str(start)
     if option == "fsdp" and not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="strategy=fsdp2"):
             build(cfg)
@@ -90,11 +94,12 @@ def test_every_experiment_runs_with_fast_dev_run(tmp_path, prepared_corpus, expe
                             **s} for stage, s in zip(OmegaConf.to_container(schedule.stages), short, strict=False)]
         schedule.tokens_per_batch, schedule.short_seq_len = 1024, 64
         schedule.needle = {**schedule.needle, "lengths": [128, 256], "trials": 1}
-    for name, source in cfg.data.get("sources", {}).items():
+    for name, source in (cfg.data.get("sources") or {}).items():
         if name.startswith("passkey"):  # the synthetic retrieval sources, served here by the fixture's prose
             OmegaConf.set_struct(source, False)
             source.data_dir, source.source = str(prepared_corpus), "prose"
-    if OmegaConf.is_missing(cfg.stage, "init_from"):  # stages that continue a model get a small one
+    if OmegaConf.is_missing(cfg.stage, "init_from") or cfg.stage._target_.endswith("SFTStage"):
+        # stages that continue a model get a small one
         start = tmp_path / "start_model"
         hf.save(Transformer(ModelConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))), start)
         cfg.stage.init_from = str(start)

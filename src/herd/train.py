@@ -371,6 +371,10 @@ def print_summary(cfg: DictConfig, result: dict[str, Any]) -> None:
     if "val/loss" in metrics:
         before = f"{start['val/loss']:.3f} -> " if "val/loss" in start else ""
         lines.append(f"  val/loss {before}{metrics['val/loss']:.3f} (uniform guess ln({vocab}) = {math.log(vocab):.3f})")
+    for key in ("val/accuracy", "val/answer_f1"):
+        if key in metrics:
+            before = f"{start[key]:.3f} -> " if key in start else ""
+            lines.append(f"  {key} {before}{metrics[key]:.3f}")
     entropies = _unigram_entropies(result.get("datamodule"))
     if entropies:
         lines.append("  unigram entropy of the train data (a context-free model's best loss): "
