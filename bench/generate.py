@@ -17,6 +17,7 @@ runners, best of ``--rounds``; the ratios are herd / transformers tokens per sec
 
     python bench/generate.py                  # fp32, 128 new tokens, 3 rounds
     python bench/generate.py --dtype bf16 --rounds 5 --no-compile
+    python bench/generate.py --threads 1      # on a machine shared with other jobs
 """
 
 from __future__ import annotations
@@ -65,10 +66,14 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=0.8)
     parser.add_argument("--top-p", type=float, default=0.95)
     parser.add_argument("--no-compile", action="store_true", help="skip herd with compile=True")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice); on a busy "
+                        "machine 1 avoids stalls of parallel regions whose threads wait for a core")
     args = parser.parse_args()
 
     from transformers import AutoModelForCausalLM
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     dtype, new = DTYPES[args.dtype], args.new_tokens
     config = model_preset(args.preset)

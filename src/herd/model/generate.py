@@ -100,6 +100,7 @@ def stream(
         yield int(tokens[0])
 
 
+@torch.no_grad()
 def decode(
     model: Transformer,
     prompts: Sequence[torch.Tensor],
@@ -117,7 +118,7 @@ def decode(
 
     ``rows`` are the output rows still decoding (prompt i, sample j is row ``i * num_samples +
     j``) and ``tokens`` the token each of them emitted at this step. A row that emits a stop
-    token is yielded that once more and then dropped from the batch and from the cache.
+    token is yielded with it, then dropped from the batch and from the cache.
     ``prompts`` are 1-D long tensors; ``step(model, tokens (active, 1), cache)`` returns the
     next logits (active, vocab) (default :func:`decode_step`).
     """
