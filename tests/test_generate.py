@@ -9,6 +9,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 
 from herd.chat import ChatSession, converse
@@ -26,7 +27,8 @@ def model_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("generate")
     texts = [inspect.getsource(module) for module in (textwrap, inspect)]
     train_tokenizer(texts, vocab_size=512).save(root / "tokenizer")
-    model = Transformer(ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, max_seq_len=256))
+    torch.manual_seed(0)  # module scope: set up before the per-test seed
+    model = Transformer(ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, max_seq_len=512))
     return hf.save(model, root / "model", tokenizer=root / "tokenizer")
 
 
@@ -119,10 +121,11 @@ def test_converse_answers_each_line_until_exit_and_reset_forgets(model_dir):
 
 def test_old_exchanges_are_forgotten_when_the_dialog_outgrows_the_context(model_dir):
     loaded = load(str(model_dir))
-    session = ChatSession(loaded.model, loaded.tokenizer, max_new_tokens=100, temperature=0)
+    room = loaded.model.config.max_seq_len - 160  # leaves 160 positions for the prompt
+    session = ChatSession(loaded.model, loaded.tokenizer, max_new_tokens=room, temperature=0)
     session.history = [(f"question {i}", f"answer {i}") for i in range(6)]
     ids = session.prompt_ids("last question")
-    assert len(ids) + 100 <= loaded.model.config.max_seq_len
+    assert len(ids) + room <= loaded.model.config.max_seq_len
     assert 0 < len(session.history) < 6 and session.history[-1][0].startswith("question 5")
 
 
