@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from hydra import compose, initialize_config_dir
 
 from herd.data.tokenizer import Tokenizer
@@ -32,6 +33,20 @@ def test_needle_evaluation_of_an_exported_model(tmp_path, prepared_corpus):
     result = evaluate_needle(cfg)
     assert result.accuracy.shape == (2, 2) and result.lengths == [128, 256]
     assert result.mean <= 0.25  # an untrained model does not retrieve 5-digit keys
+
+
+def test_needle_evaluation_with_fp8_feed_forward_layers(tmp_path, prepared_corpus):
+    model_dir = tmp_path / "model"
+    model = Transformer(ModelConfig(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=TRAIN_VOCAB))
+    hf.save(model, model_dir, tokenizer=Tokenizer.load(prepared_corpus / "tokenizer"))
+    overrides = [f"model_dir={model_dir}", f"data_dir={prepared_corpus}", "lengths=[128]", "depths=[0.5]",
+                 "trials=1"]
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose("evaluate", overrides=[*overrides, "quantize=fp8_rowwise"])
+        bad = compose("evaluate", overrides=[*overrides, "quantize=nf4"])
+    assert evaluate_needle(cfg).accuracy.shape == (1, 1)
+    with pytest.raises(ValueError, match="quantize='nf4' is not a quantization method"):
+        evaluate_needle(bad)
 
 
 def test_command_line_writes_the_table(tmp_path, prepared_corpus):

@@ -81,12 +81,43 @@ def test_command_line_prints_the_outputs(model_dir, chat):
     ([], "model_dir is required"),
     (["model_dir={model_dir}", "top_p=1.5"], "top_p must be in (0, 1]"),
     (["model_dir={model_dir}", "dtype=fp16"], "use fp32 or bf16"),
+    (["model_dir={model_dir}", "quantize=int8"], "quantize='int8' is not a quantization method; use one of"),
 ])
 def test_command_line_mistakes_exit_2_without_a_traceback(model_dir, args, message):
     out = command("herd.generate", "prompt=Hi", *(a.format(model_dir=model_dir) for a in args))
     assert out.returncode == 2
     assert out.stderr.startswith("herd.generate: ") and message in out.stderr
     assert "Traceback" not in out.stderr + out.stdout
+
+
+@pytest.fixture(scope="module")
+def fp8_model_dir(model_dir, tmp_path_factory) -> Path:
+    """A random 3-layer model (so the middle block's FFN is quantized) with the same tokenizer."""
+    torch.manual_seed(1)
+    model = Transformer(ModelConfig(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=512, max_seq_len=512))
+    return hf.save(model, tmp_path_factory.mktemp("fp8") / "model", tokenizer=model_dir.parent / "tokenizer")
+
+
+def test_fp8_rowwise_quantization_in_generate_and_chat(fp8_model_dir):
+    from herd.model import Float8RowwiseLinear
+
+    loaded = load(str(fp8_model_dir), quantize="fp8_rowwise")
+    assert isinstance(loaded.model.layers[1].feed_forward.w2, Float8RowwiseLinear)
+    assert not isinstance(loaded.model.layers[0].feed_forward.w2, Float8RowwiseLinear)
+    texts = run(compose_generate(f"model_dir={fp8_model_dir}", "prompt=[Hello,Hi]", "max_new_tokens=5",
+                                 "temperature=0", "quantize=fp8_rowwise", "dtype=bf16"))
+    assert len(texts) == 2
+    session = ChatSession(loaded.model, loaded.tokenizer, max_new_tokens=4, temperature=0)
+    assert isinstance("".join(session.reply("Hello")), str) and len(session.history) == 1
+    with pytest.raises(ValueError, match="quantize='fp4' is not a quantization method"):
+        load(str(fp8_model_dir), quantize="fp4")
+
+
+def test_command_line_generates_with_fp8_rowwise(fp8_model_dir):
+    out = command("herd.generate", f"model_dir={fp8_model_dir}", "prompt='def f(x):'", "chat=false",
+                  "max_new_tokens=5", "quantize=fp8_rowwise")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.startswith("def f(x):")
 
 
 def test_a_model_directory_without_a_tokenizer_is_refused(tmp_path):

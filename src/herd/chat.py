@@ -148,7 +148,7 @@ def _write(text: str) -> None:
 def main(cfg: DictConfig) -> None:
     """Command-line entry: load the model, then chat until the input ends; user errors exit with status 2."""
     try:
-        loaded = load(str(cfg.model_dir), cfg.tokenizer, str(cfg.dtype), str(cfg.device))
+        loaded = load(str(cfg.model_dir), cfg.tokenizer, str(cfg.dtype), str(cfg.device), cfg.get("quantize"))
         session = ChatSession(loaded.model, loaded.tokenizer, system=cfg.system, max_new_tokens=int(cfg.max_new_tokens),
                               temperature=float(cfg.temperature), top_p=float(cfg.top_p), top_k=int(cfg.top_k),
                               seed=int(cfg.seed))

@@ -23,15 +23,20 @@ from herd.data.datamodule import PackedDataModule
 from herd.data.tokenizer import Tokenizer
 from herd.evaluation.needle import NeedleResult, collect_haystack, needle_accuracy
 from herd.interop import hf
+from herd.model.quantize import check_quantize, quantize
 from herd.paths import resolve
 from herd.presets import config_dir
 
 
 def evaluate_needle(cfg: DictConfig) -> NeedleResult:
-    """Load the model and its tokenizer, build the haystack from ``data_dir``'s val split, score."""
+    """Load the model and its tokenizer, build the haystack from ``data_dir``'s val split, score.
+
+    ``quantize=fp8_rowwise`` scores the model with FP8 feed-forward layers (see :mod:`herd.model.quantize`).
+    """
+    check_quantize(cfg.get("quantize"))
     model_dir = resolve(cfg.model_dir)
     tokenizer = Tokenizer.load(cfg.tokenizer or model_dir)
-    model = hf.load(model_dir, dtype=torch.float32, device=cfg.device).eval()
+    model = quantize(hf.load(model_dir, dtype=torch.float32, device=cfg.device).eval(), cfg.get("quantize"))
     lengths = [int(n) for n in cfg.lengths]
     data = PackedDataModule(str(resolve(cfg.data_dir)), seq_len=max(lengths), batch_size=1, num_workers=0,
                             expected_vocab_size=model.config.vocab_size)  # refuses another tokenizer's data

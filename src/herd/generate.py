@@ -28,6 +28,8 @@ from herd.data.chat import encode_dialog
 from herd.data.tokenizer import Tokenizer
 from herd.interop import hf
 from herd.model import Transformer, generate
+from herd.model.quantize import check_quantize
+from herd.model.quantize import quantize as quantize_model
 from herd.paths import resolve
 from herd.presets import config_dir
 
@@ -42,10 +44,16 @@ class Loaded:
     tokenizer: Tokenizer
 
 
-def load(model_dir: str, tokenizer: str | None = None, dtype: str = "fp32", device: str = "cpu") -> Loaded:
-    """Load an exported model in ``dtype`` (fp32 or bf16) and its tokenizer (``model_dir``'s by default)."""
+def load(model_dir: str, tokenizer: str | None = None, dtype: str = "fp32", device: str = "cpu",
+         quantize: str | None = None) -> Loaded:
+    """Load an exported model in ``dtype`` (fp32 or bf16) and its tokenizer (``model_dir``'s by default).
+
+    ``quantize="fp8_rowwise"`` then quantizes the feed-forward layers of every block but the first
+    and the last to FP8 (see :mod:`herd.model.quantize`); None keeps every weight in ``dtype``.
+    """
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}: use fp32 or bf16")
+    check_quantize(quantize)
     model_path = resolve(model_dir)
     if not model_path.is_dir():
         raise FileNotFoundError(f"model_dir {model_path} is not a directory; pass an exported model directory")
@@ -53,7 +61,7 @@ def load(model_dir: str, tokenizer: str | None = None, dtype: str = "fp32", devi
     if not (tokenizer_path / "tokenizer.json").is_file() and not tokenizer_path.is_file():
         raise FileNotFoundError(f"{tokenizer_path} has no tokenizer.json: pass tokenizer=<tokenizer folder>")
     loaded_tokenizer = Tokenizer.load(tokenizer_path)
-    model = hf.load(model_path, dtype=DTYPES[dtype], device=device).eval()
+    model = quantize_model(hf.load(model_path, dtype=DTYPES[dtype], device=device).eval(), quantize)
     if loaded_tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"tokenizer {tokenizer_path} has {loaded_tokenizer.vocab_size} ids but the model only "
                          f"{model.config.vocab_size}: use the tokenizer the model was trained with")
@@ -93,7 +101,7 @@ def answer_text(tokenizer: Tokenizer, new_tokens: Sequence[int], stop_ids: Seque
 def run(cfg: DictConfig) -> list[str]:
     """Load, encode, decode every prompt and sample in one batch; the output texts, prompt-major."""
     prompts = prompt_list(cfg.prompt)
-    loaded = load(str(cfg.model_dir), cfg.tokenizer, str(cfg.dtype), str(cfg.device))
+    loaded = load(str(cfg.model_dir), cfg.tokenizer, str(cfg.dtype), str(cfg.device), cfg.get("quantize"))
     tok, chat = loaded.tokenizer, bool(cfg.chat)
     stop_ids = chat_stop_ids(tok) if chat else [tok.eos_id]
     ids = [encode_prompt(tok, text, chat, cfg.system) for text in prompts]
