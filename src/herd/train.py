@@ -83,11 +83,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     output_dir = Path(cfg.paths.output_dir)
     (output_dir / FAILED_FILE).unlink(missing_ok=True)  # a requeued or restarted run tries again
     _check_run_length(cfg)
-    for path in remove_stale_temporaries(output_dir / "checkpoints") if _is_rank_zero() else []:
-        done = "restored" if path.exists() else "removed"  # a swap killed between its renames is rolled back
-        logs.info(logger, f"{done} {path}, left by a checkpoint save that was killed")
     objects = build(cfg)
     trainer, stage, datamodule = objects["trainer"], objects["stage"], objects["datamodule"]
+    if _is_rank_zero():
+        _clean_checkpoint_folders(trainer, output_dir)
     resume = resume_checkpoint(cfg, output_dir)
     if resume is not None:
         _check_resume(cfg, resume, stage)
@@ -130,6 +129,19 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 def _is_rank_zero() -> bool:
     return rank_zero_only.rank == 0
+
+
+def _clean_checkpoint_folders(trainer: L.Trainer, output_dir: Path) -> None:
+    """Remove what killed saves left in the run's checkpoint folders, and roll back an interrupted swap.
+
+    Rank 0 does it before training; the other ranks cannot save before they join it in ``fit``.
+    """
+    folders = {output_dir / "checkpoints"} | {Path(c.dirpath) for c in trainer.checkpoint_callbacks
+                                              if getattr(c, "dirpath", None) and "://" not in str(c.dirpath)}
+    for folder in sorted(folders):
+        for path in remove_stale_temporaries(folder):
+            done = "restored" if path.exists() else "removed"  # a swap killed between its renames is rolled back
+            logs.info(logger, f"{done} {path}, left by a checkpoint save that was killed")
 
 
 def _check_run_length(cfg: DictConfig) -> None:

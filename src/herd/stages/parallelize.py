@@ -133,7 +133,6 @@ def fsdp1_strategy(**kwargs):
 
 def _model_parallel_strategy_class():
     from lightning.pytorch.strategies import ModelParallelStrategy
-    from lightning.pytorch.utilities import rank_zero_info
 
     from herd.callbacks import checkpoint_io
 
@@ -148,7 +147,7 @@ def _model_parallel_strategy_class():
           (``checkpoint_io.publish_checkpoint``), so ``<name>`` is always a complete checkpoint, the
           previous one or the new one, whatever moment a rank is killed at;
         - deleting one (``save_top_k``) renames it away first, so no half-deleted folder keeps its name;
-        - at set-up rank 0 cleans the leftovers of killed saves from the checkpoint callbacks' folders;
+        - the leftovers of killed saves are cleaned by the train entry point before training;
         - resuming reads ``.metadata``, the non-tensor items and ``meta.pt`` with restricted unpicklers
           (``checkpoint_io.load_sharded``), never with a full pickle.
         """
@@ -161,15 +160,6 @@ def _model_parallel_strategy_class():
                                      "(trainer.devices x trainer.num_nodes)")
                 self._data_parallel_size = self.world_size // tensor
             super().setup_environment()
-
-        def setup(self, trainer) -> None:
-            if self.is_global_zero:
-                folders = {str(c.dirpath) for c in trainer.checkpoint_callbacks if getattr(c, "dirpath", None)}
-                for folder in sorted(f for f in folders if "://" not in f):
-                    for path in checkpoint_io.remove_stale_temporaries(folder):
-                        rank_zero_info(f"herd: {'restored' if path.exists() else 'removed'} {path}, left by a "
-                                       "save that was killed")
-            super().setup(trainer)  # its barrier keeps the other ranks from saving before the clean-up ends
 
         def save_checkpoint(self, checkpoint: dict, filepath, storage_options=None) -> None:
             if not self._save_distributed_checkpoint or storage_options is not None or "://" in str(filepath):
