@@ -6,6 +6,14 @@ Masks are built once per forward by :func:`build_attention_mask` and shared by e
 - a boolean tensor (batch, 1, q_len, kv_len), True where a query may attend a key (with a KV
   cache: causal, never a left-padding slot, see :meth:`KVCache.pad_left`);
 - a FlexAttention ``BlockMask`` when ``config.attention == "flex"`` and the tensors are on a GPU.
+
+Packed rows mark their documents with ``document_ids``: attention never crosses a document.
+Shared-prompt rows (preference data: one prompt followed by several responses to it) also mark
+``response_ids``, 0 on the prompt and k = 1, 2, ... on the k-th response of the document. A
+response attends to its document's prompt and to itself, never to a sibling response, so each
+response is computed exactly as if it followed the prompt alone (its positions continue from the
+end of the prompt, see :func:`herd.model.transformer.default_position_ids`), while the prompt is
+encoded once.
 """
 
 from __future__ import annotations
@@ -154,29 +162,47 @@ def build_attention_mask(
     device: torch.device,
     *,
     document_ids: torch.Tensor | None = None,
+    response_ids: torch.Tensor | None = None,
     cache: KVCache | None = None,
 ) -> Any:
-    """The mask every layer uses this forward (see the module docstring for its forms)."""
+    """The mask every layer uses this forward (see the module docstring for its forms).
+
+    ``response_ids`` (batch, seq), for shared-prompt rows: 0 on a document's prompt, k on its
+    k-th response; a response sees the prompt and itself only.
+    """
     if cache is not None:
-        if document_ids is not None:
-            raise ValueError("document_ids cannot be combined with a KV cache; decode one document per row")
+        if document_ids is not None or response_ids is not None:
+            raise ValueError("document_ids cannot be combined with a KV cache (nor can response_ids); decode one "
+                             "document per row")
         return cache.attention_mask(q_len)
-    if document_ids is None:
+    if document_ids is None and response_ids is None:
         return None
+    if document_ids is None:
+        document_ids = torch.zeros_like(response_ids)
     if use_flex(config, device):
-        return document_block_mask(document_ids)
-    same_document = document_ids[:, :, None] == document_ids[:, None, :]  # (batch, seq, seq)
+        return document_block_mask(document_ids, response_ids)
+    allowed = document_ids[:, :, None] == document_ids[:, None, :]  # (batch, seq, seq): same document
+    if response_ids is not None:
+        key_is_prompt = (response_ids == 0)[:, None, :]
+        allowed = allowed & (key_is_prompt | (response_ids[:, :, None] == response_ids[:, None, :]))
     causal = torch.ones(q_len, q_len, dtype=torch.bool, device=device).tril()
-    return (same_document & causal)[:, None]  # (batch, 1, seq, seq)
+    return (allowed & causal)[:, None]  # (batch, 1, seq, seq)
 
 
-def document_block_mask(document_ids: torch.Tensor) -> Any:
-    """A FlexAttention block mask: causal and never across packed documents."""
+def document_block_mask(document_ids: torch.Tensor, response_ids: torch.Tensor | None = None) -> Any:
+    """A FlexAttention block mask: causal, never across packed documents, and (with ``response_ids``)
+    never from one response of a shared prompt to another."""
 
-    def mask_mod(b, h, q_idx, kv_idx):
+    def document_mask(b, h, q_idx, kv_idx):
         return (q_idx >= kv_idx) & (document_ids[b, q_idx] == document_ids[b, kv_idx])
 
+    def shared_prompt_mask(b, h, q_idx, kv_idx):
+        key_response = response_ids[b, kv_idx]
+        own_or_prompt = (key_response == 0) | (key_response == response_ids[b, q_idx])
+        return document_mask(b, h, q_idx, kv_idx) & own_or_prompt
+
     batch, seq = document_ids.shape
+    mask_mod = document_mask if response_ids is None else shared_prompt_mask
     return create_block_mask(mask_mod, batch, None, seq, seq, device=document_ids.device)
 
 

@@ -136,6 +136,7 @@ class Transformer(nn.Module):
         *,
         position_ids: torch.Tensor | None = None,
         document_ids: torch.Tensor | None = None,
+        response_ids: torch.Tensor | None = None,
         cache: KVCache | None = None,
         output_hidden: bool = False,
     ) -> torch.Tensor:
@@ -143,16 +144,20 @@ class Transformer(nn.Module):
         normed hidden states (batch, seq, dim) without the output head.
 
         ``document_ids`` (batch, seq) marks packed documents: attention never crosses a boundary
-        and positions restart at 0 per document unless ``position_ids`` is given. With a
-        ``cache``, positions continue from what it holds (left padding excluded, see
+        and positions restart at 0 per document unless ``position_ids`` is given.
+        ``response_ids`` (batch, seq) marks shared-prompt rows: 0 on a document's prompt, k on its
+        k-th response; each response attends to the prompt and itself only, and its positions
+        continue from the end of the prompt, so it is computed as if it followed the prompt alone.
+        With a ``cache``, positions continue from what it holds (left padding excluded, see
         :meth:`KVCache.pad_left`) and it is advanced.
         """
         batch, seq = tokens.shape
         if position_ids is None and cache is not None:
             position_ids = cache.positions(seq)  # continues each row, counted from its first real token
         elif position_ids is None:
-            position_ids = default_position_ids(tokens, document_ids)
-        mask = build_attention_mask(self.config, batch, seq, tokens.device, document_ids=document_ids, cache=cache)
+            position_ids = default_position_ids(tokens, document_ids, response_ids=response_ids)
+        mask = build_attention_mask(self.config, batch, seq, tokens.device, document_ids=document_ids,
+                                    response_ids=response_ids, cache=cache)
         cos, sin = self.rope(position_ids)
         h = self.tok_embeddings(tokens)
         for block in self.layers:
@@ -172,14 +177,39 @@ class Transformer(nn.Module):
 
 
 def default_position_ids(
-    tokens: torch.Tensor, document_ids: torch.Tensor | None = None, offset: int = 0
+    tokens: torch.Tensor,
+    document_ids: torch.Tensor | None = None,
+    offset: int = 0,
+    response_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Positions 0.. per row, restarting at 0 where ``document_ids`` changes."""
+    """Positions 0.. per row, restarting at 0 where ``document_ids`` changes.
+
+    With ``response_ids`` (shared-prompt rows: a document is its prompt, marked 0, then its
+    responses, marked 1, 2, ...), each response's positions continue from the end of the prompt,
+    as if it followed the prompt alone.
+    """
     batch, seq = tokens.shape
     index = torch.arange(seq, device=tokens.device).expand(batch, seq)
-    if document_ids is None:
+    if document_ids is None and response_ids is None:
         return index + offset
-    starts = torch.ones_like(document_ids, dtype=torch.bool)
-    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
-    doc_start = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values
-    return index - doc_start
+    if document_ids is None:
+        document_ids = torch.zeros_like(response_ids)
+    positions = index - _run_starts(index, document_ids)
+    if response_ids is None:
+        return positions
+    # A response token's position: the prompt's length plus its offset in its own response.
+    in_prompt = response_ids == 0
+    prompt_before = torch.cumsum(in_prompt, dim=1) - in_prompt.long()  # prompt tokens left of each position
+    doc_start = _run_starts(index, document_ids)
+    response_start = _run_starts(index, document_ids, response_ids)
+    prompt_length = prompt_before.gather(1, response_start) - prompt_before.gather(1, doc_start)
+    return torch.where(in_prompt, positions, prompt_length + index - response_start)
+
+
+def _run_starts(index: torch.Tensor, *labels: torch.Tensor) -> torch.Tensor:
+    """For each position, the index where its run (along the row) of equal ``labels`` starts."""
+    starts = torch.zeros_like(labels[0], dtype=torch.bool)
+    starts[:, 0] = True
+    for label in labels:
+        starts[:, 1:] |= label[:, 1:] != label[:, :-1]
+    return torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values
