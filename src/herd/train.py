@@ -39,13 +39,11 @@ from herd.callbacks.checkpoint_io import (
 )
 from herd.data.shards import ManifestError, ShardError
 from herd.data.tokenizer import Tokenizer
-from herd.interop import hf
 from herd.interop.hf import CheckpointError
 from herd.model import ModelConfig
 from herd.paths import repo_root
 from herd.presets import config_dir
 from herd.stages.base import NonFiniteError, all_finite
-from herd.stages.parallelize import full_state_dict
 
 logger = logs.get_logger(__name__)
 
@@ -109,14 +107,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     result: dict[str, Any] = {"metrics": metrics, "start": dict(stage.start_metrics), "output_dir": str(output_dir),
                               "trainer": trainer, "stage": stage, "datamodule": datamodule, "resume": resume}
     if cfg.export:
-        state = full_state_dict(stage.model)  # a collective when the model is sharded: every rank calls it
+        state = stage.export_state()  # a collective when the model is sharded: every rank calls it
         if trainer.is_global_zero:
             if not all_finite(state.values()):
                 raise NonFiniteError("the final weights hold non-finite values: no export is written. Lower "
                                      "stage.optimizer.lr, or set stage.on_nonfinite=skip_step.")
             tokenizer = getattr(datamodule, "tokenizer", None)
-            result["export_dir"] = str(hf.save(stage.model, output_dir / "export", tokenizer=tokenizer,
-                                               state_dict=state))
+            result["export_dir"] = str(stage.save_export(output_dir / "export", state, tokenizer=tokenizer))
     for run_logger in trainer.loggers:
         if hasattr(run_logger, "log_run_summary"):
             run_logger.log_run_summary(hyperparameters, metrics)

@@ -4,6 +4,11 @@ A directory holds ``config.json``, the weights as ``model.safetensors`` or as sh
 ``model.safetensors.index.json``, and optionally the tokenizer files. Such a directory is what
 every herd stage starts from and exports, and what ``transformers.AutoModelForCausalLM`` loads.
 
+A reward model is the same directory in the ``LlamaForSequenceClassification`` layout
+(``architectures: ["LlamaForSequenceClassification"]``, ``num_labels: 1``): the backbone's
+tensors, no ``lm_head``, and the value head as ``score.weight`` (1, hidden_size).
+:func:`save_reward_model` writes one and :func:`load_reward_model` reads it back.
+
 Only safetensors are read: pickled ``*.bin``/``*.pt`` weights are refused, never unpickled.
 """
 
@@ -23,7 +28,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from herd.model import ModelConfig, Transformer
+from herd.model import ModelConfig, RewardModel, Transformer
 
 logger = logging.getLogger(__name__)
 
@@ -204,6 +209,7 @@ def load(
     config = _checked_override(read_config(path), config, path)
     check_tokenizer(path, config)
     files = weight_files(path)
+    reward_model = is_reward_model(path)
     with torch.device("meta"):
         model = Transformer(config)
     expected = {name: tuple(p.shape) for name, p in model.named_parameters()}  # tied weights listed once
@@ -211,7 +217,7 @@ def load(
     for file, hf_name, tensor in _iter_tensors(files, device):
         name = hf_to_herd_name(hf_name)
         if name is None:
-            if _IGNORED_HF_TENSORS.search(hf_name):
+            if _IGNORED_HF_TENSORS.search(hf_name) or (reward_model and hf_name == REWARD_HEAD):
                 continue
             raise CheckpointError(
                 f"{file}: tensor {hf_name!r} is not part of a Llama model; remove it or "
@@ -229,6 +235,9 @@ def load(
                 f"config.json implies {expected[name]}"
             )
         state[name] = tensor.to(dtype) if dtype is not None else tensor
+    if reward_model and "output.weight" not in state and not config.tie_embeddings:
+        # a reward model has no language-model head: the backbone's output layer holds zeros
+        state["output.weight"] = torch.zeros(expected["output.weight"], dtype=dtype or torch.float32, device=device)
     missing = sorted(herd_to_hf_name(n) for n in expected if n not in state)
     if missing:
         shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
@@ -257,6 +266,64 @@ def _checked_override(stored: ModelConfig, wanted: ModelConfig | None, path: Pat
             "model preset that matches the checkpoint, e.g. model=llama3_8b"
         )
     return wanted
+
+
+REWARD_ARCHITECTURE = "LlamaForSequenceClassification"
+REWARD_HEAD = "score.weight"
+
+
+def is_reward_model(path: str | Path) -> bool:
+    """True when ``path/config.json`` names the ``LlamaForSequenceClassification`` architecture."""
+    config_file = Path(path) / "config.json"
+    try:
+        architectures = json.loads(config_file.read_text()).get("architectures") or []
+    except (OSError, ValueError, AttributeError):
+        return False
+    return REWARD_ARCHITECTURE in architectures
+
+
+def load_reward_model(
+    path: str | Path, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
+) -> RewardModel:
+    """Read a ``LlamaForSequenceClassification`` directory (num_labels 1) into a :class:`RewardModel`.
+
+    The backbone is read as :func:`load` reads it; the value head is ``score.weight``. A directory
+    of another architecture, with another number of labels or without the head is refused with a
+    :class:`CheckpointError` that says so.
+    """
+    path = Path(path)
+    config_file = path / "config.json"
+    if not is_reward_model(path):
+        raise CheckpointError(f"{config_file} does not describe a reward model (architectures must include "
+                              f"{REWARD_ARCHITECTURE!r}); train one with stage=reward, whose export is such a "
+                              "directory")
+    num_labels = _num_labels(json.loads(config_file.read_text()))
+    if num_labels != 1:
+        raise CheckpointError(f"{config_file}: a reward model has one output (num_labels 1), this one has "
+                              f"{num_labels}")
+    backbone = load(path, dtype=dtype, device=device)
+    head = read_reward_head(path, backbone.config.dim, device)
+    model = RewardModel(backbone)
+    model.head.weight.data = head.to(dtype) if dtype is not None else head
+    return model
+
+
+def read_reward_head(path: str | Path, dim: int, device: str | torch.device = "cpu") -> torch.Tensor:
+    """The value head (``score.weight``, shape (1, dim)) of a reward-model directory."""
+    found = next(((file, tensor) for file, name, tensor in _iter_tensors(weight_files(Path(path)), device)
+                  if name == REWARD_HEAD), None)
+    if found is None:
+        raise CheckpointError(f"{path}: no {REWARD_HEAD} tensor, so the reward head is missing")
+    file, head = found
+    if tuple(head.shape) != (1, dim):
+        raise CheckpointError(f"{file}: {REWARD_HEAD} has shape {tuple(head.shape)}, expected (1, {dim})")
+    return head
+
+
+def _num_labels(hf: dict[str, Any]) -> int:
+    if "num_labels" in hf:
+        return int(hf["num_labels"])
+    return len(hf.get("id2label") or {0: "LABEL_0", 1: "LABEL_1"})  # transformers' default is 2
 
 
 def read_config(path: Path) -> ModelConfig:
@@ -355,20 +422,65 @@ def save(
     shards with an index. ``state_dict`` replaces the model's own (a sharded model's gathered
     full state, or averaged weights). Every file gets the mode the process's umask gives.
     """
-    path = Path(path)
+    return _write_directory(model.config, hf_state_dict(model, dtype, state_dict), Path(path), tokenizer,
+                            max_shard_bytes)
+
+
+def save_reward_model(
+    model: Transformer,
+    head_weight: torch.Tensor,
+    path: str | Path,
+    tokenizer: Any = None,
+    *,
+    dtype: torch.dtype | None = None,
+    max_shard_bytes: int = 5 * 1024**3,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write backbone + value head as a ``LlamaForSequenceClassification`` directory (num_labels 1).
+
+    ``head_weight`` (1, dim) becomes ``score.weight``; the language-model head is left out. The
+    config's ``pad_token_id`` is the tokenizer's end-of-text id (or its eos), so ``transformers``
+    reads the reward at each row's last token that is not padding. Other arguments as :func:`save`.
+    """
     state = hf_state_dict(model, dtype, state_dict)
+    state.pop(_TOP_NAMES["output.weight"], None)
+    out_dtype = next(iter(state.values())).dtype
+    state[REWARD_HEAD] = head_weight.detach().to("cpu", dtype=dtype or out_dtype).reshape(1, -1).contiguous()
+    return _write_directory(model.config, state, Path(path), tokenizer, max_shard_bytes, reward=True)
+
+
+def _write_directory(
+    config: ModelConfig, state: dict[str, torch.Tensor], path: Path, tokenizer: Any, max_shard_bytes: int,
+    reward: bool = False,
+) -> Path:
+    """Weights (HF names), tokenizer and config.json into ``path``; the tokenizer is checked first."""
     out_dtype = next(iter(state.values())).dtype
     bos, eos = None, None
     with tempfile.TemporaryDirectory(prefix="herd-tokenizer-") as staging:
         if tokenizer is not None:  # checked before anything is written into path
             source, files = _tokenizer_files(tokenizer, Path(staging))
-            _check_tokenizer_fits(source, model.config, tokenizer)
+            _check_tokenizer_fits(source, config, tokenizer)
         path.mkdir(parents=True, exist_ok=True)
         _write_weights(state, path, max_shard_bytes)
         if tokenizer is not None:
             bos, eos = _copy_tokenizer(source, files, path)
-    config_to_hf(model.config, dtype=out_dtype, bos_token_id=bos, eos_token_id=eos).save_pretrained(path)
+    hf_config = config_to_hf(config, dtype=out_dtype, bos_token_id=bos, eos_token_id=eos)
+    if reward:
+        hf_config.architectures = [REWARD_ARCHITECTURE]
+        hf_config.num_labels = 1
+        hf_config.pad_token_id = _end_of_text_id(path) if _end_of_text_id(path) is not None else eos
+    hf_config.save_pretrained(path)
     return path
+
+
+def _end_of_text_id(path: Path) -> int | None:
+    """The id of ``<|end_of_text|>`` in ``path/tokenizer.json``, if there is one."""
+    tokenizer_file = path / "tokenizer.json"
+    if not tokenizer_file.is_file():
+        return None
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(tokenizer_file)).token_to_id("<|end_of_text|>")
 
 
 # Prefixes that wrappers (activation checkpointing, torch.compile) add to parameter names.

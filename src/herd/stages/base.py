@@ -35,6 +35,7 @@ from herd.stages.parallelize import (
     apply_tensor_parallel,
     checkpoint_every,
     compile_blocks,
+    full_state_dict,
     grad_norm,
     scale_grads,
 )
@@ -50,6 +51,9 @@ class NonFiniteError(RuntimeError):
 
 class BackboneStage(L.LightningModule):
     """A LightningModule around one :class:`~herd.model.Transformer`."""
+
+    # Whether stage.init_from may be a reward-model directory (only the reward stage continues one).
+    starts_from_reward_models = False
 
     def __init__(
         self,
@@ -103,6 +107,10 @@ class BackboneStage(L.LightningModule):
             raise FileNotFoundError(
                 f"stage.init_from={init_from} is not a model directory (no config.json there)"
             )
+        if init_from is not None and hf.is_reward_model(init_from) and not self.starts_from_reward_models:
+            raise ValueError(f"stage.init_from={init_from} is a reward model (LlamaForSequenceClassification), which "
+                             "has no language-model head: start this stage from a policy directory (the export of "
+                             "a pretraining, SFT or DPO run)")
 
     # ------------------------------------------------------------------------------- model
 
@@ -116,6 +124,16 @@ class BackboneStage(L.LightningModule):
         """
         if self.model is not None:
             return
+        self.model = self.build_backbone()
+        self.model_config = self.model.config
+
+    def build_backbone(self, trainable: bool = True) -> Transformer:
+        """A backbone from ``init_from`` (or the model config), parallelised like the trained one.
+
+        Stages that need a second copy (DPO's frozen reference) call this with
+        ``trainable=False``: the copy gets no activation checkpointing or compile, its parameters
+        do not require gradients, and under FSDP2 it is sharded over the same mesh.
+        """
         mesh = self._device_mesh
         meta = mesh is not None and self.init_from is None and self._wants_meta_init()
         if self.init_from is not None:
@@ -123,18 +141,20 @@ class BackboneStage(L.LightningModule):
         else:
             with torch.device("meta") if meta else nullcontext():
                 model = Transformer(self.model_config)
+        if not trainable:
+            model.requires_grad_(False).eval()
         if mesh is not None and mesh["tensor_parallel"].size() > 1:
             apply_tensor_parallel(model, mesh["tensor_parallel"])
-        apply_activation_checkpointing(model, self.activation_checkpointing)
-        if self.compile_blocks:
-            compile_blocks(model)
+        if trainable:
+            apply_activation_checkpointing(model, self.activation_checkpointing)
+            if self.compile_blocks:
+                compile_blocks(model)
         if mesh is not None:
             apply_fsdp(model, mesh["data_parallel"], **self.fsdp_options)
         if meta:
             model.to_empty(device=self.trainer.strategy.root_device)
             model.init_weights()
-        self.model = model
-        self.model_config = model.config
+        return model
 
     def _wants_meta_init(self) -> bool:
         return self.meta_init if self.meta_init is not None else self.model_config.num_params() >= 1e9
@@ -143,11 +163,25 @@ class BackboneStage(L.LightningModule):
         """Logits of the backbone."""
         return self.model(tokens, **kwargs)
 
+    # ----------------------------------------------------------------------------- export
+
+    def export_state(self) -> dict[str, torch.Tensor]:
+        """The full weights to export (herd names). A collective when the model is sharded: every rank calls it."""
+        return full_state_dict(self.model)
+
+    def save_export(self, path: Path, state: dict[str, torch.Tensor], tokenizer: Any = None) -> Path:
+        """Write ``state`` (from :meth:`export_state`) as the stage's model directory; rank 0 calls it.
+
+        The default is a Hugging Face Llama directory (``LlamaForCausalLM``); a stage whose model is
+        something else (the reward model) overrides this.
+        """
+        return hf.save(self.model, path, tokenizer=tokenizer, state_dict=state)
+
     # -------------------------------------------------------------------------- optimizer
 
     def configure_optimizers(self) -> dict[str, Any]:
         """The partial optimizer over decay/no-decay groups, plus the per-step LR schedule."""
-        optimizer = self.optimizer_factory(parameter_groups(self.model, self._weight_decay()))
+        optimizer = self.optimizer_factory(parameter_groups(self.trained_modules(), self._weight_decay()))
         if self.scheduler_factory is None:
             return {"optimizer": optimizer}
         scheduler = self.scheduler_factory(optimizer, **self._schedule_lengths())
@@ -155,6 +189,10 @@ class BackboneStage(L.LightningModule):
             (f for f in getattr(scheduler, "lr_lambdas", []) if isinstance(f, WarmupCosineAnneal)), None
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def trained_modules(self) -> list[nn.Module]:
+        """The modules whose parameters (those that require gradients) the optimizer updates."""
+        return [self.model]
 
     def _weight_decay(self) -> float:
         keywords = getattr(self.optimizer_factory, "keywords", {})
@@ -273,10 +311,13 @@ def all_finite(tensors) -> bool:
     return True
 
 
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Decay matrices; never decay norms (1-D weights). Tied weights appear once."""
-    decay, no_decay = [], []
-    for param in model.parameters():  # parameters() yields a tied weight once
-        if param.requires_grad:
-            (decay if param.ndim >= 2 else no_decay).append(param)
+def parameter_groups(modules: nn.Module | list[nn.Module], weight_decay: float) -> list[dict[str, Any]]:
+    """Decay matrices; never decay norms (1-D weights). Tied or shared weights appear once; frozen
+    ones (``requires_grad=False``) not at all."""
+    decay, no_decay, seen = [], [], set()
+    for module in [modules] if isinstance(modules, nn.Module) else modules:
+        for param in module.parameters():  # parameters() yields a tied weight once
+            if param.requires_grad and id(param) not in seen:
+                seen.add(id(param))
+                (decay if param.ndim >= 2 else no_decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
