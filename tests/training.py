@@ -32,3 +32,53 @@ def compose_train(tmp_path: Path, data_dir: Path | None, *overrides: str) -> Dic
         cfg.hydra.runtime.output_dir = cfg.paths.output_dir
     HydraConfig.instance().set_config(cfg)
     return cfg
+
+
+# ------------------------------------------------------------------------- preference rows
+
+IGNORE = -100
+
+
+def response_tokens(content: list[int], header: tuple[int, ...] = (5, 6, 7), eot: int = 9):
+    """A response as the chat format lays it out: header (formatting), content (trained on), eot (formatting).
+
+    Returns (ids, content_mask)."""
+    ids = [*header, *content, eot]
+    return ids, [False] * len(header) + [True] * len(content) + [False]
+
+
+def preference_batch(rows: list[list[tuple[list[int], list[tuple[list[int], list[bool], int]]]]], seq: int,
+                     pad_id: int = 0):
+    """A preference batch built by hand, independently of herd.data: each row is a list of groups
+    ``(prompt_ids, [(response_ids, content_mask, rank), ...])`` laid out ``[prompt][response 1]...``
+    and padded to ``seq``. Keys: tokens, document_ids, response_ids, ranks, targets (the next token
+    where it is a content token of the same response, else -100)."""
+    import torch
+
+    out = {key: [] for key in ("tokens", "document_ids", "response_ids", "ranks", "targets")}
+    for groups in rows:
+        tokens, docs, responses, ranks, mask = [], [], [], [], []
+        for doc, (prompt, group) in enumerate(groups):
+            tokens += prompt
+            docs += [doc] * len(prompt)
+            responses += [0] * len(prompt)
+            ranks += [-1] * len(prompt)
+            mask += [False] * len(prompt)
+            for k, (ids, content, rank) in enumerate(group, start=1):
+                tokens += ids
+                docs += [doc] * len(ids)
+                responses += [k] * len(ids)
+                ranks += [rank] * len(ids)
+                mask += content
+        pad = seq - len(tokens)
+        assert pad >= 0, "the groups do not fit the row"
+        tokens += [pad_id] * pad
+        docs += [len(groups)] * pad
+        responses += [0] * pad
+        ranks += [-1] * pad
+        mask += [False] * pad
+        targets = [tokens[p + 1] if p + 1 < seq and mask[p + 1] and docs[p + 1] == docs[p]
+                   and responses[p + 1] == responses[p] else IGNORE for p in range(seq)]
+        for key, values in zip(out, (tokens, docs, responses, ranks, targets), strict=True):
+            out[key].append(values)
+    return {key: torch.tensor(values) for key, values in out.items()}

@@ -97,6 +97,47 @@ def test_flex_attention_block_mask_matches_sdpa_boolean_mask(small_config):
     assert (got - expected).abs().max() < 1e-5
 
 
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.skipif(flex_attention is None, reason="FlexAttention needs torch >= 2.5")
+def test_shared_prompt_block_mask_matches_the_sdpa_boolean_mask(small_config):
+    batch, heads, kv_heads, seq, d = 2, 4, 2, 40, 16
+    q = torch.randn(batch, heads, seq, d)
+    k, v = torch.randn(batch, kv_heads, seq, d), torch.randn(batch, kv_heads, seq, d)
+    document_ids = torch.tensor([[0] * 20 + [1] * 15 + [2] * 5, [0] * 40])
+    response_ids = torch.tensor([[0] * 6 + [1] * 8 + [2] * 6 + [0] * 4 + [1] * 5 + [2] * 3 + [3] * 3 + [0] * 5,
+                                 [0] * 10 + [1] * 30])
+    bool_mask = build_attention_mask(small_config, batch, seq, q.device, document_ids=document_ids,
+                                     response_ids=response_ids)
+    with torch.no_grad():
+        expected = attend(q, k, v, bool_mask)
+        got = attend(q, k, v, document_block_mask(document_ids, response_ids))
+    assert (got - expected).abs().max() < 1e-5
+    # a response never sees a sibling response: token 15 (response 2) sees the prompt and itself only
+    assert bool_mask[0, 0, 15].nonzero().flatten().tolist() == [*range(6), 14, 15]
+
+
+def test_shared_prompt_positions_continue_each_response_from_its_prompt():
+    document_ids = torch.tensor([[0] * 9 + [1] * 6 + [2] * 2])
+    response_ids = torch.tensor([[0, 0, 0, 1, 1, 1, 2, 2, 2, 0, 0, 1, 1, 2, 2, 0, 0]])
+    positions = default_position_ids(document_ids, document_ids, response_ids=response_ids)
+    assert positions.tolist() == [[0, 1, 2, 3, 4, 5, 3, 4, 5, 0, 1, 2, 3, 2, 3, 0, 1]]
+
+
+def test_shared_prompt_rows_compute_each_response_as_if_it_followed_the_prompt_alone(model):
+    prompt, first, second, other = (torch.randint(0, model.config.vocab_size, (n,)) for n in (7, 5, 4, 6))
+    row = torch.cat([prompt, first, second, other])[None]
+    document_ids = torch.tensor([[0] * 16 + [1] * 6])
+    response_ids = torch.tensor([[0] * 7 + [1] * 5 + [2] * 4 + [0] * 6])
+    with torch.no_grad():
+        shared = model(row, document_ids=document_ids, response_ids=response_ids)[0]
+        alone_first = model(torch.cat([prompt, first])[None])[0]
+        alone_second = model(torch.cat([prompt, second])[None])[0]
+        alone_other = model(other[None])[0]
+    assert (shared[:12] - alone_first).abs().max() < 1e-5
+    assert (shared[12:16] - alone_second[7:]).abs().max() < 1e-5
+    assert (shared[16:] - alone_other).abs().max() < 1e-5
+
+
 def test_bf16_autocast_forward_and_backward_are_finite(model):
     model.train()
     tokens = torch.randint(0, model.config.vocab_size, (2, 32))
