@@ -30,6 +30,7 @@ from herd.interop import hf
 from herd.model import ModelConfig, Transformer
 from herd.presets import config_dir
 from herd.stages.parallelize import DTYPES
+from herd.stages.reward import VALUE_HEAD_KEY
 
 MODEL_PREFIX = "model."
 
@@ -51,6 +52,8 @@ def read_checkpoint(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tens
     state = {k[len(MODEL_PREFIX):]: v for k, v in weights.items() if k.startswith(MODEL_PREFIX)}
     if not state:
         raise ValueError(f"{path} holds no model weights (keys starting with {MODEL_PREFIX!r})")
+    if VALUE_HEAD_KEY in weights:  # a reward model's head travels with the backbone
+        state[VALUE_HEAD_KEY] = weights[VALUE_HEAD_KEY]
     return config, state
 
 
@@ -65,15 +68,21 @@ def _read_sharded(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     meta = torch.load(meta_file, map_location="cpu", weights_only=True)
     wanted = {}
     for key, item in index.state_dict_metadata.items():
-        if key.startswith("state_dict." + MODEL_PREFIX) and isinstance(item, TensorStorageMetadata):
+        wanted_key = key.startswith("state_dict." + MODEL_PREFIX) or key == "state_dict." + VALUE_HEAD_KEY
+        if wanted_key and isinstance(item, TensorStorageMetadata):
             wanted[key] = torch.empty(item.size, dtype=item.properties.dtype)
     checkpoint_io.load_sharded(wanted, path)
     return meta, {k[len("state_dict."):]: v for k, v in wanted.items()}
 
 
 def export(checkpoint: str | Path, output: str | Path, tokenizer: str | None = None, dtype: str | None = None) -> Path:
-    """Write the checkpoint's model as a Hugging Face directory; returns the directory."""
+    """Write the checkpoint's model as a Hugging Face directory; returns the directory.
+
+    A reward model's checkpoint (stage=reward) becomes a ``LlamaForSequenceClassification``
+    directory with its value head; any other a ``LlamaForCausalLM`` directory.
+    """
     config, state = read_checkpoint(checkpoint)
+    head = state.pop(VALUE_HEAD_KEY, None)
     with torch.device("meta"):
         model = Transformer(config)
     if config.tie_embeddings:
@@ -83,6 +92,8 @@ def export(checkpoint: str | Path, output: str | Path, tokenizer: str | None = N
         raise ValueError(f"{checkpoint} lacks model tensors {missing[:8]}")
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}: use fp32, bf16 or null (as trained)")
+    if head is not None:
+        return hf.save_reward_model(model, head, output, tokenizer=tokenizer, dtype=DTYPES[dtype], state_dict=state)
     return hf.save(model, output, tokenizer=tokenizer, dtype=DTYPES[dtype], state_dict=state)
 
 
