@@ -11,6 +11,7 @@ from herd.data.packing import (
     Rechunker,
     WholePacker,
     pack_documents,
+    pack_range,
     with_boundaries,
 )
 
@@ -159,3 +160,35 @@ def test_whole_packer_first_fit_by_hand():
     assert packer.finish() == [["d"], ["e"]]
     with pytest.raises(ValueError, match="does not fit a row of 10"):
         packer.add("g", 11)
+
+
+# --- extras (preference rows) --------------------------------------------------------------------
+
+
+def test_extras_are_cut_like_tokens_and_padded_with_their_pad_value():
+    flat = np.arange(1, 15, dtype=np.uint32)
+    extras = {"response_ids": np.arange(14) % 4, "ranks": np.arange(14) % 3 - 1}
+    packed = pack_range(flat, np.array([14]), np.array([0]), row_len=8, pad_id=0, first_row=0, end_row=2,
+                        extras=extras)  # fmt: skip
+    assert packed.extras["response_ids"].tolist() == [[0, 1, 2, 3, 0, 1, 2, 3], [0, 1, 2, 3, 0, 1, 0, 0]]
+    assert packed.extras["ranks"].tolist() == [[-1, 0, 1, -1, 0, 1, -1, 0], [1, -1, 0, 1, -1, 0, -1, -1]]
+    assert {name: values.dtype for name, values in packed.extras.items()} == {
+        "response_ids": np.int16, "ranks": np.int16,
+    }  # fmt: skip
+    (sample,) = Rechunker(7).add(packed.tokens[0], packed.document_ids[0], 0, None, {
+        name: values[0] for name, values in packed.extras.items()
+    })  # fmt: skip
+    assert sample.tokens.tolist() == [1, 2, 3, 4, 5, 6, 7]  # the inputs: row[:-1] ...
+    assert sample.extras["response_ids"].tolist() == [0, 1, 2, 3, 0, 1, 2]  # ... and their extras
+    assert sample.extras["ranks"].dtype == np.int32
+    assert Rechunker(7).add(packed.tokens[0], packed.document_ids[0], 0)[0].extras == {}
+
+
+def test_extras_are_cut_across_rows_when_rows_are_re_cut():
+    tokens = np.arange(10, dtype=np.uint32)
+    chunker = Rechunker(5)
+    assert chunker.add(tokens[:4], np.zeros(4, np.int32), 0, extras={"ranks": np.arange(4)}) == []
+    (sample,) = chunker.add(tokens[4:], np.zeros(6, np.int32), 1, extras={"ranks": np.arange(4, 10)})
+    assert sample.extras["ranks"].tolist() == [0, 1, 2, 3, 4]
+    with pytest.raises(ValueError, match=r"rows with the extras \['ranks'\] and \[\] cannot be mixed"):
+        chunker.add(tokens, np.zeros(10, np.int32), 2)

@@ -296,6 +296,93 @@ def test_the_manifest_tells_each_sources_kind_and_layout(tmp_path):
     assert (manifest.source_kind("code"), manifest.has_loss_mask("code"), manifest.whole_examples("code")) == (
         "dialog", True, True,
     )  # fmt: skip
-    manifest.data["sources"]["code"]["kind"] = "preference"
-    with pytest.raises(ManifestError, match="source 'code' .* is of kind 'preference'"):
+    manifest.data["sources"]["code"].update(kind="preference", layout=LAYOUTS["preference"])
+    assert (manifest.source_kind("code"), manifest.has_loss_mask("code"), manifest.extras("code")) == (
+        "preference", True, ("response_ids", "ranks"),
+    )  # fmt: skip
+    manifest.data["sources"]["code"]["layout"] = {"members": ["tokens", "document_ids", "colours"]}
+    with pytest.raises(ManifestError, match=r"names the member\(s\) \['colours'\], which herd does not know"):
+        manifest.extras("code")
+    manifest.data["sources"]["code"]["kind"] = "image_caption"
+    with pytest.raises(ManifestError, match="source 'code' .* is of kind 'image_caption'"):
         manifest.source_kind("code")
+
+
+# --- the extras of preference rows -------------------------------------------------------------------
+
+EXTRAS = ("response_ids", "ranks")
+
+
+def _preference_rows():
+    """Packed rows whose extras follow the documents: response id = doc % 3, rank = doc % 3 - 1."""
+    packed = _packed()
+    docs = packed.document_ids
+    extras = {"response_ids": np.where(docs < 0, 0, docs % 3), "ranks": np.where(docs < 0, -1, docs % 3 - 1)}
+    return PackedRows(packed.tokens, docs, packed.tokens % 2 == 0, extras)
+
+
+def _write_rows(tmp_path, packed, name="pref.tar"):
+    path = tmp_path / name
+    digest = write_shard(path, packed, first_row=0, dtype=np.dtype(np.uint16))
+    return ShardInfo(str(path), len(packed.tokens), 0, digest)
+
+
+def test_extras_round_trip_as_members_of_their_own(tmp_path):
+    packed = _preference_rows()
+    info = _write_rows(tmp_path, packed)
+    rows = read_shard(info, ROW_LEN, 1000, loss_mask=True, extras=EXTRAS)
+    for name in EXTRAS:
+        np.testing.assert_array_equal(np.stack([r.extras[name] for r in rows]), packed.extras[name])
+        assert rows[0].extras[name].dtype == np.int16
+    np.testing.assert_array_equal(np.stack([r.loss_mask for r in rows]), packed.loss_mask)
+    with tarfile.open(info.url) as tar:
+        assert [m.name for m in tar.getmembers()[:5]] == [
+            "000000000.tokens.npy", "000000000.document_ids.npy", "000000000.loss_mask.npy",
+            "000000000.response_ids.npy", "000000000.ranks.npy",
+        ]  # fmt: skip
+    assert shard_bytes(packed, 0, np.dtype(np.uint16)) == (tmp_path / "pref.tar").read_bytes()
+    assert all(r.extras == {} for r in read_shard(_write(tmp_path)[1], ROW_LEN, 1000))  # text: no extras
+
+
+def _replaced(info: ShardInfo, member: str, array) -> ShardInfo:
+    """The shard with one member of its first row replaced by ``array`` (no checksum to catch it)."""
+    with tarfile.open(info.url) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for m, data in members:
+            if m.name == f"000000000.{member}":
+                npy = io.BytesIO()
+                np.save(npy, array)
+                data = npy.getvalue()
+            m.size = len(data)
+            tar.addfile(m, io.BytesIO(data))
+    path = info.url.replace(".tar", "-damaged.tar")
+    with open(path, "wb") as out:
+        out.write(buffer.getvalue())
+    return ShardInfo(path, info.rows, info.first_row)
+
+
+@pytest.mark.parametrize(
+    ("member", "array", "message"),
+    [
+        ("response_ids.npy", np.zeros(ROW_LEN, np.float32), r"expected response_ids of 9 signed integers, got float32"),
+        ("ranks.npy", np.zeros(ROW_LEN, np.uint8), r"expected ranks of 9 signed integers, got uint8"),
+        ("ranks.npy", np.zeros(ROW_LEN - 1, np.int16), r"expected ranks of 9 signed integers, got int16\(8,\)"),
+        ("response_ids.npy", np.full(ROW_LEN, -1, np.int16), r"response_ids values must be >= 0, found -1"),
+        ("ranks.npy", np.full(ROW_LEN, -2, np.int16), r"ranks values must be >= -1, found -2"),
+    ],
+)
+def test_a_damaged_extra_names_the_shard_and_sample(tmp_path, member, array, message):
+    info = _replaced(_write_rows(tmp_path, _preference_rows()), member, array)
+    with pytest.raises(ShardError, match=f"sample 000000000 in {info.url}: {message}"):
+        read_shard(info, ROW_LEN, 1000, loss_mask=True, extras=EXTRAS)
+
+
+def test_extras_must_match_the_layout(tmp_path):
+    info = _write_rows(tmp_path, _preference_rows())
+    with pytest.raises(ShardError, match=r"has the member\(s\) \['response_ids', 'ranks'\], which the manifest's"):
+        read_shard(info, ROW_LEN, 1000, loss_mask=True)
+    masked, _ = _masked(tmp_path)
+    with pytest.raises(ShardError, match=r"is malformed \(missing \['response_ids.npy', 'ranks.npy'\]\)"):
+        read_shard(masked, ROW_LEN, 1000, loss_mask=True, extras=EXTRAS)

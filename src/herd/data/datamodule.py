@@ -11,9 +11,24 @@ Batches are dicts of int64 tensors of shape (batch_size, seq_len):
   so the same next-token loss trains text (every token) and dialogs (assistant tokens only).
   One DataModule may mix text and dialog sources.
 
-Dialog sources pack whole dialogs into rows, so they are read at the seq_len they were prepared
-with: another ``seq_len`` (at construction or with :meth:`PackedDataModule.set_seq_len`) is
-refused, naming the source and the stored length. Text sources are re-cut to any length.
+Preference sources (``herd.data.preferences``) lay out each ranking as ``[prompt][response 1]
+[response 2]...`` in one row; their batches hold the three keys above and two more:
+
+- ``targets`` is the next token only where that token is the content of a response (not its
+  header, nor its closing ``<|eot_id|>``), else -100;
+- ``response_ids``: 0 on prompt tokens and padding, k = 1, 2, ... on the tokens of the k-th
+  response of the ranking in the row (its header and ``<|eot_id|>`` included);
+- ``ranks``: the rank of the response a token belongs to (0 = best; equal ranks are ties), -1 on
+  prompt tokens and padding.
+
+``document_ids`` tells the rankings of a row apart, ``response_ids`` the responses of one
+ranking. A DataModule of preference sources cannot also read text or dialog sources (their
+batches have other keys): it refuses such a mix.
+
+Dialog and preference sources pack whole examples into rows, so they are read at the seq_len
+they were prepared with: another ``seq_len`` (at construction or with
+:meth:`PackedDataModule.set_seq_len`) is refused, naming the source and the stored length. Text
+sources are re-cut to any length.
 
 The train stream is infinite (sources repeat pass after pass): bound training with
 ``trainer.max_steps`` and validate every N steps. The val stream reads every source's val split
@@ -65,6 +80,8 @@ from herd.paths import resolve_location
 
 logger = logging.getLogger(__name__)
 _STATE_VERSION = 1
+_BATCH_KEYS = ("tokens", "document_ids", "targets")  # every batch's; a source's extras add more
+_WHOLE_EXAMPLES = {"dialog": "dialogs", "preference": "rankings"}  # what whole-packed sources hold
 
 
 class PackedDataModule(L.LightningDataModule):
@@ -117,6 +134,7 @@ class PackedDataModule(L.LightningDataModule):
         self.pin_memory = pin_memory
         self.manifests: dict[str, Manifest] = {}
         self.names, self.weights, self._train, self._val = self._load_sources(data_dir, sources)
+        self._check_batch_keys()
         self._check_tokenizer(expected_vocab_size, expected_tokenizer_fingerprint)
         self._check_seq_len(self.seq_len)
         self.tokenizer = resolve_location(tokenizer) if tokenizer else self.manifest.tokenizer_location
@@ -128,7 +146,7 @@ class PackedDataModule(L.LightningDataModule):
     def set_seq_len(self, seq_len: int) -> None:
         """Sequence length of the next dataloaders (text rows are re-cut; nothing to re-prepare).
 
-        Refused (ValueError) when a dialog source was prepared with another seq_len.
+        Refused (ValueError) when a dialog or preference source was prepared with another seq_len.
         """
         self._check_seq_len(_positive("seq_len", seq_len))
         self.seq_len = seq_len
@@ -193,6 +211,22 @@ class PackedDataModule(L.LightningDataModule):
             )
         dataset = PackedStream(self._val, [Segment(plan)], rank, "val", self.on_corrupt_shard, limit=limit)
         return _StreamLoader(self, dataset, self.num_workers, self.pin_memory)
+
+    def pass_dataloader(self, split: str = "train", batch_size: int | None = None) -> tuple[DataLoader, int]:
+        """Every row of ``split`` once, unshuffled: this rank's share, and the most batches any rank gets.
+
+        For passes that must see every row (DPO's precomputed reference log-probs), unlike
+        :meth:`val_dataloader`, which trims every rank to the fewest batches. A rank whose loader
+        ends before the returned count must still join the collectives of the remaining steps.
+        """
+        if split not in ("train", "val"):
+            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+        sources = self._train if split == "train" else self._val
+        rank, world_size = self._data_parallel_rank()
+        plan = self._plan(world_size, batch_size or self.val_batch_size)
+        dataset = PackedStream(sources, [Segment(plan)], rank, "val", self.on_corrupt_shard)
+        loader = _StreamLoader(self, dataset, self.num_workers, self.pin_memory)
+        return loader, max(val_batches_per_rank(sources, plan), default=0)
 
     def test_dataloader(self) -> DataLoader | list:
         """The val split again (herd prepares no separate test split)."""
@@ -285,13 +319,29 @@ class PackedDataModule(L.LightningDataModule):
         return data_parallel_rank(self.trainer)
 
     def _check_seq_len(self, seq_len: int) -> None:
-        """Sources of whole examples (dialogs) must be read at the length they were packed for."""
-        for name, row_len in self._whole_rows.items():
+        """Sources of whole examples (dialogs, rankings) must be read at the length they were packed for."""
+        for name, (row_len, kind) in self._whole_rows.items():
             if seq_len + 1 != row_len:
+                examples = _WHOLE_EXAMPLES.get(kind, "examples")
                 raise ValueError(
-                    f"data.seq_len={seq_len}, but source {name!r} holds dialogs packed whole into rows of "
-                    f"seq_len={row_len - 1}, which cannot be re-cut without splitting dialogs: set "
+                    f"data.seq_len={seq_len}, but source {name!r} holds {examples} packed whole into rows of "
+                    f"seq_len={row_len - 1}, which cannot be re-cut without splitting {examples}: set "
                     f"data.seq_len={row_len - 1}, or re-run herd.prepare with seq_len={seq_len}"
+                )
+
+    def _check_batch_keys(self) -> None:
+        """Refuse sources whose batches would have different keys (preference vs text or dialog)."""
+        keys = {source.name: source.extras for source in self._train}
+        first = self._train[0]
+        for source in self._train[1:]:
+            if source.extras != first.extras:
+                described = ", ".join(
+                    f"{name!r} ({', '.join(_BATCH_KEYS + extras)})" for name, extras in keys.items()
+                )
+                raise ValueError(
+                    f"data.sources: the sources' batches would have different keys: {described}. One "
+                    "DataModule reads either preference sources only, or text and dialog sources; "
+                    "train on them in separate stages"
                 )
 
     def _load_sources(self, data_dir, sources):
@@ -303,7 +353,7 @@ class PackedDataModule(L.LightningDataModule):
         if not sources:
             raise ValueError("data.sources is empty; name at least one source")
         names, weights, train, val = [], [], [], []
-        self._whole_rows: dict[str, int] = {}  # row_len of each source packed as whole examples
+        self._whole_rows: dict[str, tuple[int, str]] = {}  # (row_len, kind) of sources of whole examples
         for name, spec in sources.items():
             spec = dict(spec or {})
             location = spec.get("data_dir") or data_dir
@@ -312,7 +362,7 @@ class PackedDataModule(L.LightningDataModule):
             manifest = self._manifest(location)
             in_manifest = spec.get("source", name)
             if manifest.whole_examples(in_manifest):
-                self._whole_rows[name] = manifest.row_len
+                self._whole_rows[name] = (manifest.row_len, manifest.source_kind(in_manifest))
             names.append(name)
             weights.append(_weight(name, spec, manifest, in_manifest))
             train.append(_source_shards(name, manifest, in_manifest, "train", spec.get("train")))
@@ -359,7 +409,8 @@ class _StreamLoader(DataLoader):
     Each ``iter()`` (a new epoch included) starts after the batches consumed so far, so
     re-iterating never repeats data. Without a trainer, yielded batches count as consumed. The
     stream's reader tags (``reader``, ``skipped_shards``) are taken off every batch and added to
-    :attr:`PackedDataModule.skipped_shards`, so batches hold only tokens, document_ids, targets.
+    :attr:`PackedDataModule.skipped_shards`, so batches hold only tokens, document_ids, targets
+    (and, from preference sources, response_ids and ranks).
     """
 
     def __init__(
@@ -393,8 +444,8 @@ class _StreamLoader(DataLoader):
 def _source_shards(name: str, manifest: Manifest, in_manifest: str, split: str, explicit) -> SourceShards:
     listed = manifest.shards(in_manifest, split)
     shards = listed if explicit is None else _explicit_shards(name, split, explicit, listed, manifest)
-    loss_mask = manifest.has_loss_mask(in_manifest)
-    return SourceShards(name, tuple(shards), manifest.row_len, manifest.vocab_size, loss_mask)
+    loss_mask, extras = manifest.has_loss_mask(in_manifest), manifest.extras(in_manifest)
+    return SourceShards(name, tuple(shards), manifest.row_len, manifest.vocab_size, loss_mask, extras)
 
 
 def _explicit_shards(name, split, explicit, listed: list[ShardInfo], manifest: Manifest) -> list[ShardInfo]:

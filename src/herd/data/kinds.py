@@ -11,7 +11,7 @@ manifest. What every kind shares lives here:
 - :class:`BadInputs`: stop at a bad input, or skip it and count it per reason, up to a limit;
 - :func:`assign_split`: the split of an example, by a hash of its id (or of its group);
 - :class:`Job`: the run's tokenizer, worker processes, row length, folders and shard writer;
-- :class:`SplitBuffer`: a split's token stream (and loss mask) on disk, with its documents.
+- :class:`SplitBuffer`: a split's token stream (and loss mask, and extras) on disk, with its documents.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from herd.data.packing import EXTRA_MEMBERS
 from herd.data.shards import SPLITS, token_dtype, write_split
 from herd.data.sources import BadInputError
 
@@ -139,24 +140,47 @@ class SplitBuffer:
     """A split's token stream, appended to temporary files, with document boundaries.
 
     A span appended with a negative document id is padding (whole-example layouts pad each row
-    in the stream itself). With ``loss_mask=True`` a per-token mask is kept beside the tokens.
+    in the stream itself). With ``loss_mask=True`` a per-token mask is kept beside the tokens,
+    and each name of ``extras`` (:data:`herd.data.packing.EXTRA_MEMBERS`) keeps one more
+    per-token integer array, in the member's dtype.
     """
 
-    def __init__(self, path: Path, loss_mask: bool = False) -> None:
+    def __init__(self, path: Path, loss_mask: bool = False, extras: tuple[str, ...] = ()) -> None:
+        unknown = [name for name in extras if name not in EXTRA_MEMBERS]
+        if unknown:
+            raise ValueError(f"SplitBuffer: unknown extra member(s) {unknown}; known {sorted(EXTRA_MEMBERS)}")
         self.path = path
         self.mask_path = path.with_name(path.name + ".mask") if loss_mask else None
+        self.extra_paths = {name: path.with_name(f"{path.name}.{name}") for name in extras}
         self.ends: list[int] = []
         self.ids: list[int] = []
         self.total = 0
         self._file = open(path, "wb")  # noqa: SIM115 - closed by close()
         self._mask = open(self.mask_path, "wb") if self.mask_path else None  # noqa: SIM115
+        self._extras = {name: open(file, "wb") for name, file in self.extra_paths.items()}  # noqa: SIM115
 
-    def append(self, tokens: np.ndarray, document_id: int, loss_mask: np.ndarray | None = None) -> None:
-        """Add one document's tokens (boundaries included), or padding (``document_id < 0``)."""
+    def append(
+        self,
+        tokens: np.ndarray,
+        document_id: int,
+        loss_mask: np.ndarray | None = None,
+        extras: Mapping[str, np.ndarray] | None = None,
+    ) -> None:
+        """Add one document's tokens (boundaries included), or padding (``document_id < 0``).
+
+        ``loss_mask`` defaults to false, and each extra left out of ``extras`` to its pad value.
+        """
         self._file.write(np.asarray(tokens, dtype=np.uint32).tobytes())
         if self._mask is not None:
             mask = np.zeros(len(tokens), bool) if loss_mask is None else np.asarray(loss_mask, bool)
             self._mask.write(mask.astype(np.uint8).tobytes())
+        for name, file in self._extras.items():
+            member = EXTRA_MEMBERS[name]
+            given = (extras or {}).get(name)
+            values = np.full(len(tokens), member.pad, member.dtype) if given is None else given
+            if len(values) != len(tokens):
+                raise ValueError(f"SplitBuffer.append: {len(values)} {name} for {len(tokens)} tokens")
+            file.write(np.asarray(values, dtype=member.dtype).tobytes())
         self.total += len(tokens)
         self.ends.append(self.total)
         self.ids.append(document_id)
@@ -166,6 +190,8 @@ class SplitBuffer:
         self._file.close()
         if self._mask is not None:
             self._mask.close()
+        for file in self._extras.values():
+            file.close()
 
     def tokens(self) -> np.ndarray:
         """The whole token stream (memory-mapped)."""
@@ -180,6 +206,17 @@ class SplitBuffer:
         if self.total == 0:
             return np.zeros(0, dtype=np.uint8)
         return np.memmap(self.mask_path, dtype=np.uint8, mode="r", shape=(self.total,))
+
+    def extras(self) -> dict[str, np.ndarray]:
+        """Each extra member's array parallel to :meth:`tokens` (memory-mapped); empty without extras."""
+        out = {}
+        for name, file in self.extra_paths.items():
+            dtype = EXTRA_MEMBERS[name].dtype
+            if self.total == 0:
+                out[name] = np.zeros(0, dtype)
+            else:
+                out[name] = np.memmap(file, dtype=dtype, mode="r", shape=(self.total,))
+        return out
 
 
 @dataclass(frozen=True)
@@ -201,9 +238,13 @@ class Job:
         """Tokens per stored row: seq_len inputs and their shifted targets."""
         return self.seq_len + 1
 
-    def buffers(self, source: str, loss_mask: bool = False) -> dict[str, SplitBuffer]:
-        """A fresh :class:`SplitBuffer` per split for ``source``."""
-        return {split: SplitBuffer(self.scratch / f"{source}.{split}.bin", loss_mask) for split in SPLITS}
+    def buffers(
+        self, source: str, loss_mask: bool = False, extras: tuple[str, ...] = ()
+    ) -> dict[str, SplitBuffer]:
+        """A fresh :class:`SplitBuffer` per split for ``source`` (with a loss mask, with ``extras``)."""
+        return {
+            split: SplitBuffer(self.scratch / f"{source}.{split}.bin", loss_mask, extras) for split in SPLITS
+        }
 
     def write(self, source: str, split: str, buffer: SplitBuffer) -> dict[str, Any]:
         """Pack a split's buffer into ``<source>/<split>-NNNNNN.tar`` shards (in the worker processes).
@@ -223,6 +264,7 @@ class Job:
             min_count=self.min_count,
             map_fn=self.pool.imap,
             loss_mask=buffer.loss_mask(),
+            extras=buffer.extras(),
         )
 
 

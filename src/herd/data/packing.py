@@ -8,7 +8,9 @@ id is :data:`PAD_DOCUMENT_ID`.
 
 Prepare side, whole examples (dialogs): :class:`WholePacker` places each example, never split,
 first-fit into one of a few open rows; a row's unused tail is padding. Such rows also carry a
-per-token loss mask (true on the tokens a model is trained to predict, e.g. the assistant's).
+per-token loss mask (true on the tokens a model is trained to predict, e.g. the assistant's),
+and some kinds carry further per-token integer members, the *extras* of :data:`EXTRA_MEMBERS`
+(a preference row's ``response_ids`` and ``ranks``).
 
 Read side: :class:`Rechunker` concatenates the rows of a stream and cuts samples of any
 ``seq_len + 1``; with the stored length it returns the rows unchanged. A sample's document ids
@@ -16,13 +18,14 @@ are renumbered from 0 and a new id starts wherever the document changes or two r
 not neighbours in the packed stream meet, so attention masks never join unrelated text.
 Targets are the next token, or :data:`IGNORE_INDEX` where the next token belongs to another
 document or either token is padding, or, for rows with a loss mask, where the mask is false on
-the next (the predicted) token.
+the next (the predicted) token. A row's extras are cut like its tokens: a sample carries the
+values of its input positions.
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
-from dataclasses import dataclass
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 import numpy as np
@@ -33,15 +36,41 @@ T = TypeVar("T", bound=Hashable)
 
 
 @dataclass(frozen=True)
+class ExtraMember:
+    """A per-token integer member a row may carry besides tokens, document ids and loss mask.
+
+    ``dtype`` is how it is stored; ``minimum`` its smallest valid value (checked when a shard is
+    read); ``pad`` its value on padding.
+    """
+
+    dtype: np.dtype
+    minimum: int
+    pad: int
+
+
+# The extras a row layout may name (herd.data.shards.LAYOUTS), by member name:
+# - response_ids: 0 on a prompt and on padding, k = 1, 2, ... on the tokens of the k-th response
+#   of a preference ranking in its row;
+# - ranks: the rank of the response a token belongs to (0 = best), -1 on a prompt and padding.
+EXTRA_MEMBERS: dict[str, ExtraMember] = {
+    "response_ids": ExtraMember(np.dtype(np.int16), minimum=0, pad=0),
+    "ranks": ExtraMember(np.dtype(np.int16), minimum=-1, pad=-1),
+}
+
+
+@dataclass(frozen=True)
 class PackedRows:
-    """``tokens`` and ``document_ids``, both of shape (rows, row_len), and an optional loss mask.
+    """``tokens`` and ``document_ids``, both of shape (rows, row_len), an optional loss mask, extras.
 
     ``loss_mask`` (rows, row_len) bool, or None for text: true where a token is to be predicted.
+    ``extras`` maps names of :data:`EXTRA_MEMBERS` to (rows, row_len) integer arrays (none for
+    text and dialogs).
     """
 
     tokens: np.ndarray
     document_ids: np.ndarray
     loss_mask: np.ndarray | None = None
+    extras: Mapping[str, np.ndarray] = field(default_factory=dict)
 
 
 def with_boundaries(ids: Sequence[int] | np.ndarray, bos_id: int, eos_id: int) -> np.ndarray:
@@ -76,13 +105,15 @@ def pack_range(
     first_row: int,
     end_row: int,
     loss_mask: np.ndarray | None = None,
+    extras: Mapping[str, np.ndarray] | None = None,
 ) -> PackedRows:
     """Rows ``first_row .. end_row-1`` of the packed stream ``flat``.
 
     ``document_ends[i]`` is the end offset of document ``i`` in ``flat``; its id is
     ``document_ids[i]`` (a span with id :data:`PAD_DOCUMENT_ID` is padding inside the stream).
     Positions past the end of ``flat`` are padding. ``loss_mask``, parallel to ``flat``, is cut
-    the same way (false on padding).
+    the same way (false on padding), and so is each of ``extras`` (name -> array parallel to
+    ``flat``; the member's pad value on padding).
     """
     start, stop = first_row * row_len, min(end_row * row_len, flat.size)
     size = (end_row - first_row) * row_len
@@ -96,7 +127,13 @@ def pack_range(
         mask = np.zeros(size, dtype=bool)
         mask[: stop - start] = loss_mask[start:stop]
         mask = mask.reshape(-1, row_len)
-    return PackedRows(tokens.reshape(-1, row_len), docs.reshape(-1, row_len), mask)
+    cut = {}
+    for name, values in (extras or {}).items():
+        member = EXTRA_MEMBERS[name]
+        out = np.full(size, member.pad, dtype=member.dtype)
+        out[: stop - start] = values[start:stop]
+        cut[name] = out.reshape(-1, row_len)
+    return PackedRows(tokens.reshape(-1, row_len), docs.reshape(-1, row_len), mask, cut)
 
 
 class WholePacker(Generic[T]):
@@ -159,12 +196,15 @@ def next_token_targets(
 class Sample:
     """One training sequence: ``tokens``, ``document_ids`` and ``targets``, each (seq_len,) int32.
 
-    int32 halves the memory of shuffle buffers; batches are widened to int64 when collated.
+    ``extras``: the row's extra members (:data:`EXTRA_MEMBERS`) at the input positions, each
+    (seq_len,) int32; empty for text and dialogs. int32 halves the memory of shuffle buffers;
+    batches are widened to int64 when collated.
     """
 
     tokens: np.ndarray
     document_ids: np.ndarray
     targets: np.ndarray
+    extras: Mapping[str, np.ndarray] = field(default_factory=dict)
 
 
 class Rechunker:
@@ -173,8 +213,9 @@ class Rechunker:
     Feed rows in stream order with :meth:`add`; each call returns the samples completed so far.
     ``row_index`` is the row's position in its packed split: rows continue each other only when
     indices are consecutive. Leftover tokens shorter than a sample stay pending (drop them with
-    :meth:`reset` at the end of a pass). Rows with a loss mask (dialogs) are meant to be read at
-    their stored length, one sample per row; the mask then limits the targets.
+    :meth:`reset` at the end of a pass). Rows with a loss mask (dialogs, preference rankings) are
+    meant to be read at their stored length, one sample per row; the mask then limits the
+    targets. A row's extras (``response_ids``, ``ranks``) are cut like its tokens.
     """
 
     def __init__(self, seq_len: int) -> None:
@@ -185,20 +226,33 @@ class Rechunker:
 
     def reset(self) -> None:
         """Forget pending tokens and the previous row."""
-        self._pending: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]] = []
+        self._pending: list[_Pending] = []
         self._pending_len = 0
         self._segment = 0
         self._previous: tuple[int, int] | None = None  # (row_index, last document id)
 
     def add(
-        self, tokens: np.ndarray, document_ids: np.ndarray, row_index: int, loss_mask: np.ndarray | None = None
+        self,
+        tokens: np.ndarray,
+        document_ids: np.ndarray,
+        row_index: int,
+        loss_mask: np.ndarray | None = None,
+        extras: Mapping[str, np.ndarray] | None = None,
     ) -> list[Sample]:
-        """Append one stored row (and its loss mask, if it has one); return the samples it completes."""
-        if self._pending and (loss_mask is None) != (self._pending[0][3] is None):
-            raise ValueError("Rechunker: rows with and without a loss mask cannot be mixed in one stream")
+        """Append one stored row (with its loss mask and extras, if any); return the samples it completes."""
+        extras = dict(extras or {})
+        if self._pending:
+            first = self._pending[0]
+            if (loss_mask is None) != (first.mask is None):
+                raise ValueError("Rechunker: rows with and without a loss mask cannot be mixed in one stream")
+            if set(extras) != set(first.extras):
+                raise ValueError(
+                    f"Rechunker: rows with the extras {sorted(first.extras)} and {sorted(extras)} cannot be "
+                    "mixed in one stream"
+                )
         segments = self._segments(document_ids, row_index)
         mask = None if loss_mask is None else np.asarray(loss_mask, dtype=bool)
-        self._pending.append((tokens, segments, document_ids < 0, mask))
+        self._pending.append(_Pending(tokens, segments, document_ids < 0, mask, extras))
         self._pending_len += len(tokens)
         samples = []
         while self._pending_len >= self.sample_len:
@@ -218,16 +272,45 @@ class Rechunker:
 
     def _cut(self) -> Sample:
         """Take one sample's tokens off the front of the pending rows."""
-        tokens, segments, pad = (np.concatenate(arrays) for arrays in list(zip(*self._pending, strict=True))[:3])
-        masked = self._pending[0][3] is not None
-        mask = np.concatenate([row[3] for row in self._pending]) if masked else None
+        pending = self._pending[0] if len(self._pending) == 1 else _Pending.join(self._pending)
         n = self.sample_len
-        rest = (tokens[n:], segments[n:], pad[n:], mask[n:] if masked else None)
-        self._pending = [rest] if len(tokens) > n else []
-        self._pending_len = len(tokens) - n
-        tokens, segments, pad = tokens[:n], segments[:n], pad[:n]
+        rest = pending.slice(n, None)
+        self._pending = [rest] if len(pending.tokens) > n else []
+        self._pending_len = len(pending.tokens) - n
+        head = pending.slice(0, n)
         return Sample(
-            tokens=tokens[:-1].astype(np.int32),
-            document_ids=(segments[:-1] - segments[0]).astype(np.int32),
-            targets=next_token_targets(tokens, segments, pad, mask[:n] if masked else None),
+            tokens=head.tokens[:-1].astype(np.int32),
+            document_ids=(head.segments[:-1] - head.segments[0]).astype(np.int32),
+            targets=next_token_targets(head.tokens, head.segments, head.pad, head.mask),
+            extras={name: values[:-1].astype(np.int32) for name, values in head.extras.items()},
         )
+
+
+@dataclass(frozen=True)
+class _Pending:
+    """Tokens of stored rows not yet cut into samples, with everything cut alongside them."""
+
+    tokens: np.ndarray
+    segments: np.ndarray
+    pad: np.ndarray
+    mask: np.ndarray | None
+    extras: dict[str, np.ndarray]
+
+    @classmethod
+    def join(cls, parts: Sequence[_Pending]) -> _Pending:
+        """The parts one after another."""
+        first = parts[0]
+        return cls(
+            np.concatenate([p.tokens for p in parts]),
+            np.concatenate([p.segments for p in parts]),
+            np.concatenate([p.pad for p in parts]),
+            None if first.mask is None else np.concatenate([p.mask for p in parts]),
+            {name: np.concatenate([p.extras[name] for p in parts]) for name in first.extras},
+        )
+
+    def slice(self, start: int, stop: int | None) -> _Pending:
+        """Positions ``start .. stop-1`` of every array."""
+        cut = slice(start, stop)
+        mask = None if self.mask is None else self.mask[cut]
+        extras = {name: values[cut] for name, values in self.extras.items()}
+        return _Pending(self.tokens[cut], self.segments[cut], self.pad[cut], mask, extras)

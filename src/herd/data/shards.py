@@ -8,18 +8,25 @@ A prepared folder looks like::
     <source>/val-000000.tar         <row>.tokens.npy        (row_len,) uint16 or uint32
                                     <row>.document_ids.npy  (row_len,) int32, -1 = padding
                                     <row>.loss_mask.npy     (row_len,) uint8, 1 = trained on
-                                                            (dialog sources only)
+                                                            (dialog and preference sources)
+                                    <row>.response_ids.npy  (row_len,) int16, preference sources:
+                                                            0 = prompt or padding, k = the k-th
+                                                            response of its ranking in the row
+                                    <row>.ranks.npy         (row_len,) int16, preference sources:
+                                                            the response's rank, -1 elsewhere
 
 ``<row>`` is the row's index in its packed split, zero-padded to 9 digits. Tar headers are fixed
 (mtime 0, uid/gid 0, no user names, mode 644), so the same inputs give byte-identical shards.
 
-Each source's entry in the manifest names its ``kind`` (``text`` or ``dialog``) and its row
-``layout`` (:data:`LAYOUTS`): the members of every row and how examples were packed. A manifest
-without them (written before dialogs existed) holds text sources.
+Each source's entry in the manifest names its ``kind`` (``text``, ``dialog`` or ``preference``)
+and its row ``layout`` (:data:`LAYOUTS`): the members of every row and how examples were packed.
+A manifest without them (written before dialogs existed) holds text sources. Members beyond
+tokens, document ids and the loss mask are *extras*, per-token integers described by
+:data:`herd.data.packing.EXTRA_MEMBERS` (dtype, smallest valid value, padding value).
 
 Reading decodes only those members, with ``numpy.load(allow_pickle=False)``; nothing is ever
 unpickled. Each shard is read whole and checked against the manifest (sha256, row count, row
-indices, members, shapes, dtypes, token and mask range) before any of its rows is used, so a
+indices, members, shapes, dtypes, token, mask and extras range) before any of its rows is used, so a
 damaged shard never reaches training: it raises :class:`ShardError` naming the shard, or is
 skipped when the reader is configured to.
 
@@ -37,8 +44,8 @@ import json
 import os
 import re
 import tarfile
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +53,7 @@ import numpy as np
 import webdataset as wds
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from herd.data.packing import PackedRows, num_rows, pack_range
+from herd.data.packing import EXTRA_MEMBERS, PackedRows, num_rows, pack_range
 from herd.paths import url_scheme
 
 MANIFEST_FILE = "manifest.json"
@@ -60,7 +67,13 @@ _TOKENS, _DOCS, _LOSS = "tokens.npy", "document_ids.npy", "loss_mask.npy"
 LAYOUTS: dict[str, dict[str, Any]] = {
     "text": {"members": ["tokens", "document_ids"], "packing": "stream"},
     "dialog": {"members": ["tokens", "document_ids", "loss_mask"], "packing": "whole"},
+    "preference": {
+        "members": ["tokens", "document_ids", "loss_mask", "response_ids", "ranks"],
+        "packing": "whole",
+    },
 }
+# Members every layout has, or may have, besides its extras (EXTRA_MEMBERS).
+_BASE_MEMBERS = ("tokens", "document_ids", "loss_mask")
 
 # URL schemes a manifest may name for its shards and tokenizer. Others are refused: ``pipe:``
 # would run the listed text as a shell command.
@@ -101,20 +114,26 @@ def shard_bytes(rows: PackedRows, first_row: int, dtype: np.dtype) -> bytes:
 
     The bytes are those ``tarfile`` writes in USTAR format, built member by member with
     ``TarInfo.tobuf`` (``addfile`` costs more than tokenizing); every npy member of a shard
-    shares one header, computed once. Rows with a loss mask get a third member, ``loss_mask``.
+    shares one header, computed once. Rows with a loss mask get a third member, ``loss_mask``,
+    and each of their extras a member of its name after it (``response_ids.npy``, ...), stored in
+    the extra's dtype (:data:`herd.data.packing.EXTRA_MEMBERS`).
     """
     tokens, docs = rows.tokens.astype(dtype), rows.document_ids.astype(np.int32)
     masks = None if rows.loss_mask is None else rows.loss_mask.astype(np.uint8)
+    extras = {f"{name}.npy": values.astype(EXTRA_MEMBERS[name].dtype) for name, values in rows.extras.items()}
     parts: list[bytes] = []
     if len(tokens):
         token_header, doc_header = _npy_header(tokens[0]), _npy_header(docs[0])
         mask_header = b"" if masks is None else _npy_header(masks[0])
+        extra_headers = {member: _npy_header(values[0]) for member, values in extras.items()}
     for i in range(len(tokens)):
         key = f"{first_row + i:09d}"
         parts += _member(f"{key}.{_TOKENS}", token_header + tokens[i].tobytes())
         parts += _member(f"{key}.{_DOCS}", doc_header + docs[i].tobytes())
         if masks is not None:
             parts += _member(f"{key}.{_LOSS}", mask_header + masks[i].tobytes())
+        for member, values in extras.items():
+            parts += _member(f"{key}.{member}", extra_headers[member] + values[i].tobytes())
     parts.append(tarfile.NUL * (2 * tarfile.BLOCKSIZE))  # end-of-archive marker
     size = sum(map(len, parts))
     parts.append(tarfile.NUL * (-size % tarfile.RECORDSIZE))  # pad the last record, as tarfile does
@@ -161,6 +180,7 @@ def write_split(
     min_count: int = 8,
     map_fn: Callable[[Callable, Iterable], Iterable] = map,
     loss_mask: np.ndarray | None = None,
+    extras: dict[str, np.ndarray] | None = None,
 ) -> dict[str, Any]:
     """Pack a split's token stream into rows and write it as ``<prefix>-000000.tar``, ...
 
@@ -168,14 +188,15 @@ def write_split(
     enough rows. ``map_fn`` runs the per-shard work (e.g. ``WorkerPool.imap``, in processes).
     Spans whose document id is negative are padding inside the stream (whole-example rows lay
     out their padding so); ``loss_mask`` (parallel to ``flat``) is written as each row's
-    ``loss_mask`` member. Returns the split's manifest entry (counts and the shard list): the
+    ``loss_mask`` member, and each of ``extras`` (name -> array parallel to ``flat``) as the
+    member of its name. Returns the split's manifest entry (counts and the shard list): the
     counts are of real tokens and documents, padding apart, plus ``trained_tokens`` with a mask.
     """
     rows = num_rows(flat.size, row_len)
     per_shard = max(1, min(max_rows, -(-rows // min_count)))
     tasks = (
         _ShardTask.cut(folder / f"{prefix}-{index:06d}.tar", flat, document_ends, document_ids, first,
-                       min(rows, first + per_shard), row_len, pad_id, dtype, loss_mask)
+                       min(rows, first + per_shard), row_len, pad_id, dtype, loss_mask, extras)
         for index, first in enumerate(range(0, rows, per_shard))
     )  # fmt: skip
     shards = [
@@ -219,22 +240,26 @@ class _ShardTask:
     pad_id: int
     dtype: np.dtype
     loss_mask: np.ndarray | None = None  # the shard's slice of the split's loss mask
+    extras: dict[str, np.ndarray] | None = None  # the shard's slices of the split's extras
 
     @classmethod
-    def cut(cls, path, flat, ends, ids, first, end, row_len, pad_id, dtype, loss_mask=None) -> _ShardTask:
+    def cut(
+        cls, path, flat, ends, ids, first, end, row_len, pad_id, dtype, loss_mask=None, extras=None
+    ) -> _ShardTask:
         """The task for rows ``first .. end-1`` of the split ``flat``."""
         start, stop = first * row_len, min(end * row_len, flat.size)
         lo, hi = np.searchsorted(ends, [start, stop - 1], side="right")
         mask = None if loss_mask is None else np.array(loss_mask[start:stop])
+        extra = {name: np.array(values[start:stop]) for name, values in (extras or {}).items()}
         return cls(path, np.array(flat[start:stop]), ends[lo : hi + 1] - start, ids[lo : hi + 1],
-                   first, end - first, row_len, pad_id, dtype, mask)  # fmt: skip
+                   first, end - first, row_len, pad_id, dtype, mask, extra)  # fmt: skip
 
 
 def _write_task(task: _ShardTask) -> tuple[int, int, str]:
     """Pack and write one shard; returns (first row, rows, sha256)."""
     packed = pack_range(
         task.tokens, task.document_ends, task.document_ids, task.row_len, task.pad_id, 0, task.rows,
-        task.loss_mask,
+        task.loss_mask, task.extras,
     )
     return task.first_row, task.rows, write_shard(task.path, packed, task.first_row, task.dtype)
 
@@ -299,7 +324,7 @@ class Manifest:
         return int(self.data["row_len"])
 
     def source_kind(self, source: str) -> str:
-        """The kind of examples ``source`` holds: ``"text"`` (the default) or ``"dialog"``."""
+        """The kind of examples ``source`` holds: ``"text"`` (the default), ``"dialog"``, ``"preference"``."""
         self._check_source(source)
         kind = self.data["sources"][source].get("kind", "text")
         if kind not in LAYOUTS:
@@ -319,8 +344,22 @@ class Manifest:
         return layout
 
     def has_loss_mask(self, source: str) -> bool:
-        """True when the rows of ``source`` carry a ``loss_mask`` member (dialog sources)."""
+        """True when the rows of ``source`` carry a ``loss_mask`` member (dialog and preference sources)."""
         return "loss_mask" in self.layout(source)["members"]
+
+    def extras(self, source: str) -> tuple[str, ...]:
+        """The extra members of the rows of ``source`` (``("response_ids", "ranks")`` for preferences).
+
+        Raises ManifestError for a member herd does not know.
+        """
+        extras = tuple(m for m in self.layout(source)["members"] if m not in _BASE_MEMBERS)
+        unknown = [m for m in extras if m not in EXTRA_MEMBERS]
+        if unknown:
+            raise ManifestError(
+                f"{self.location}: sources.{source}.layout names the member(s) {unknown}, which herd does "
+                f"not know (it knows {[*_BASE_MEMBERS, *EXTRA_MEMBERS]}); re-run herd.prepare with this herd"
+            )
+        return extras
 
     def whole_examples(self, source: str) -> bool:
         """True when each example of ``source`` sits whole in one row (it must be read at row_len)."""
@@ -434,25 +473,35 @@ class Manifest:
 
 @dataclass(frozen=True)
 class Row:
-    """One stored row: its index in the packed split, token ids, document ids and loss mask.
+    """One stored row: its index in the packed split, token ids, document ids, loss mask, extras.
 
-    ``loss_mask`` is a bool array for dialog rows (true on the tokens to predict), else None.
+    ``loss_mask`` is a bool array for dialog and preference rows (true on the tokens to
+    predict), else None. ``extras`` maps each extra member of the layout (``response_ids``,
+    ``ranks``) to its stored array; it is empty for text and dialogs.
     """
 
     index: int
     tokens: np.ndarray
     document_ids: np.ndarray
     loss_mask: np.ndarray | None = None
+    extras: dict[str, np.ndarray] = field(default_factory=dict)
 
 
-def read_shard(shard: ShardInfo, row_len: int, vocab_size: int, loss_mask: bool = False) -> list[Row]:
+def read_shard(
+    shard: ShardInfo, row_len: int, vocab_size: int, loss_mask: bool = False, extras: Sequence[str] = ()
+) -> list[Row]:
     """All rows of ``shard``, checked against the manifest; raises ShardError naming the shard.
 
-    ``loss_mask``: whether the source's layout has a ``loss_mask`` member (dialog sources); a
-    row must hold exactly the members its layout names. ``shard.url`` is opened with webdataset's
-    ``gopen``, as given: a ``pipe:`` URL runs its command. :class:`Manifest` never yields one;
-    only a location the user configured can be one.
+    ``loss_mask``: whether the source's layout has a ``loss_mask`` member (dialog and preference
+    sources); ``extras``: the layout's extra members (:meth:`Manifest.extras`). A row must hold
+    exactly the members its layout names; each extra is checked for shape, integer dtype and its
+    smallest valid value (:data:`herd.data.packing.EXTRA_MEMBERS`). ``shard.url`` is opened with
+    webdataset's ``gopen``, as given: a ``pipe:`` URL runs its command. :class:`Manifest` never
+    yields one; only a location the user configured can be one.
     """
+    unknown = [name for name in extras if name not in EXTRA_MEMBERS]
+    if unknown:
+        raise ValueError(f"read_shard: unknown extra member(s) {unknown}; known: {sorted(EXTRA_MEMBERS)}")
     data = _fetch(shard.url)
     if shard.sha256 is not None and hashlib.sha256(data).hexdigest() != shard.sha256:
         raise ShardError(
@@ -460,7 +509,10 @@ def read_shard(shard: ShardInfo, row_len: int, vocab_size: int, loss_mask: bool 
             "Re-run herd.prepare or restore the file (or set on_corrupt_shard=skip to skip it)."
         )
     try:
-        rows = [_decode(sample, row_len, vocab_size, loss_mask) for sample in _samples(data, shard.url)]
+        rows = [
+            _decode(sample, row_len, vocab_size, loss_mask, tuple(extras))
+            for sample in _samples(data, shard.url)
+        ]
     except ShardError:
         raise
     except Exception as err:  # tarfile, numpy and webdataset raise many kinds on damaged bytes
@@ -490,10 +542,17 @@ def _samples(data: bytes, url: str):
     return group_by_keys(files)
 
 
-def _decode(sample: dict[str, Any], row_len: int, vocab_size: int, loss_mask: bool = False) -> Row:
-    """A Row from one sample's npy members; checks members, shapes, dtypes, token and mask range."""
+def _decode(
+    sample: dict[str, Any],
+    row_len: int,
+    vocab_size: int,
+    loss_mask: bool = False,
+    extras: tuple[str, ...] = (),
+) -> Row:
+    """A Row from one sample's npy members; checks members, shapes, dtypes, token, mask and extras range."""
     key = sample["__key__"]
     members = (_TOKENS, _DOCS, _LOSS) if loss_mask else (_TOKENS, _DOCS)
+    members += tuple(f"{name}.npy" for name in extras)
     missing = [name for name in members if name not in sample]
     if missing or not key.isdigit():
         raise ShardError(f"sample {key!r} in {sample['__url__']} is malformed (missing {missing})")
@@ -501,6 +560,12 @@ def _decode(sample: dict[str, Any], row_len: int, vocab_size: int, loss_mask: bo
         raise ShardError(
             f"sample {key} in {sample['__url__']} has a loss mask, but the manifest lists its source as "
             "text; re-run herd.prepare or fix the manifest"
+        )
+    unexpected = [name for name in EXTRA_MEMBERS if name not in extras and f"{name}.npy" in sample]
+    if unexpected:
+        raise ShardError(
+            f"sample {key} in {sample['__url__']} has the member(s) {unexpected}, which the manifest's "
+            "layout of its source does not list; re-run herd.prepare or fix the manifest"
         )
     tokens = _load_npy(sample[_TOKENS], key, sample["__url__"])
     docs = _load_npy(sample[_DOCS], key, sample["__url__"])
@@ -518,7 +583,9 @@ def _decode(sample: dict[str, Any], row_len: int, vocab_size: int, loss_mask: bo
         raise ShardError(
             f"sample {key} in {sample['__url__']}: token id {int(tokens.max())} >= vocab size {vocab_size}"
         )
-    return Row(int(key), tokens, docs, _decode_mask(sample, key, row_len) if loss_mask else None)
+    mask = _decode_mask(sample, key, row_len) if loss_mask else None
+    extra = {name: _decode_extra(sample, key, row_len, name) for name in extras}
+    return Row(int(key), tokens, docs, mask, extra)
 
 
 def _decode_mask(sample: dict[str, Any], key: str, row_len: int) -> np.ndarray:
@@ -532,6 +599,23 @@ def _decode_mask(sample: dict[str, Any], key: str, row_len: int) -> np.ndarray:
     if mask.size and int(mask.max()) > 1:
         raise ShardError(f"sample {key} in {sample['__url__']}: loss mask values must be 0 or 1")
     return mask.astype(bool)
+
+
+def _decode_extra(sample: dict[str, Any], key: str, row_len: int, name: str) -> np.ndarray:
+    """The row's extra member ``name``: (row_len,) signed integers, none below the member's minimum."""
+    values = _load_npy(sample[f"{name}.npy"], key, sample["__url__"])
+    if values.shape != (row_len,) or values.dtype.kind != "i":
+        raise ShardError(
+            f"sample {key} in {sample['__url__']}: expected {name} of {row_len} signed integers, got "
+            f"{values.dtype}{values.shape}"
+        )
+    minimum = EXTRA_MEMBERS[name].minimum
+    if values.size and int(values.min()) < minimum:
+        raise ShardError(
+            f"sample {key} in {sample['__url__']}: {name} values must be >= {minimum}, "
+            f"found {int(values.min())}"
+        )
+    return values
 
 
 def _load_npy(data: bytes, key: str, url: str) -> np.ndarray:

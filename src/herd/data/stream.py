@@ -9,8 +9,9 @@ Each DataLoader worker of each data-parallel rank is one *reader*. For every sou
    read every row of the split once;
 2. reads each shard whole and checks it (``herd.data.shards.read_shard``);
 3. re-cuts the rows into samples of ``seq_len + 1`` tokens (``herd.data.packing.Rechunker``;
-   dialog rows are read at their stored length, one sample per row, targets limited by the
-   row's loss mask);
+   dialog and preference rows are read at their stored length, one sample per row, targets
+   limited by the row's loss mask; a preference row's ``response_ids`` and ``ranks`` are cut
+   like its tokens);
 4. shuffles the samples of the pass in a buffer (webdataset's ``shuffle``, seeded), then starts
    the next pass, so a pass is an epoch of that source for this reader.
 
@@ -56,7 +57,9 @@ ON_CORRUPT = ("error", "skip")
 class SourceShards:
     """One source as a reader sees it: its shards and how to check them.
 
-    ``loss_mask``: its rows carry a loss mask (dialog sources), which limits the targets.
+    ``loss_mask``: its rows carry a loss mask (dialog and preference sources), which limits the
+    targets. ``extras``: the extra members of its rows (``("response_ids", "ranks")`` for
+    preference sources), which become batch keys of their own.
     """
 
     name: str
@@ -64,6 +67,7 @@ class SourceShards:
     row_len: int
     vocab_size: int
     loss_mask: bool = False
+    extras: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -153,12 +157,25 @@ SKIPPED_SHARDS_KEY = "skipped_shards"
 
 
 def collate(samples: Sequence[Sample]) -> dict[str, torch.Tensor]:
-    """Stack samples into the batch dict: tokens, document_ids, targets, each (batch, seq) int64."""
-    return {
+    """Stack samples into the batch dict: tokens, document_ids, targets, each (batch, seq) int64.
+
+    Samples with extras (preference rows: ``response_ids``, ``ranks``) add one key per extra;
+    every sample of a batch must have the same extras.
+    """
+    names = list(samples[0].extras)
+    if any(set(s.extras) != set(names) for s in samples):
+        raise ValueError(
+            "collate: samples with different extras cannot share a batch "
+            f"({sorted({tuple(sorted(s.extras)) for s in samples})})"
+        )
+    batch = {
         "tokens": torch.from_numpy(np.stack([s.tokens for s in samples])).long(),
         "document_ids": torch.from_numpy(np.stack([s.document_ids for s in samples])).long(),
         "targets": torch.from_numpy(np.stack([s.targets for s in samples])).long(),
     }
+    for name in names:
+        batch[name] = torch.from_numpy(np.stack([s.extras[name] for s in samples])).long()
+    return batch
 
 
 class PackedStream(IterableDataset):
@@ -354,7 +371,7 @@ class PackedStream(IterableDataset):
     def _read(self, shard: ShardInfo, source: SourceShards, reader: _Reader) -> list[Row] | None:
         """The rows of a shard, or None when it is damaged and damaged shards are skipped."""
         try:
-            return read_shard(shard, source.row_len, source.vocab_size, source.loss_mask)
+            return read_shard(shard, source.row_len, source.vocab_size, source.loss_mask, source.extras)
         except ShardError as err:
             if self.on_corrupt_shard == "error":
                 raise
@@ -395,7 +412,7 @@ def val_batches_per_rank(sources: Sequence[SourceShards], plan: Plan) -> list[in
 def _rechunked(rows: Iterator[Row], seq_len: int) -> Iterator[Sample]:
     rechunker = Rechunker(seq_len)
     for row in rows:
-        yield from rechunker.add(row.tokens, row.document_ids, row.index, row.loss_mask)
+        yield from rechunker.add(row.tokens, row.document_ids, row.index, row.loss_mask, row.extras)
 
 
 def _seed(*parts: object) -> int:
