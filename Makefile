@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: train test test-fast lint bench clean-venv env prepare prepare-passkey prepare-sft
+.PHONY: train test test-fast lint bench clean-venv env prepare prepare-passkey prepare-sft prepare-preferences
 
 # Which torch to install, and extra arguments for every pip install below. On Linux the default
 # torch wheel of the package registry is the CUDA build (several GB with its nvidia-* packages);
@@ -57,6 +57,18 @@ $(SFT): $(CORPUS)
 		tokenizer.path=data/prepared/stdlib/tokenizer
 
 prepare-sft: $(SFT)
+
+PREFERENCES := data/prepared/preferences/manifest.json
+
+# The embedded preference rankings for the reward model and DPO (stdlib:sft's questions, each with its
+# true answer, the answer with a wrong name, and another function's answer, ranked in that order),
+# with the corpus' tokenizer.
+$(PREFERENCES): $(CORPUS)
+	$(PY) -m herd.prepare output_dir=data/prepared/preferences '~sources' \
+		'+sources={preferences: {input: "stdlib:preferences", kind: preference}}' \
+		tokenizer.path=data/prepared/stdlib/tokenizer
+
+prepare-preferences: $(PREFERENCES)
 
 ## make train: tiny pretraining on the embedded corpus (no download).
 train: $(STAMP) $(CORPUS)

@@ -1,4 +1,4 @@
-"""herd.prepare: raw text and dialogs to packed WebDataset shards.
+"""herd.prepare: raw text, dialogs and preference rankings to packed WebDataset shards.
 
     python -m herd.prepare                                   # the embedded stdlib corpus
     python -m herd.prepare output_dir=data/prepared/mine \\
@@ -6,9 +6,12 @@
         tokenizer.path=/models/Llama-3.2-1B                  # a real Llama 3 tokenizer
     python -m herd.prepare output_dir=data/prepared/sft \\
         'sources={sft: {input: stdlib:sft}}' tokenizer.path=data/prepared/stdlib/tokenizer
+    python -m herd.prepare output_dir=data/prepared/preferences \\
+        'sources={preferences: {input: stdlib:preferences}}' tokenizer.path=data/prepared/stdlib/tokenizer
 
-Each source has a kind (``sources.<name>.kind``): ``text`` (the default; ``herd.data.text``) or
-``dialog`` (``herd.data.dialogs``; the embedded ``stdlib:sft`` input is one). This module only
+Each source has a kind (``sources.<name>.kind``): ``text`` (the default; ``herd.data.text``),
+``dialog`` (``herd.data.dialogs``; the embedded ``stdlib:sft`` input is one) or ``preference``
+(``herd.data.preferences``; the embedded ``stdlib:preferences`` input is one). This module only
 orchestrates (``herd.data.kinds``): check the config; train a byte-level BPE on the train
 examples unless ``tokenizer.path`` names one; let each source's kind read, validate, encode
 (with ``num_proc`` processes for text), assign splits (``val`` with probability
@@ -18,12 +21,12 @@ and write deterministic shards; then write the tokenizer and ``manifest.json`` (
 (``herd.paths``). The same inputs give byte-identical output.
 
 Bad inputs (a file that is not UTF-8 or not text, a jsonl line that is not a JSON object with a
-string text field, or not a usable dialog; see ``herd.data.sources`` and ``herd.data.dialogs``)
-stop prepare with a message naming the file and line (``on_bad_input=error``, the default for
-text), or are skipped and counted per reason in the log and in the manifest
-(``sources.<name>.skipped``; ``on_bad_input=skip``, the default for dialogs). A source with more
-than ``max_bad_fraction`` of bad inputs (default: no limit for text, 0.1 for dialogs), or with
-nothing but bad inputs, fails.
+string text field, or not a usable dialog or ranking; see ``herd.data.sources``,
+``herd.data.dialogs`` and ``herd.data.preferences``) stop prepare with a message naming the file
+and line (``on_bad_input=error``, the default for text), or are skipped and counted per reason
+in the log and in the manifest (``sources.<name>.skipped``; ``on_bad_input=skip``, the default
+for dialogs and rankings). A source with more than ``max_bad_fraction`` of bad inputs (default:
+no limit for text, 0.1 for dialogs and rankings), or with nothing but bad inputs, fails.
 
 The output is built in a hidden staging folder inside ``output_dir`` and moved into place only
 when everything succeeded, the manifest last; a failed run leaves ``output_dir`` as it was (and
@@ -78,7 +81,8 @@ logger = logging.getLogger(__name__)
 _SOURCE_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 _SHARD_FILE = "*-[0-9][0-9][0-9][0-9][0-9][0-9].tar"
 _REPLACED = ".replaced"  # in the staging folder: what the new output replaces, until it is in place
-_DIALOG_INPUTS = ("stdlib:sft",)  # inputs that make a source a dialog source by default
+# Embedded inputs that give a source its kind by default (else it is text).
+_INPUT_KINDS = {"stdlib:sft": "dialog", "stdlib:preferences": "preference"}
 _COMMON_KEYS = ("input", "kind", "on_bad_input", "max_bad_fraction")
 
 
@@ -162,13 +166,13 @@ def _source_specs(sources: Mapping[str, Any] | None, defaults: Mapping[str, Any]
             raise PrepareError(f"sources.{name}: a source name may only use letters, digits, '_' and '-'")
         if not isinstance(source, Mapping) or not source.get("input"):
             raise PrepareError(
-                f"sources.{name}.input is missing: give a file, folder, jsonl, 'stdlib:prose' or 'stdlib:sft'"
+                f"sources.{name}.input is missing: give a file, folder, jsonl, 'stdlib:prose', 'stdlib:sft' "
+                "or 'stdlib:preferences'"
             )
         raw = source["input"]
         inputs = [raw] if isinstance(raw, str) else list(raw)
         inputs = [item if item.startswith("stdlib:") else str(resolve(item)) for item in map(str, inputs)]
-        dialog = any(item.split("?")[0] in _DIALOG_INPUTS for item in inputs)
-        kind = kind_of(str(source.get("kind") or ("dialog" if dialog else "text")))
+        kind = kind_of(str(source.get("kind") or _input_kind(str(name), inputs)))
         unknown = sorted(set(source) - set(_COMMON_KEYS) - set(kind.options))
         if unknown:
             raise PrepareError(
@@ -188,6 +192,16 @@ def _source_specs(sources: Mapping[str, Any] | None, defaults: Mapping[str, Any]
         kind.check(spec)
         specs.append(spec)
     return specs
+
+
+def _input_kind(name: str, inputs: list[str]) -> str:
+    """The kind a source's inputs imply: that of its embedded ``stdlib:`` inputs, else text."""
+    kinds = sorted({_INPUT_KINDS[item] for item in (i.split("?")[0] for i in inputs) if item in _INPUT_KINDS})
+    if len(kinds) > 1:
+        raise PrepareError(
+            f"sources.{name}: its inputs are of the kinds {kinds}; give each kind a source of its own"
+        )
+    return kinds[0] if kinds else "text"
 
 
 def _on_bad_input(value: Any, default: str) -> str:

@@ -49,6 +49,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -193,40 +194,48 @@ def _turns(value: Any, role: str, where: str, key: str) -> list[Any]:
     )
 
 
-def checked_messages(messages: Sequence[Any], where: str) -> list[dict[str, Any]]:
-    """Messages reduced to role, content and the chat flags, or a BadInputError naming the problem."""
+def checked_messages(
+    messages: Sequence[Any], where: str, need_assistant: bool = True, example: str = "dialog"
+) -> list[dict[str, Any]]:
+    """Messages reduced to role, content and the chat flags, or a BadInputError naming the problem.
+
+    With ``need_assistant`` (the default) a dialog without an assistant message is refused too
+    (reason ``no_assistant_turn``); a preference ranking's prompt is checked without it.
+    ``example`` names what the messages belong to in error messages ("not a usable dialog: ...").
+    """
+    bad = partial(_bad, example=example)
     out = []
     for index, message in enumerate(messages):
         if not isinstance(message, Mapping):
-            raise _bad(
+            raise bad(
                 where,
                 "bad_message",
                 f"message {index} is a {type(message).__name__}, not a {{role, content}} object",
             )
         role, content = message.get("role"), message.get("content")
         if not isinstance(role, str):
-            raise _bad(where, "bad_message", f"message {index} has no string 'role'")
+            raise bad(where, "bad_message", f"message {index} has no string 'role'")
         if role not in ROLES:
-            raise _bad(where, "unknown_role", f"message {index}: role {role!r} is not one of {ROLES}")
+            raise bad(where, "unknown_role", f"message {index}: role {role!r} is not one of {ROLES}")
         if not isinstance(content, str):
-            raise _bad(where, "bad_message", f"message {index} ({role}): 'content' must be a string")
+            raise bad(where, "bad_message", f"message {index} ({role}): 'content' must be a string")
         if not content.strip():
-            raise _bad(where, "empty_content", f"message {index} ({role}) has empty content")
+            raise bad(where, "empty_content", f"message {index} ({role}) has empty content")
         if why := binary_reason(content):
-            raise _bad(where, "binary", f"message {index} ({role}): the content is not text ({why})")
+            raise bad(where, "binary", f"message {index} ({role}): the content is not text ({why})")
         flags = {key: message[key] for key in _MESSAGE_FLAGS if key in message}
         if any(not isinstance(value, bool) for value in flags.values()):
-            raise _bad(
+            raise bad(
                 where, "bad_message", f"message {index} ({role}): python_tag and eom must be true or false"
             )
         out.append({"role": role, "content": content, **flags})
-    if not any(message["role"] == "assistant" for message in out):
-        raise _bad(where, "no_assistant_turn", "no assistant message, so nothing to train on")
+    if need_assistant and not any(message["role"] == "assistant" for message in out):
+        raise bad(where, "no_assistant_turn", "no assistant message, so nothing to train on")
     return out
 
 
-def _bad(where: str, reason: str, what: str) -> BadInputError:
-    return BadInputError(f"{where}: not a usable dialog: {what}; fix or remove the line", reason, where)
+def _bad(where: str, reason: str, what: str, example: str = "dialog") -> BadInputError:
+    return BadInputError(f"{where}: not a usable {example}: {what}; fix or remove the line", reason, where)
 
 
 def sft_options(item: str) -> dict[str, Any]:

@@ -40,7 +40,11 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 # Kind name -> "module:object" of its Kind (imported when first used).
-KINDS = {"text": "herd.data.text:TEXT", "dialog": "herd.data.dialogs:DIALOG"}
+KINDS = {
+    "text": "herd.data.text:TEXT",
+    "dialog": "herd.data.dialogs:DIALOG",
+    "preference": "herd.data.preferences:PREFERENCE",
+}
 ON_BAD_INPUT = ("error", "skip")
 _LOGGED_BAD_INPUTS = 10  # skipped inputs logged one by one per source; later ones are only counted
 
