@@ -95,8 +95,8 @@ def load_row(data_dir: str, source: str | None = None, split: str = "train", row
         rows = f"rows 0..{total - 1}" if total else "no rows"
         raise InspectError(f"row {row!r} is out of range: {source}/{split} has {rows}")
     shard = next(s for s in shards if s.first_row <= row < s.first_row + s.rows)
-    loss_mask = manifest.has_loss_mask(source)
-    stored = read_shard(shard, manifest.row_len, manifest.vocab_size, loss_mask)[row - shard.first_row]
+    loss_mask, extras = manifest.has_loss_mask(source), manifest.extras(source)
+    stored = read_shard(shard, manifest.row_len, manifest.vocab_size, loss_mask, extras)[row - shard.first_row]
     (sample,) = Rechunker(manifest.row_len - 1).add(
         stored.tokens, stored.document_ids, stored.index, stored.loss_mask
     )
