@@ -1,0 +1,116 @@
+"""python -m herd.average: the weighted mean of model directories, and the mismatches it refuses."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from herd.average import AverageError, average, normalised_weights
+from herd.data.tokenizer import train_tokenizer
+from herd.interop import hf
+from herd.model import ModelConfig, RewardModel, Transformer
+
+CONFIG = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=640, multiple_of=16, max_seq_len=128)
+
+
+def _tensors(directory: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for file in hf.weight_files(directory):
+        out |= load_file(str(file))
+    return out
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    """Three random policies and two random reward models of one shape, with one 600-id tokenizer."""
+    root = tmp_path_factory.mktemp("average")
+    train_tokenizer([inspect.getsource(textwrap)], vocab_size=600).save(root / "tokenizer")
+    out = {}
+    for index in range(3):
+        torch.manual_seed(index)
+        out[f"policy{index}"] = hf.save(Transformer(CONFIG), root / f"policy{index}", tokenizer=root / "tokenizer")
+    for index in range(2):
+        torch.manual_seed(10 + index)
+        reward = RewardModel(Transformer(CONFIG))
+        torch.nn.init.normal_(reward.head.weight)
+        out[f"reward{index}"] = hf.save_reward_model(reward.backbone, reward.head.weight, root / f"reward{index}",
+                                                     tokenizer=root / "tokenizer")
+    out["tokenizer"] = root / "tokenizer"
+    return out
+
+
+def test_the_average_is_the_elementwise_weighted_mean(models, tmp_path):
+    sources = [models[f"policy{i}"] for i in range(3)]
+    out = average(sources, tmp_path / "mean", weights=[2, 1, 1])
+    inputs = [_tensors(path) for path in sources]
+    averaged = _tensors(out)
+    assert set(averaged) == set(inputs[0])
+    for name, tensor in averaged.items():
+        expected = 0.5 * inputs[0][name] + 0.25 * inputs[1][name] + 0.25 * inputs[2][name]
+        torch.testing.assert_close(tensor, expected, rtol=0, atol=1e-6)
+        assert tensor.dtype == inputs[0][name].dtype
+    assert json.loads((out / "average.json").read_text())["weights"] == [0.5, 0.25, 0.25]
+    assert (out / "tokenizer.json").read_text() == (sources[0] / "tokenizer.json").read_text()
+    assert hf.load(out).config == hf.load(sources[0]).config  # a model directory herd loads as it is
+
+
+def test_reward_models_average_with_their_heads_and_into_shards(models, tmp_path):
+    sources = [models["reward0"], models["reward1"]]
+    out = average(sources, tmp_path / "rm", max_shard_bytes=40_000, dtype=torch.bfloat16)
+    assert (out / hf.SAFETENSORS_INDEX).is_file() and len(hf.weight_files(out)) > 1
+    heads = [hf.read_reward_head(path, CONFIG.dim) for path in sources]
+    model = hf.load_reward_model(out)
+    torch.testing.assert_close(model.head.weight, ((heads[0] + heads[1]) / 2).to(torch.bfloat16))
+    assert hf.is_reward_model(out) and model.head.weight.dtype == torch.bfloat16
+
+
+def test_weights_are_normalised_or_refused():
+    assert normalised_weights(None, 4) == [0.25] * 4
+    assert normalised_weights([3, 1], 2) == [0.75, 0.25]
+    for bad in ([1, -1], [0, 0], [1.0, float("nan")], [1, 2, 3]):
+        with pytest.raises(AverageError, match="weights"):
+            normalised_weights(bad, 2)
+
+
+def _save(config: ModelConfig, path: Path, tokenizer: Path) -> Path:
+    return hf.save(Transformer(config), path, tokenizer=tokenizer)
+
+
+def test_mismatches_are_refused_naming_the_difference(models, tmp_path):
+    policy, tokenizer = models["policy0"], models["tokenizer"]
+    deeper = _save(ModelConfig(**{**CONFIG.to_dict(), "n_layers": 3}), tmp_path / "deeper", tokenizer)
+    wider_vocab = _save(ModelConfig(**{**CONFIG.to_dict(), "vocab_size": 704}), tmp_path / "vocab", tokenizer)
+    train_tokenizer([inspect.getsource(json.decoder)], vocab_size=600).save(tmp_path / "other_tokenizer")
+    other_tokenizer = _save(CONFIG, tmp_path / "other_tok_model", tmp_path / "other_tokenizer")
+    longer = _save(ModelConfig(**{**CONFIG.to_dict(), "max_seq_len": 256}), tmp_path / "longer", tokenizer)
+    cases = [
+        (models["reward0"], "different architectures: LlamaForCausalLM vs LlamaForSequenceClassification"),
+        (deeper, "different shapes: n_layers 2 vs 3"),
+        (wider_vocab, "different vocabularies: vocab_size 640 vs 704"),
+        (other_tokenizer, "different tokenizers"),
+        (longer, "max_position_embeddings: 128 vs 256"),
+    ]
+    for other, message in cases:
+        with pytest.raises(AverageError, match=message) as caught:
+            average([policy, other], tmp_path / "never")
+        assert str(policy) in str(caught.value) and str(other) in str(caught.value)
+        assert not (tmp_path / "never").exists()
+    with pytest.raises(AverageError, match="already exists"):
+        average([policy, models["policy1"]], models["policy2"])
+
+
+def test_command_line_writes_the_average_and_refuses_with_status_2(models, tmp_path):
+    command = [sys.executable, "-m", "herd.average", f"models=[{models['policy0']},{models['policy1']}]"]
+    done = subprocess.run([*command, f"output={tmp_path / 'avg'}"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "x 0.5" in done.stdout and (tmp_path / "avg" / hf.SAFETENSORS_FILE).is_file()
+    refused = subprocess.run([*command, f"output={tmp_path / 'avg'}", "weights=[1]"], capture_output=True, text=True)
+    assert refused.returncode == 2 and "weights has 1 values for 2 models" in refused.stderr
