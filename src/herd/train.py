@@ -377,14 +377,13 @@ def print_summary(cfg: DictConfig, result: dict[str, Any]) -> None:
     lines = ["", "herd: training finished."]
     if resume is not None:
         lines.append(f"  resumed from:     {resume.path} (step {resume.step})")
-    if "val/loss" in metrics:
-        before = f"{start['val/loss']:.3f} -> " if "val/loss" in start else ""
-        lines.append(f"  val/loss {before}{metrics['val/loss']:.3f} (uniform guess ln({vocab}) = {math.log(vocab):.3f})")
-    for key in ("val/accuracy", "val/answer_f1"):
+    next_token = getattr(result["stage"], "next_token_loss", True)
+    for key in getattr(result["stage"], "summary_metrics", ("val/loss",)):
         if key in metrics:
             before = f"{start[key]:.3f} -> " if key in start else ""
-            lines.append(f"  {key} {before}{metrics[key]:.3f}")
-    entropies = _unigram_entropies(result.get("datamodule"))
+            note = f" (uniform guess ln({vocab}) = {math.log(vocab):.3f})" if key == "val/loss" and next_token else ""
+            lines.append(f"  {key} {before}{metrics[key]:.3f}{note}")
+    entropies = _unigram_entropies(result.get("datamodule")) if next_token else {}
     if entropies:
         lines.append("  unigram entropy of the train data (a context-free model's best loss): "
                      + ", ".join(f"{name} {value:.3f}" for name, value in entropies.items()))

@@ -54,6 +54,10 @@ class BackboneStage(L.LightningModule):
 
     # Whether stage.init_from may be a reward-model directory (only the reward stage continues one).
     starts_from_reward_models = False
+    # The end-of-run summary: the metrics it prints (start -> end), and whether val/loss is a
+    # next-token loss (then it is compared with a uniform guess and the data's unigram entropy).
+    summary_metrics: tuple[str, ...] = ("val/loss", "val/accuracy", "val/answer_f1")
+    next_token_loss = True
 
     def __init__(
         self,

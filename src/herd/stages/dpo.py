@@ -88,6 +88,9 @@ def row_key(tokens: torch.Tensor, response_ids: torch.Tensor) -> str:
 class DPOStage(BackboneStage):
     """DPO with an NLL term on the chosen responses; see the module docstring."""
 
+    summary_metrics = ("val/loss", "val/rewards/margin", "val/rewards/accuracy", "val/logps/chosen", "val/nll")
+    next_token_loss = False
+
     def __init__(
         self,
         *args,

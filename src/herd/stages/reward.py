@@ -67,6 +67,8 @@ class RewardStage(BackboneStage):
     """
 
     starts_from_reward_models = True
+    summary_metrics = ("val/loss", "val/accuracy", *(f"val/accuracy_{a}v{b}" for a, b in LOGGED_RANK_PAIRS))
+    next_token_loss = False
 
     def __init__(self, *args, init_from: str | None = None, **kwargs) -> None:
         if not init_from:
