@@ -1,0 +1,230 @@
+"""python -m herd.pipeline: steps in order, outputs feeding the next, a failed step named, and resuming
+after a kill (within a step and between steps) without redoing finished steps. The steps here are
+cheap stand-ins (python scripts); the real post-training pipelines are only composed and resolved."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from herd.pipeline import PipelineError, plan_from, report
+from herd.presets import config_dir
+
+# A stand-in step: records that it ran, waits while a hold file exists (so a test can kill it
+# midway), fails while a fail file exists, and writes its output: what it was given, and whether
+# it found the partial work a killed attempt left in its folder (as herd.train finds its checkpoint).
+STEP = textwrap.dedent("""
+    import json, os, sys, time
+    from pathlib import Path
+    folder, name, given = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+    root = Path(os.environ["FAKE_ROOT"])
+    with open(root / "runs.txt", "a") as runs:
+        runs.write(name + "\\n")
+    resumed = (folder / "partial").exists()
+    if (root / f"fail-{name}").exists():
+        print(f"{name}: something went wrong", flush=True)
+        sys.exit(3)
+    if (root / f"hold-{name}").exists():
+        (folder / "partial").write_text("half done")
+        (root / f"started-{name}").write_text("")
+        time.sleep(120)
+    (folder / "out.json").write_text(json.dumps({"given": given, "resumed": resumed}))
+""")
+
+PIPELINE = textwrap.dedent("""
+    # @package _global_
+    name: fake
+    rounds: 2
+    flavour: plain
+    first_policy: ${step:a}
+    policy_step: b
+    setup:
+      - name: a
+        tool: command
+        argv: [python, "${oc.env:FAKE_ROOT}/step.py", "${dir:}", a, "${start}"]
+        output: out.json
+    round:
+      - name: b
+        tool: command
+        argv: [python, "${oc.env:FAKE_ROOT}/step.py", "${dir:}", "b${round:}", "${policy:}|${flavour}"]
+        output: out.json
+    finish:
+      - name: check
+        tool: command
+        per_round: true
+        argv: [python, "${oc.env:FAKE_ROOT}/step.py", "${dir:}", "check${round:}", "${policy:}"]
+        output: out.json
+""")
+
+
+@pytest.fixture
+def fake(tmp_path, monkeypatch) -> Path:
+    (tmp_path / "step.py").write_text(STEP)
+    (tmp_path / "pipeline").mkdir()
+    (tmp_path / "pipeline" / "fake.yaml").write_text(PIPELINE)
+    (tmp_path / "begin").mkdir()
+    monkeypatch.setenv("FAKE_ROOT", str(tmp_path))
+    return tmp_path
+
+
+def _command(root: Path, *overrides: str) -> list[str]:
+    return [sys.executable, "-m", "herd.pipeline", "pipeline=fake", f"hydra.searchpath=[file://{root}]",
+            f"start={root / 'begin'}", f"run_dir={root / 'run'}", *overrides]
+
+
+def _runs(root: Path) -> list[str]:
+    path = root / "runs.txt"
+    return path.read_text().split() if path.exists() else []
+
+
+def _out(root: Path, step: str) -> dict:
+    return json.loads((root / "run" / step / "out.json").read_text())
+
+
+def _status(root: Path, step: str) -> str:
+    return json.loads((root / "run" / step / "step.json").read_text())["status"]
+
+
+def _wait_for(path: Path, process: subprocess.Popen, seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        assert process.poll() is None, process.stdout.read()
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+def test_a_killed_pipeline_resumes_without_redoing_finished_steps(fake):
+    root = fake
+    # a kill within a step: the whole process group, as a scheduler's SIGKILL would
+    (root / "hold-b1").write_text("")
+    process = subprocess.Popen(_command(root), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
+    _wait_for(root / "started-b1", process)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert _runs(root) == ["a", "b1"]
+    assert _status(root, "setup/a") == "finished" and _status(root, "round1/b") == "running"
+    (root / "hold-b1").unlink()
+    # run again, stopping between steps after round 2's step
+    done = subprocess.run(_command(root, "until=round2/b"), capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert _runs(root) == ["a", "b1", "b1", "b2"]  # a is not redone; b1 continues in its folder
+    assert _out(root, "round1/b") == {"given": f"{root}/run/setup/a/out.json|plain", "resumed": True}
+    assert _out(root, "round2/b")["given"] == f"{root}/run/round1/b/out.json|plain"  # outputs feed the next round
+    summary = json.loads((root / "run" / "summary.json").read_text())
+    assert summary["status"] == "stopped"
+    assert [s["status"] for s in summary["steps"]] == ["finished"] * 3 + ["pending"] * 3
+    # and again, to the end: only the finish steps are left; each sees the policy its round ended with
+    done = subprocess.run(_command(root), capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert _runs(root) == ["a", "b1", "b1", "b2", "check0", "check1", "check2"]
+    assert [_out(root, f"finish/round{r}/check")["given"] for r in range(3)] == [
+        f"{root}/run/setup/a/out.json", f"{root}/run/round1/b/out.json", f"{root}/run/round2/b/out.json"]
+    summary = json.loads((root / "run" / "summary.json").read_text())
+    assert summary["status"] == "finished" and [s["skipped"] for s in summary["steps"]] == [True] * 3 + [False] * 3
+    assert [row["round"] for row in summary["rounds"]] == [0, 1, 2]
+    # a changed option reruns the steps whose command changed, from scratch, and everything after them
+    done = subprocess.run(_command(root, "flavour=spicy"), capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert _runs(root)[7:] == ["b1", "b2", "check0", "check1", "check2"]
+    assert _out(root, "round1/b") == {"given": f"{root}/run/setup/a/out.json|spicy", "resumed": False}
+
+
+def test_a_failed_step_stops_the_pipeline_and_is_named(fake):
+    root = fake
+    (root / "fail-b1").write_text("")
+    done = subprocess.run(_command(root), capture_output=True, text=True)
+    assert done.returncode == 1
+    assert "step round1/b failed (exit status 3)" in done.stdout + done.stderr
+    assert "b1: something went wrong" in (root / "run" / "round1" / "b" / "step.log").read_text()
+    assert _runs(root) == ["a", "b1"]
+    summary = json.loads((root / "run" / "summary.json").read_text())
+    assert (summary["status"], summary["failed_step"]) == ("failed", "round1/b")
+    assert _status(root, "round1/b") == "failed"
+
+
+def _compose(name: str, *overrides: str):
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        return compose("pipeline", overrides=[f"pipeline={name}", *overrides])
+
+
+def _config(steps: dict, tmp_path: Path, **top):
+    return OmegaConf.create({"name": "t", "start": str(tmp_path), "run_dir": str(tmp_path / "run"), "rounds": 1,
+                             "first_policy": "${start}", "policy_step": "x", "setup": [], "round": [],
+                             "finish": [], "report": {}, **steps, **top})
+
+
+def test_config_mistakes_are_refused_before_anything_runs(tmp_path):
+    python = {"tool": "command", "argv": ["python", "-c", "pass"]}
+    cases = [
+        ({"setup": [{"name": "x", "tool": "nope"}]}, "tool='nope' is not one of"),
+        ({"setup": [{"name": "x", "tool": "command", "argv": ["${step:y}"]}, {"name": "y", **python}]},
+         "${step:y} is setup/y, which does not run before setup/x"),
+        ({"round": [{"name": "x", **python, "argv": ["${step:missing}"]}]}, "names no step"),
+        ({"setup": [{"name": "x", **python}, {"name": "x", **python}]}, "two steps are named 'x'"),
+        ({"setup": [{"name": "x", "tool": "train", "args": ["hydra.run.dir=/x"]}]}, "which the pipeline sets itself"),
+        ({"setup": [{"name": "x", "tool": "prepare", "seeds": [1, 2]}]}, "seeds only apply to tool=train"),
+    ]
+    for steps, message in cases:
+        with pytest.raises(PipelineError, match=message.replace("$", r"\$").replace("{", r"\{").replace("}", r"\}")):
+            plan_from(_config(steps, tmp_path))
+    with pytest.raises(PipelineError, match="start=.* does not exist"):
+        plan_from(_config({}, tmp_path, start=str(tmp_path / "absent")))
+
+
+def test_seeds_train_once_each_and_are_averaged(tmp_path):
+    cfg = _config({"round": [{"name": "x", "tool": "train", "seeds": [1, 2], "args": ["experiment=tiny_sft",
+                                                                                  "stage.init_from=${policy:}"]}]},
+                  tmp_path)
+    plan = plan_from(cfg)
+    assert [s.name for s in plan.steps] == ["round1/x/seed1", "round1/x/seed2", "round1/x"]
+    first, second, average = plan.steps
+    assert first.command[-4:] == [f"hydra.run.dir={first.dir}", f"paths.log_dir={first.dir}", "resume=auto", "seed=1"]
+    assert f"stage.init_from={tmp_path}" in second.command and "seed=2" in second.command
+    assert average.command[1:5] == ["-m", "herd.average", f"models=['{first.output}','{second.output}']",
+                                    f"output={average.dir / 'model'}"]
+    assert average.output == tmp_path / "run" / "round1" / "x" / "model"
+    records = {"round1/x/seed1": {"metrics": {"val/loss": 2.0}}, "round1/x/seed2": {"metrics": {"val/loss": 3.0}},
+               "round1/x": {"metrics": {"val/loss": 2.5, "runs": 2.0}, "seconds": 5.0}}
+    cfg.report = {"loss": "x/val/loss"}
+    assert report(plan, records)[1] == {"round": 1, "seconds": 5.0, "loss": 2.5}
+
+
+@pytest.mark.parametrize("name", ["tiny_posttrain", "llama3_8b_posttrain"])
+def test_the_post_training_pipelines_compose_and_resolve(name, tmp_path):
+    plan = plan_from(_compose(name, f"start={tmp_path}", f"run_dir={tmp_path / 'run'}"))
+    names = [s.name for s in plan.steps]
+    assert names[0] == "setup/sft_data" and "round1/sample" in names and names[-1].startswith("finish/")
+    commands = {s.name: " ".join(s.command) for s in plan.steps}
+    rounds = plan.rounds
+    assert f"round{rounds}/dpo" in names or f"round{rounds}/dpo/seed1" in names
+    sample = commands[f"round{rounds}/sample"]
+    assert f"policy={tmp_path}/run/round{rounds - 1}/dpo" in sample  # each round samples from the last DPO model
+    assert f"reward_model={tmp_path}/run/round{rounds}/reward" in sample
+    assert f"{tmp_path}/run/round{rounds}/sample/sft.jsonl" in commands[f"round{rounds}/sample_sft_data"]
+
+
+@pytest.mark.parametrize("name", ["tiny_posttrain", "llama3_8b_posttrain"])
+def test_every_training_step_composes_a_train_config(name, tmp_path):
+    plan = plan_from(_compose(name, f"start={tmp_path}", f"run_dir={tmp_path / 'run'}"))
+    steps = [s for s in plan.steps if s.tool == "train" and s.round <= 1]
+    assert {s.short for s in steps} == {"sft", "reward", "dpo"}
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        for step in steps:
+            cfg = compose("train", overrides=step.command[3:])
+            assert cfg.stage.init_from and cfg.trainer.max_steps > 0
+            if name.startswith("llama3") and step.short != "reward":
+                assert cfg.stage.optimizer.lr == 1.0e-5 and cfg.model.dim == 4096
+            if step.short == "dpo":
+                assert (cfg.stage.beta, cfg.stage.nll_weight) == (0.1, 0.2)
+                assert set(cfg.data.sources) == {"rankings", "sampled"}
