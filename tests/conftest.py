@@ -26,7 +26,7 @@ from pathlib import Path  # noqa: E402
 
 from hydra import compose, initialize_config_dir  # noqa: E402
 
-from training import TRAIN_VOCAB  # noqa: E402
+from training import PREFERENCE_SEQ_LEN, TRAIN_VOCAB  # noqa: E402
 
 CORPUS_MODULES = ("argparse", "base64", "bisect", "calendar", "colorsys", "csv", "dataclasses", "difflib",
                   "enum", "fnmatch", "fractions", "functools", "getopt", "glob", "heapq", "hmac", "ipaddress",
@@ -61,3 +61,22 @@ def prepared_corpus(tmp_path_factory) -> Path:
     return out
 
 
+
+
+
+@pytest.fixture(scope="session")
+def prepared_preferences(prepared_corpus, tmp_path_factory) -> Path:
+    """Embedded preference rankings (two definitions per stdlib module) with the corpus' tokenizer,
+    in rows of PREFERENCE_SEQ_LEN tokens: data for stage=reward and stage=dpo."""
+    from herd.prepare import prepare
+    from herd.presets import config_dir
+
+    out = tmp_path_factory.mktemp("preferences") / "prepared"
+    sources = "+sources={preferences: {input: 'stdlib:preferences?max_per_module=2'}}"
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose("prepare", overrides=[
+            f"output_dir={out}", "~sources", sources, f"seq_len={PREFERENCE_SEQ_LEN}", "val_fraction=0.1",
+            "num_proc=1", "progress=false", f"tokenizer.path={prepared_corpus / 'tokenizer'}",
+            "shards.max_rows=64", "shards.min_count=2"])
+    prepare(cfg)
+    return out

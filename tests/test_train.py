@@ -15,7 +15,7 @@ from herd.interop import hf
 from herd.model import ModelConfig, Transformer
 from herd.presets import config_dir
 from herd.train import ConfigError, build, train
-from training import compose_train
+from training import PREFERENCE_SEQ_LEN, compose_train
 
 
 def test_fast_dev_run_of_the_default_config_exports_a_model(tmp_path, prepared_corpus):
@@ -69,7 +69,7 @@ def test_every_config_group_option_composes_and_instantiates(tmp_path, prepared_
     if cfg.trainer.accelerator == "gpu" and not torch.cuda.is_available():
         assert cfg.trainer.precision == "bf16-mixed"
         return
-    if option == "sft":  # fine-tuning needs a model to start from
+    if option in ("sft", "reward", "dpo"):  # post-training stages need a model to start from
         start = hf.save(Transformer(ModelConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))),
                         tmp_path / "start")
         cfg.stage.init_from = str(start)
@@ -82,7 +82,7 @@ def test_every_config_group_option_composes_and_instantiates(tmp_path, prepared_
 
 
 @pytest.mark.parametrize("experiment", sorted(p.stem for p in (config_dir() / "experiment").glob("*.yaml")))
-def test_every_experiment_runs_with_fast_dev_run(tmp_path, prepared_corpus, experiment):
+def test_every_experiment_runs_with_fast_dev_run(tmp_path, prepared_corpus, prepared_preferences, experiment):
     # Experiments for GPU clusters run here on the tiny shape, one CPU process and the fixture data.
     on_cpu = ["trainer=cpu", "trainer.devices=1", "trainer.num_nodes=1", "strategy=auto", "data=stdlib"]
     cfg = compose_train(tmp_path, prepared_corpus, f"experiment={experiment}", *on_cpu, "debug=fast")
@@ -98,7 +98,10 @@ def test_every_experiment_runs_with_fast_dev_run(tmp_path, prepared_corpus, expe
         if name.startswith("passkey"):  # the synthetic retrieval sources, served here by the fixture's prose
             OmegaConf.set_struct(source, False)
             source.data_dir, source.source = str(prepared_corpus), "prose"
-    if OmegaConf.is_missing(cfg.stage, "init_from") or cfg.stage._target_.endswith("SFTStage"):
+    if cfg.stage._target_.endswith(("RewardStage", "DPOStage")):  # they train on rankings
+        cfg.data.data_dir, cfg.data.seq_len = str(prepared_preferences), PREFERENCE_SEQ_LEN
+    if OmegaConf.is_missing(cfg.stage, "init_from") or cfg.stage._target_.endswith(
+            ("SFTStage", "RewardStage", "DPOStage")):
         # stages that continue a model get a small one
         start = tmp_path / "start_model"
         hf.save(Transformer(ModelConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))), start)

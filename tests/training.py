@@ -9,6 +9,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
 TRAIN_VOCAB = 512
+PREFERENCE_SEQ_LEN = 512  # rows of the prepared_preferences fixture
 
 
 def small_overrides(data_dir: Path | None) -> list[str]:
