@@ -178,3 +178,9 @@ def test_bad_options_exit_with_status_2(setup, tmp_path):
     done = subprocess.run([sys.executable, "-m", "herd.rejection_sample", f"policy={setup['policy']}",
                            "reward_model=x", f"output_dir={tmp_path}", "num_samples=0"], capture_output=True, text=True)
     assert done.returncode == 2 and "num_samples=0: give a positive integer" in done.stderr
+
+
+def test_a_run_that_keeps_nothing_fails_and_says_why(setup, tmp_path):
+    with pytest.raises(RejectionSampleError, match=r"0 pairs of 5 prompts, fewer than min_kept=1.* were cut at max_new_tokens=6"):
+        run(_cfg(setup, tmp_path, "keep_unfinished=false"), scorer=stub_scorer)
+    assert not (tmp_path / "stats.json").exists() and (tmp_path / "samples.jsonl").exists()

@@ -551,6 +551,7 @@ def training_metrics(folder: Path) -> dict[str, float]:
         return {}
     from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
 
+    logging.getLogger("tensorboard").setLevel(logging.WARNING)  # its directory watcher talks at INFO
     events = EventAccumulator(str(folder), size_guidance={SCALARS: 0})
     events.Reload()
     out = {}

@@ -54,7 +54,9 @@ Outputs in ``output_dir``:
 - ``stats.json``: the mean reward of a single sample against the mean reward of the kept best,
   the spread (best minus worst per prompt), how many prompts were kept and why others were not,
   the token F1 of the answers against the references when the prompts have them, and timings.
-  It is written last: its presence means the outputs are complete.
+  It is written last: its presence means the outputs are complete. With fewer than ``min_kept``
+  SFT lines or pairs (pairs only when ``num_samples > 1``) it is not written and the command fails (exit status 2), saying why answers
+  were skipped, since the data steps after it would have nothing to train on.
 - ``tensorboard/``: the same figures as scalars (``rejection_sampling/...``), as scoring goes.
 
 The reward model must use the policy's tokenizer (checked by fingerprint). Mistakes in the options,
@@ -572,6 +574,7 @@ def run(cfg: DictConfig, scorer: Scorer | None = None, rank: int | None = None,
                                    "write into the same output_dir (a filesystem they all see)")
     tally = merge(files, output, bool(cfg.save_samples))
     summary = tally.summary()
+    _check_kept(summary, int(cfg.min_kept), cfg)
     board.log(summary, len(prompts))
     board.close()
     seconds["total"] = time.monotonic() - started
@@ -585,6 +588,25 @@ def run(cfg: DictConfig, scorer: Scorer | None = None, rank: int | None = None,
         file.unlink()
     parts.rmdir()
     return summary
+
+
+def _check_kept(summary: dict[str, Any], min_kept: int, cfg: DictConfig) -> None:
+    """Refuse to finish with fewer than ``min_kept`` SFT lines or pairs: the next step would have no data."""
+    kept = summary["kept"]
+    pairs_possible = int(cfg.num_samples) > 1  # one answer per prompt (an evaluation) makes no pairs
+    if kept["sft"] >= min_kept and (kept["preferences"] >= min_kept or not pairs_possible):
+        return
+    hints = []
+    if summary["unfinished_samples"] and not cfg.keep_unfinished:
+        hints.append(f"{summary['unfinished_samples']} of {summary['samples']} answers were cut at max_new_tokens="
+                     f"{cfg.max_new_tokens} (raise it, or keep_unfinished=true)")
+    if summary["skipped_prompts"].get("no_pair"):
+        hints.append(f"{summary['skipped_prompts']['no_pair']} prompts' answers all tie (raise num_samples or "
+                     "temperature, or lower min_margin)")
+    raise RejectionSampleError(
+        f"kept {kept['sft']} answers and {kept['preferences']} pairs of {summary['prompts']} prompts, fewer than "
+        f"min_kept={min_kept}; skipped: {summary['skipped_prompts']}" + (f". {'; '.join(hints)}" if hints else "")
+        + ". The outputs are written; stats.json is not, so a pipeline stops here")
 
 
 def _sample(cfg: DictConfig, mine: list[Result], rank: int) -> tuple[dict[str, float], int]:
