@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: train test test-fast lint bench clean-venv env prepare prepare-passkey prepare-sft prepare-preferences
+.PHONY: train test test-fast lint bench clean-venv env prepare prepare-passkey prepare-sft scaling prepare-preferences
 
 # Which torch to install, and extra arguments for every pip install below. On Linux the default
 # torch wheel of the package registry is the CUDA build (several GB with its nvidia-* packages);
@@ -73,6 +73,14 @@ prepare-preferences: $(PREFERENCES)
 ## make train: tiny pretraining on the embedded corpus (no download).
 train: $(STAMP) $(CORPUS)
 	$(PY) -m herd.train $(ARGS)
+
+## make scaling: the scaling-law ladder on the CPU (experiment=tiny_scaling: 4 sizes x 3 budgets and a
+## held-out larger run), then the fit: logs/tiny_scaling/ladders/<time>/scaling.{json,png}. Its data is
+## the embedded corpus with a 1,024-id tokenizer, prepared once into data/prepared/scaling.
+scaling: $(STAMP)
+	test -f data/prepared/scaling/manifest.json || $(PY) -m herd.prepare output_dir=data/prepared/scaling \
+		seq_len=256 tokenizer.vocab_size=1024
+	$(PY) -m herd.scaling ladder $(ARGS)
 
 ## make test: the whole suite, slow tests included.
 test: $(STAMP)
