@@ -28,3 +28,14 @@ def model_preset(name: str) -> ModelConfig:
         known = sorted(p.stem for p in path.parent.glob("*.yaml"))
         raise FileNotFoundError(f"no model preset {path}; known presets: {known}")
     return ModelConfig.from_dict(OmegaConf.to_container(OmegaConf.load(path), resolve=True))
+
+
+def vision_preset(name: str):
+    """Read ``configs/vision/<name>.yaml`` into a :class:`herd.model.vision.VisionConfig`."""
+    from herd.model.vision import VisionConfig
+
+    path = config_dir() / "vision" / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in path.parent.glob("*.yaml"))
+        raise FileNotFoundError(f"no vision preset {path}; known presets: {known}")
+    return VisionConfig.from_dict(OmegaConf.to_container(OmegaConf.load(path), resolve=True))

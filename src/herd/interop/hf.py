@@ -629,3 +629,27 @@ def _special_ids(path: Path) -> tuple[int | None, int | None]:
         return tok.token_to_id(token) if isinstance(token, str) else None
 
     return token_id("bos_token"), token_id("eos_token")
+
+
+# ---------------------------------------------------------------------------------- vision models
+
+
+def load_vision(path: str | Path, **kwargs):
+    """Read a Llama 3.2 Vision (``MllamaForConditionalGeneration``) directory into a herd
+    ``VisionLanguageModel``: backbone + image encoder + cross-attention layers.
+
+    Keyword arguments as :func:`load`; see :func:`herd.interop.mllama.load_vision`.
+    """
+    from herd.interop import mllama
+
+    return mllama.load_vision(path, **kwargs)
+
+
+def save_vision(model, path: str | Path, tokenizer: Any = None, **kwargs) -> Path:
+    """Write a herd ``VisionLanguageModel`` as an ``MllamaForConditionalGeneration`` directory.
+
+    Arguments as :func:`save`; see :func:`herd.interop.mllama.save_vision`.
+    """
+    from herd.interop import mllama
+
+    return mllama.save_vision(model, path, tokenizer, **kwargs)
