@@ -151,9 +151,13 @@ class DPOStage(BackboneStage):
         table: dict[str, torch.Tensor] = {}
         for split in ("train", "val"):
             loader, steps = datamodule.pass_dataloader(split)
+            logs.info(logger, f"stage.reference=precompute: reference log-probs of the {split} split, {steps} "
+                              "batches per rank")
             batches = iter(loader)
             last = None
-            for _ in range(steps):  # every rank runs the same number of forwards (sharded models)
+            for index in range(steps):  # every rank runs the same number of forwards (sharded models)
+                if index and index % max(1, steps // 10) == 0:
+                    logs.info(logger, f"  {split}: {index}/{steps} batches")
                 batch = next(batches, None)
                 fresh = batch is not None
                 batch = batch if fresh else last
