@@ -195,9 +195,9 @@ def test_seeds_train_once_each_and_are_averaged(tmp_path):
                                     f"output={average.dir / 'model'}"]
     assert average.output == tmp_path / "run" / "round1" / "x" / "model"
     records = {"round1/x/seed1": {"metrics": {"val/loss": 2.0}}, "round1/x/seed2": {"metrics": {"val/loss": 3.0}},
-               "round1/x": {"metrics": {"val/loss": 2.5, "runs": 2.0}, "seconds": 5.0}}
+               "round1/x": {"metrics": {"val/loss": 2.5, "runs": 2.0}, "seconds": 5.0, "cpu_seconds": 9.0}}
     cfg.report = {"loss": "x/val/loss"}
-    assert report(plan, records)[1] == {"round": 1, "seconds": 5.0, "loss": 2.5}
+    assert report(plan, records)[1] == {"round": 1, "seconds": 5.0, "cpu_seconds": 9.0, "loss": 2.5}
 
 
 @pytest.mark.parametrize("name", ["tiny_posttrain", "llama3_8b_posttrain"])

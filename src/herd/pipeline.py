@@ -39,7 +39,7 @@ Where things go: everything lands in ``logs/pipeline/<run>/`` (``run`` defaults 
 name), one folder per step (``setup/sft``, ``round1/reward``, ``finish/round2/heldout``), so one
 ``tensorboard --logdir logs/pipeline/<run>`` shows every step. Each step folder holds the tool's
 own files, ``step.log`` (the step's console output) and ``step.json``: its command, status,
-seconds, output and key metrics. ``summary.json`` lists every step with its output and metrics,
+wall and CPU seconds (of the step's processes), output and key metrics. ``summary.json`` lists every step with its output and metrics,
 and the per-round table of the pipeline's ``report`` columns, and is rewritten after each step.
 
 Failures and resuming: a step that exits with an error stops the pipeline, naming the step and its
@@ -62,6 +62,7 @@ import json
 import logging
 import math
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -440,13 +441,13 @@ class Runner:
         record = {"name": step.name, "tool": step.tool, "command": _command_key(step.command), "status": "running",
                   "started": datetime.now().isoformat(timespec="seconds"), "output": str(step.output)}
         _write_json(step.dir / STEP_FILE, record)
-        started = time.monotonic()
+        started, cpu_before = time.monotonic(), _children_cpu_seconds()
         status = _execute(step.command, step.dir / STEP_LOG)
-        seconds = time.monotonic() - started
+        seconds, cpu_seconds = time.monotonic() - started, _children_cpu_seconds() - cpu_before
         if status == 0 and not TOOLS[step.tool].complete(step.output):
             logger.error("herd.pipeline: %s exited 0 but its output %s is not complete", step.name, step.output)
             status = 1
-        record |= {"seconds": round(seconds, 1), "exit_status": status}
+        record |= {"seconds": round(seconds, 1), "cpu_seconds": round(cpu_seconds, 1), "exit_status": status}
         if status != 0:
             _write_json(step.dir / STEP_FILE, record | {"status": "failed"})
             raise StepFailed(step, status)
@@ -468,6 +469,12 @@ class Runner:
                    "rounds": report(self.plan, self.records), "steps": steps}
         _write_json(self.plan.run_dir / SUMMARY_FILE, summary)
         return summary
+
+
+def _children_cpu_seconds() -> float:
+    """CPU seconds (user + system) of this process's finished child processes, their own children included."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _empty(folder: Path, keep: set[str] = frozenset()) -> None:
@@ -566,7 +573,7 @@ def training_metrics(folder: Path) -> dict[str, float]:
 
 
 def report(plan: Plan, records: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """One row per round (0 = setup) with the pipeline's ``report`` columns and the round's seconds.
+    """One row per round (0 = setup): the round's wall and CPU seconds and the pipeline's ``report`` columns.
 
     A column ``step/metric`` reads ``metric`` of the step named ``step`` in that round, else of its
     per-round finish step (and in row 0, of the setup step).
@@ -577,9 +584,10 @@ def report(plan: Plan, records: Mapping[str, Mapping[str, Any]]) -> list[dict[st
     for number in range(plan.rounds + 1):
         prefix = "setup" if number == 0 else f"round{number}"
         mine = [s for s in plan.steps if s.name.startswith(prefix + "/") and s.name.count("/") == 1]
-        seconds = [records[s.name].get("seconds") for s in mine if s.name in records]
-        row: dict[str, Any] = {"round": number,
-                               "seconds": round(sum(x for x in seconds if x is not None), 1) if seconds else None}
+        row: dict[str, Any] = {"round": number}
+        for key in ("seconds", "cpu_seconds"):
+            values = [records[s.name].get(key) for s in mine if s.name in records]
+            row[key] = round(sum(v for v in values if v is not None), 1) if values else None
         for label, source in columns.items():
             step_name, _, metric = str(source).partition("/")
             names = [f"{prefix}/{step_name}", f"finish/round{number}/{step_name}"]
