@@ -228,3 +228,10 @@ def test_every_training_step_composes_a_train_config(name, tmp_path):
             if step.short == "dpo":
                 assert (cfg.stage.beta, cfg.stage.nll_weight) == (0.1, 0.2)
                 assert set(cfg.data.sources) == {"rankings", "sampled"}
+
+
+def test_previous_names_the_last_rounds_step_and_falls_back_in_round_1(tmp_path):
+    step = {"name": "x", "tool": "command", "argv": ["python", "-c", "pass", "${previous:x,${policy:}}"]}
+    plan = plan_from(_config({"round": [step]}, tmp_path, rounds=3))
+    assert [s.command[-1] for s in plan.steps] == [str(tmp_path), f"{tmp_path}/run/round1/x",
+                                                   f"{tmp_path}/run/round2/x"]

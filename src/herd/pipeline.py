@@ -29,6 +29,9 @@ an interpolated list of shared overrides, is spliced in) and these resolvers:
 
 - ``${step:NAME}``: the output of step NAME: this round's step of that name, else the setup
   step; or a qualified name (``setup/sft``, ``round2/reward``; ``last/reward`` is the last round's);
+- ``${previous:NAME,FIRST}``: in a round step, the output of step NAME of the previous round; in
+  round 1, FIRST (e.g. ``${previous:reward,${policy:}}``: a reward model that continues the previous
+  round's, starting from the policy in round 1);
 - ``${policy:}``: the policy entering this round (round 1: the pipeline's ``first_policy``, then
   the output of the previous round's ``policy_step``); in a ``per_round`` finish step, the policy
   that round r ended with (round 0: ``first_policy``);
@@ -365,8 +368,18 @@ def _resolve_step(name: str) -> str:
     return str(view.plan.output_of(str(name), view))
 
 
+def _resolve_previous(name: str, first: Any) -> str:
+    view = _view("previous")
+    if view.section != "round":
+        raise PipelineError("${previous:...} can only be used in a round step")
+    if view.step.round == 1:
+        return str(first)
+    return str(view.plan.output_of(f"round{view.step.round - 1}/{name}", view))
+
+
 OmegaConf.register_new_resolver("herd_root", lambda: str(repo_root()), replace=True)
 OmegaConf.register_new_resolver("step", _resolve_step, replace=True)
+OmegaConf.register_new_resolver("previous", _resolve_previous, replace=True)
 OmegaConf.register_new_resolver("policy", lambda: _view("policy").plan.policy(_view("policy")), replace=True)
 OmegaConf.register_new_resolver("round", lambda: _view("round").step.round, replace=True)
 OmegaConf.register_new_resolver("dir", lambda: str(_view("dir").step.dir), replace=True)
