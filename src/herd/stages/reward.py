@@ -23,6 +23,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
 from torchmetrics import MeanMetric
 
 from herd.interop import hf
@@ -92,6 +94,8 @@ class RewardStage(BackboneStage):
             head.weight.data.copy_(hf.read_reward_head(self.init_from, self.model_config.dim))
         else:
             init_value_head(head)
+        if self._device_mesh is not None:  # sharded with the backbone, so its gradients are reduced too
+            fully_shard(head, mesh=self._device_mesh["data_parallel"])
         self.value_head = head
 
     def trained_modules(self) -> list[nn.Module]:
@@ -143,7 +147,10 @@ class RewardStage(BackboneStage):
 
     def export_state(self) -> dict[str, torch.Tensor]:
         """The backbone's full weights and the value head (under ``value_head.weight``)."""
-        return {**super().export_state(), VALUE_HEAD_KEY: self.value_head.weight.detach().cpu()}
+        weight = self.value_head.weight.detach()
+        if isinstance(weight, DTensor):  # a collective: every rank calls export_state
+            weight = weight.full_tensor()
+        return {**super().export_state(), VALUE_HEAD_KEY: weight.cpu()}
 
     def save_export(self, path: Path, state: dict[str, torch.Tensor], tokenizer: Any = None) -> Path:
         """A ``LlamaForSequenceClassification`` directory (num_labels 1, the head as ``score.weight``)."""
