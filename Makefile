@@ -70,6 +70,17 @@ $(PREFERENCES): $(CORPUS)
 
 prepare-preferences: $(PREFERENCES)
 
+VISION := data/prepared/vision/manifest.json
+
+# The embedded image-caption set for experiment=tiny_vision (pictures of one to three shapes of one
+# kind and colour, drawn with Pillow, captioned "two blue triangles"), with the corpus' tokenizer.
+$(VISION): $(CORPUS)
+	$(PY) -m herd.prepare output_dir=data/prepared/vision '~sources' \
+		'+sources={shapes: {input: "stdlib:shapes?count=4400", kind: image}}' seq_len=64 val_fraction=0.1 \
+		tokenizer.path=data/prepared/stdlib/tokenizer
+
+prepare-vision: $(VISION)
+
 ## make train: tiny pretraining on the embedded corpus (no download).
 train: $(STAMP) $(CORPUS)
 	$(PY) -m herd.train $(ARGS)

@@ -80,3 +80,20 @@ def prepared_preferences(prepared_corpus, tmp_path_factory) -> Path:
             "shards.max_rows=64", "shards.min_count=2"])
     prepare(cfg)
     return out
+
+
+@pytest.fixture(scope="session")
+def prepared_images(prepared_corpus, tmp_path_factory) -> Path:
+    """48 embedded shape pictures with captions (kind: image), with the corpus' tokenizer: data for
+    stage=vision_adapter."""
+    from herd.prepare import prepare
+    from herd.presets import config_dir
+
+    out = tmp_path_factory.mktemp("images") / "prepared"
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose("prepare", overrides=[
+            f"output_dir={out}", "~sources", "+sources={shapes: {input: 'stdlib:shapes?count=48'}}", "seq_len=64",
+            "val_fraction=0.25", "num_proc=1", "progress=false", f"tokenizer.path={prepared_corpus / 'tokenizer'}",
+            "shards.max_rows=8", "shards.min_count=2"])
+    prepare(cfg)
+    return out

@@ -44,6 +44,7 @@ KINDS = {
     "text": "herd.data.text:TEXT",
     "dialog": "herd.data.dialogs:DIALOG",
     "preference": "herd.data.preferences:PREFERENCE",
+    "image": "herd.data.images:IMAGE",
 }
 ON_BAD_INPUT = ("error", "skip")
 _LOGGED_BAD_INPUTS = 10  # skipped inputs logged one by one per source; later ones are only counted

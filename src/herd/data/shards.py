@@ -71,6 +71,8 @@ LAYOUTS: dict[str, dict[str, Any]] = {
         "members": ["tokens", "document_ids", "loss_mask", "response_ids", "ranks"],
         "packing": "whole",
     },
+    # one image-caption example per sample, read by herd.data.image_loader (see herd.data.images)
+    "image": {"members": ["tokens", "loss_mask", "image", "json"], "packing": "example"},
 }
 # Members every layout has, or may have, besides its extras (EXTRA_MEMBERS).
 _BASE_MEMBERS = ("tokens", "document_ids", "loss_mask")
