@@ -61,9 +61,10 @@ MIX_ON_FIXTURE = ["+data.sources.general.source=prose", "+data.sources.math.sour
 
 
 @pytest.mark.parametrize(("group", "option"), list(group_options()))
-def test_every_config_group_option_composes_and_instantiates(tmp_path, prepared_corpus, group, option):
+def test_every_config_group_option_composes_and_instantiates(tmp_path, prepared_corpus, group, option, request):
     overrides = [f"{group}={option}"] + (MIX_ON_FIXTURE if option == "llama3_mix" else [])
-    cfg = compose_train(tmp_path, None if option == "synthetic" else prepared_corpus, *overrides)
+    data = request.getfixturevalue("prepared_images") if option == "images" else prepared_corpus
+    cfg = compose_train(tmp_path, None if option == "synthetic" else data, *overrides)
     if group == "model":  # the preset's own fields (RoPE scaling, attention backend...) on a small shape
         assert cfg.model.dim == 64 and cfg.model.vocab_size == 512
     if cfg.trainer.accelerator == "gpu" and not torch.cuda.is_available():
@@ -82,7 +83,7 @@ def test_every_config_group_option_composes_and_instantiates(tmp_path, prepared_
 
 
 @pytest.mark.parametrize("experiment", sorted(p.stem for p in (config_dir() / "experiment").glob("*.yaml")))
-def test_every_experiment_runs_with_fast_dev_run(tmp_path, prepared_corpus, prepared_preferences, experiment):
+def test_every_experiment_runs_with_fast_dev_run(tmp_path, prepared_corpus, prepared_preferences, experiment, request):
     # Experiments for GPU clusters run here on the tiny shape, one CPU process and the fixture data.
     on_cpu = ["trainer=cpu", "trainer.devices=1", "trainer.num_nodes=1", "strategy=auto", "data=stdlib"]
     cfg = compose_train(tmp_path, prepared_corpus, f"experiment={experiment}", *on_cpu, "debug=fast")
@@ -100,6 +101,9 @@ def test_every_experiment_runs_with_fast_dev_run(tmp_path, prepared_corpus, prep
             source.data_dir, source.source = str(prepared_corpus), "prose"
     if cfg.stage._target_.endswith(("RewardStage", "DPOStage")):  # they train on rankings
         cfg.data.data_dir, cfg.data.seq_len = str(prepared_preferences), PREFERENCE_SEQ_LEN
+    if cfg.stage._target_.endswith("VisionAdapterStage"):  # it trains on image-caption examples
+        cfg.data = OmegaConf.merge(OmegaConf.load(config_dir() / "data" / "images.yaml"),
+                                   {"data_dir": str(request.getfixturevalue("prepared_images")), "num_workers": 0})
     if OmegaConf.is_missing(cfg.stage, "init_from") or cfg.stage._target_.endswith(
             ("SFTStage", "RewardStage", "DPOStage")):
         # stages that continue a model get a small one

@@ -1,0 +1,322 @@
+"""stage=vision_adapter: the vision adapter on a frozen backbone, trained on captions (paper 7.3; Llama 3.2 Vision).
+
+The model is a :class:`~herd.model.vision.VisionLanguageModel`. Its backbone is the language
+model of ``init_from`` (a Llama directory), or the whole of it when ``init_from`` is a Llama 3.2
+Vision (``MllamaForConditionalGeneration``) directory, whose adapter then continues training.
+The backbone is frozen:
+- its parameters do not require gradients;
+- the optimizer is built over the adapter only, and :meth:`configure_optimizers` refuses to
+  run if it holds any backbone parameter;
+- a fingerprint of its weights taken before training must match at the end of training (the
+  run stops with an error otherwise).
+The encoder, the projection, the cross-attention blocks and the new-token embeddings train.
+
+The loss is next-token cross-entropy on the caption only (``targets`` from
+:mod:`herd.data.image_loader`): the prompt, ``<|image|>`` and ``<|begin_of_text|>`` are masked.
+Validation logs:
+- ``val/loss`` and ``val/accuracy``: token-weighted over the caption tokens;
+- ``val/caption_exact``: the share of greedy captions that equal the reference;
+- ``val/caption_word_accuracy``: the share of reference words the greedy caption has at the
+  same place (for ``stdlib:shapes`` that is the mean accuracy over count, colour and shape).
+The first ``samples`` validation images are logged to TensorBoard under ``captions/<i>`` (the
+images tab), with their greedy and reference captions as text.
+
+``withhold_images=true`` trains and validates the same adapter on the same captions, with every
+image replaced by a blank one. That is the text-only baseline: the best it can learn is the
+captions' prior, so a model whose ``val/loss`` falls clearly below it is using the images.
+
+The export is an ``MllamaForConditionalGeneration`` directory (:func:`herd.interop.mllama.save_vision`).
+The tokenizer copy gets ``<|image|>``, and ``transformers`` loads the directory as it is.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+from torchmetrics import MeanMetric
+
+from herd import logs
+from herd.interop import hf, mllama
+from herd.model import Transformer
+from herd.model.vision import ImageBatch, VisionConfig, VisionLanguageModel
+from herd.stages.base import BackboneStage
+from herd.stages.parallelize import _dtype, apply_activation_checkpointing, compile_blocks, full_state_dict
+
+IGNORE_INDEX = -100
+logger = logs.get_logger(__name__)
+
+
+class FrozenBackboneError(RuntimeError):
+    """The backbone's weights changed, or the optimizer holds them: the frozen-LM contract is broken."""
+
+
+class VisionAdapterStage(BackboneStage):
+    """Trains the vision adapter of a :class:`VisionLanguageModel` on captions; see the module docstring.
+
+    ``vision`` holds :class:`VisionConfig` fields (a ``configs/vision`` preset); it is not used when
+    ``init_from`` is an Mllama directory, which has its own. ``max_caption_tokens`` bounds the greedy
+    captions of validation; ``caption_examples`` is how many val examples per validation get one
+    (null: all); ``samples`` how many images and captions are logged.
+    """
+
+    summary_metrics = ("val/loss", "val/accuracy", "val/caption_exact", "val/caption_word_accuracy")
+
+    def __init__(
+        self,
+        *args,
+        vision: dict[str, Any] | None = None,
+        init_from: str | None = None,
+        withhold_images: bool = False,
+        max_caption_tokens: int = 16,
+        caption_examples: int | None = None,
+        samples: int = 4,
+        **kwargs,
+    ) -> None:
+        super().__init__(*args, init_from=init_from, **kwargs)
+        if init_from is not None and mllama.is_vision_model(init_from):
+            self.vision_config = mllama.read_preprocessor(init_from, mllama.read_configs(init_from)[1])
+        else:
+            self.vision_config = VisionConfig.from_dict(vision or {})
+        if init_from is None:
+            logs.warning(logger, "stage.init_from is not set: the vision adapter trains on a randomly initialised, "
+                                 "frozen backbone, which can learn nothing useful (fine for tests); start from a "
+                                 "model directory, e.g. the export of a pretraining run")
+        self.withhold_images = withhold_images
+        self.max_caption_tokens = max_caption_tokens
+        self.caption_examples = caption_examples
+        self.samples = samples
+        self.val_loss, self.val_accuracy = MeanMetric(), MeanMetric()
+        self.val_exact, self.val_words = MeanMetric(), MeanMetric()
+        self._backbone_fingerprint: list[int] | None = None
+        self._captioned = 0
+        self._sample_rows: list[tuple[torch.Tensor, str, str]] = []
+
+    # ----------------------------------------------------------------------------------- model
+
+    def configure_model(self) -> None:
+        """Build (or load) the vision model once, freeze its backbone, then parallelise it from outside."""
+        if self.model is not None:
+            return
+        self.model = self.build_vision_model()
+        self.model_config = self.model.config
+
+    def build_vision_model(self) -> VisionLanguageModel:
+        """The model from ``init_from`` (Llama or Mllama directory) or the configs; backbone frozen.
+
+        Activation checkpointing and compile apply to the backbone's blocks. Under FSDP2 every
+        backbone block, cross-attention block and encoder layer is sharded, then the whole model
+        (tensor parallelism is not supported by this stage).
+        """
+        mesh = self._device_mesh
+        if mesh is not None and mesh["tensor_parallel"].size() > 1:
+            raise ValueError("stage=vision_adapter does not support tensor parallelism: use strategy=fsdp2 or ddp")
+        meta = mesh is not None and self.init_from is None and self._wants_meta_init()
+        if self.init_from is not None and mllama.is_vision_model(self.init_from):
+            model = mllama.load_vision(self.init_from, dtype=torch.float32, config=self.model_config)
+        else:
+            with torch.device("meta") if meta else nullcontext():
+                backbone = (hf.load(self.init_from, dtype=torch.float32, config=self.model_config)
+                            if self.init_from is not None else Transformer(self.model_config))
+                model = VisionLanguageModel(backbone, self.vision_config)
+        model.backbone.requires_grad_(False)
+        apply_activation_checkpointing(model.backbone, self.activation_checkpointing)
+        if self.compile_blocks:
+            compile_blocks(model.backbone)
+        if mesh is not None:
+            shard_vision_model(model, mesh["data_parallel"], **self.fsdp_options)
+        if meta:
+            model.to_empty(device=self.trainer.strategy.root_device)
+            model.init_weights()
+        return model
+
+    def trained_modules(self) -> list[nn.Module]:
+        """The adapter: new-token embeddings, encoder, projection and cross-attention blocks."""
+        return self.model.adapter_modules()
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        """The base optimizer over the adapter; refused if it would hold a backbone parameter."""
+        config = super().configure_optimizers()
+        backbone = {id(p) for p in self.model.backbone.parameters()}
+        held = [p for group in config["optimizer"].param_groups for p in group["params"] if id(p) in backbone]
+        if held:
+            raise FrozenBackboneError(f"the optimizer holds {len(held)} backbone parameter(s); the backbone of "
+                                      "stage=vision_adapter must stay frozen")
+        return config
+
+    def setup(self, stage: str) -> None:
+        """Give the DataModule the model's tiling, and check that it reads image data with our <|image|> id."""
+        datamodule = self.trainer.datamodule if self.trainer is not None else None
+        if datamodule is None:
+            return
+        if not hasattr(datamodule, "set_tiler"):
+            raise ValueError("stage=vision_adapter trains on image-caption data: use data=images (prepared with "
+                             "kind: image, e.g. make prepare-vision)")
+        from herd.data.images import ImageTiler
+
+        datamodule.set_tiler(ImageTiler.for_model(self.vision_config))
+        if datamodule.image_token_id != self.model_config.vocab_size:
+            raise ValueError(f"the data's <|image|> id is {datamodule.image_token_id} but the model's is its vocab_size "
+                             f"{self.model_config.vocab_size}: prepare the data with the model's tokenizer")
+
+    def on_fit_start(self) -> None:
+        """Fingerprint the frozen backbone's weights."""
+        self._backbone_fingerprint = fingerprint(self.model.backbone)
+
+    def on_train_end(self) -> None:
+        """Check that the backbone's weights are bit for bit those training started from."""
+        if self._backbone_fingerprint is not None and fingerprint(self.model.backbone) != self._backbone_fingerprint:
+            raise FrozenBackboneError("the frozen backbone's weights changed during training; the vision adapter must "
+                                      "leave the language model untouched")
+
+    # ------------------------------------------------------------------------------------ loss
+
+    def images(self, batch: dict[str, torch.Tensor]) -> ImageBatch:
+        """The batch's images (blank ones with ``withhold_images``)."""
+        pixels = batch["pixel_values"]
+        if self.withhold_images:
+            pixels = torch.zeros_like(pixels)
+        return ImageBatch(pixels, batch["aspect_ratio_ids"], batch["num_tiles"], batch["image_rows"])
+
+    def caption_logits(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits (caption tokens, vocab) float32 and their targets: the head runs on caption positions only."""
+        targets = batch["targets"]
+        hidden = self.model(batch["tokens"], self.images(batch), output_hidden=True)  # (batch, seq, dim)
+        selected = targets != IGNORE_INDEX
+        return self.model.backbone.output(hidden[selected]).float(), targets[selected]
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        logits, targets = self.caption_logits(batch)
+        loss = F.cross_entropy(logits, targets)
+        self.count_tokens(batch["tokens"])
+        sync = self.trainer.world_size > 1
+        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, sync_dist=sync)
+        self.log("train/tokens_seen", float(self.tokens_seen), on_step=True, on_epoch=False)
+        skipped = getattr(self.trainer.datamodule, "skipped_images", None)
+        if skipped is not None:
+            self.log("train/skipped_images", float(skipped), on_step=True, on_epoch=False)
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        self._captioned = 0
+        self._sample_rows = []
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        logits, targets = self.caption_logits(batch)
+        n = targets.numel()
+        if n:
+            loss = F.cross_entropy(logits, targets, reduction="sum")
+            self.val_loss.update(loss / n, weight=n)
+            self.val_accuracy.update((logits.argmax(-1) == targets).float().mean(), weight=n)
+        if self.caption_examples is None or self._captioned < self.caption_examples:
+            self._caption(batch)
+
+    def _caption(self, batch: dict[str, torch.Tensor]) -> None:
+        """Greedy captions of the batch's images, scored against the references; keeps samples to log."""
+        from herd.data.tokenizer import Tokenizer
+
+        tokens, targets = batch["tokens"], batch["targets"]
+        has_caption = (targets != IGNORE_INDEX).any(dim=1)
+        first = torch.where(has_caption, (targets != IGNORE_INDEX).int().argmax(dim=1), 0)
+        prompts = [tokens[row, : int(first[row]) + 1].tolist() for row in range(len(tokens))]
+        eos = int(self.trainer.datamodule.pad_id)
+        generated = self.model.generate(prompts, self.images(batch), self.max_caption_tokens, stop_ids=[eos])
+        tokenizer = self._tokenizer(Tokenizer)
+        for row, ids in enumerate(generated):
+            if not bool(has_caption[row]):
+                continue  # an example whose image did not decode
+            reference = [t for t in targets[row][targets[row] != IGNORE_INDEX].tolist() if t != eos]
+            got_words, want_words = tokenizer.decode(ids).split(), tokenizer.decode(reference).split()
+            self.val_exact.update(float(ids == reference))
+            hits = sum(a == b for a, b in zip(got_words, want_words, strict=False))
+            self.val_words.update(hits / max(len(want_words), 1), weight=max(len(want_words), 1))
+            self._captioned += 1
+            if len(self._sample_rows) < self.samples:
+                self._sample_rows.append((self._picture(batch, row), tokenizer.decode(ids),
+                                          tokenizer.decode(reference)))
+
+    def _tokenizer(self, cls):
+        if getattr(self, "_tokenizer_object", None) is None:
+            self._tokenizer_object = cls.load(self.trainer.datamodule.tokenizer)
+        return self._tokenizer_object
+
+    def _picture(self, batch: dict[str, torch.Tensor], row: int) -> torch.Tensor:
+        """The row's image rebuilt from its tiles, (3, H, W) in [0, 1]."""
+        tiles = batch["pixel_values"][row, : int(batch["num_tiles"][row])].float().cpu()
+        grid_rows, grid_cols = self.vision_config.aspect_ratios[int(batch["aspect_ratio_ids"][row]) - 1]
+        size = tiles.shape[-1]
+        picture = tiles.view(grid_rows, grid_cols, 3, size, size).permute(2, 0, 3, 1, 4)
+        picture = picture.reshape(3, grid_rows * size, grid_cols * size)
+        mean = torch.tensor(self.vision_config.image_mean)[:, None, None]
+        std = torch.tensor(self.vision_config.image_std)[:, None, None]
+        return (picture * std + mean).clamp(0, 1)
+
+    def on_validation_epoch_end(self) -> None:
+        metrics = {"val/loss": self.val_loss, "val/accuracy": self.val_accuracy, "val/caption_exact": self.val_exact,
+                   "val/caption_word_accuracy": self.val_words}
+        for name, metric in metrics.items():
+            if metric.update_count > 0:
+                self.log(name, metric.compute(), prog_bar=name == "val/loss", sync_dist=False)
+            metric.reset()
+        if self.trainer.is_global_zero and not self.trainer.sanity_checking:
+            self._log_samples()
+
+    def _log_samples(self) -> None:
+        step = self.trainer.global_step
+        for run_logger in self.trainer.loggers:
+            if not isinstance(run_logger, TensorBoardLogger):
+                continue
+            table = ["| image | greedy caption | reference |", "|---|---|---|"]
+            for index, (picture, got, want) in enumerate(self._sample_rows):
+                run_logger.experiment.add_image(f"captions/{index}", picture, global_step=step)
+                run_logger.experiment.add_text(f"captions/{index}", f"**greedy:** {got}\n\n**reference:** {want}",
+                                               global_step=step)
+                table.append(f"| captions/{index} | {got} | {want} |")
+            if self._sample_rows:
+                run_logger.experiment.add_text("captions", "\n".join(table), global_step=step)
+
+    # ---------------------------------------------------------------------------------- export
+
+    def export_state(self) -> dict[str, torch.Tensor]:
+        """The whole vision model's weights (herd names); a collective when sharded."""
+        return full_state_dict(self.model)
+
+    def save_export(self, path: Path, state: dict[str, torch.Tensor], tokenizer: Any = None) -> Path:
+        """An ``MllamaForConditionalGeneration`` directory."""
+        return mllama.save_vision(self.model, path, tokenizer=tokenizer, state_dict=state)
+
+
+def fingerprint(module: nn.Module) -> list[int]:
+    """Per parameter, the sum of its elements' bit patterns (local shards for DTensors): any change of
+    the weights changes it, short of changes that cancel exactly."""
+    out = []
+    for param in module.parameters():
+        local = param.to_local() if isinstance(param, DTensor) else param
+        bits = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[local.element_size()]
+        out.append(int(local.detach().contiguous().view(bits).long().sum()))
+    return out
+
+
+def shard_vision_model(model: VisionLanguageModel, mesh: DeviceMesh, *, param_dtype: str | None = None,
+                       reduce_dtype: str | None = "fp32", reshard_after_forward: bool = True) -> None:
+    """FSDP2: ``fully_shard`` each backbone block, cross-attention block and encoder layer, then the whole model.
+
+    The root keeps the backbone's embeddings, norm and head, the new-token embeddings, the
+    projection and the encoder's embeddings. It stays gathered after forward, because the
+    caption loss applies the head outside forward.
+    """
+    policy = MixedPrecisionPolicy(param_dtype=_dtype(param_dtype, "param_dtype"),
+                                  reduce_dtype=_dtype(reduce_dtype, "reduce_dtype"))
+    units = [*model.backbone.layers, *model.cross_layers, *model.encoder.transformer.layers,
+             *model.encoder.global_transformer.layers]
+    for unit in units:
+        fully_shard(unit, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
