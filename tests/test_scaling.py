@@ -18,8 +18,10 @@ from herd.scaling import (
     ladder,
     load_runs,
     main,
+    plan_ladder,
     plan_rung,
     train_rung,
+    warmup_steps,
 )
 
 # The paper's fit (section 3.2.1): N*(C) = 0.29 C^0.53.
@@ -136,11 +138,27 @@ def test_fit_of_a_folder_without_runs_exits_2(tmp_path, capsys):
     assert exit_info.value.code == 2 and "run python -m herd.scaling ladder first" in capsys.readouterr().err
 
 
-def test_the_tiny_ladder_plans_3_budgets_by_4_sizes_and_a_held_out_run(tmp_path, capsys):
+def test_the_tiny_ladder_plans_3_budgets_of_4_or_5_sizes_and_a_held_out_run(tmp_path, capsys):
     ladder("tiny_scaling", [], tmp_path, dry_run=True)
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("herd.scaling: ") and "FLOPs" in line]
-    assert len(lines) == 13 and lines[-1].startswith("herd.scaling: held_out-")
+    budgets = [line.split(": ")[1].split("-")[0] for line in lines[:-1]]
+    assert sorted(set(budgets), key=float) == ["2e+11", "5e+11", "1.25e+12"]
+    assert [budgets.count(b) for b in ("2e+11", "5e+11", "1.25e+12")] == [5, 5, 4]
+    assert lines[-1].startswith("herd.scaling: held_out-")
     assert not any(tmp_path.iterdir())  # a dry run trains nothing
+
+
+def test_a_budget_may_name_its_sizes_and_unknown_sizes_are_refused():
+    settings = {"model": {"dim": 32, "n_layers": 1, "n_heads": 2, "vocab_size": 256, "multiple_of": 16},
+                "seq_len": 64, "tokens_per_step": 256,
+                "scaling": {"sizes": {"a": {"dim": 16}, "b": {"dim": 32}},
+                            "budgets": [1e9, {"flops": 2e9, "sizes": ["b"]}]}}
+    assert [(r.budget, r.size) for r in plan_ladder(settings)] == [(1e9, "a"), (1e9, "b"), (2e9, "b")]
+    settings["scaling"]["budgets"] = [{"flops": 2e9, "sizes": ["c"]}]
+    with pytest.raises(ValueError, match=r"sizes \['c'\] are not in scaling.sizes"):
+        plan_ladder(settings)
+    assert warmup_steps(100, 0.05) == 5 and warmup_steps(100_000, 0.1, most=2000) == 2000
+    assert warmup_steps(1, 0.05) == 1 and warmup_steps(3, 0.9) == 2  # at least 1, fewer than the steps
 
 
 @pytest.mark.slow

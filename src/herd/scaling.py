@@ -47,6 +47,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -321,19 +322,23 @@ def run_command(rung: Rung, experiment: str, overrides: Sequence[str], run_dir: 
 
 
 def train_rung(rung: Rung, directory: Path, experiment: str, overrides: Sequence[str], warmup_fraction: float,
-               dry_run: bool = False, max_warmup_steps: int | None = None) -> dict[str, Any] | None:
-    """Train one rung into ``directory/<name>`` (skipped when it finished before); returns its record."""
+               dry_run: bool = False, max_warmup_steps: int | None = None,
+               threads: int | None = None) -> dict[str, Any] | None:
+    """Train one rung into ``directory/<name>`` (skipped when it finished before); returns its record.
+
+    ``threads`` sets the run's ``OMP_NUM_THREADS`` (torch's threads); None leaves torch's default.
+    """
     run_dir = directory / rung.name
     record_file = run_dir / RUN_FILE
     if record_file.is_file():
         record = json.loads(record_file.read_text())
         if record.get("val_loss") is not None:
-            print(f"herd.scaling: {rung.name} finished before (val/loss {record['val_loss']:.4f}); skipped")
+            print(f"herd.scaling: {rung.name} finished before (val/loss {record['val_loss']:.4f}); skipped", flush=True)
             return record
     warmup = warmup_steps(rung.steps, warmup_fraction, max_warmup_steps)
     command = run_command(rung, experiment, overrides, run_dir, warmup)
     print(f"herd.scaling: {rung.name}: {rung.params:,} parameters, {rung.flops_per_token / 1e6:.2f} MFLOPs/token, "
-          f"{rung.steps} steps x {rung.tokens_per_step} = {rung.tokens:,} tokens, {rung.flops:.3g} FLOPs")
+          f"{rung.steps} steps x {rung.tokens_per_step} = {rung.tokens:,} tokens, {rung.flops:.3g} FLOPs", flush=True)
     if dry_run:
         print("  " + " ".join(command))
         return None
@@ -344,7 +349,8 @@ def train_rung(rung: Rung, directory: Path, experiment: str, overrides: Sequence
     record_file.write_text(json.dumps(record, indent=2) + "\n")
     start = time.perf_counter()
     with (run_dir / "herd.train.out").open("w") as out:
-        finished = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ})
+        env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+        finished = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, env=env)
     record["seconds"] = round(time.perf_counter() - start, 1)
     if finished.returncode != 0:
         raise RuntimeError(f"{rung.name} failed (exit {finished.returncode}); see {run_dir / 'herd.train.out'}")
@@ -352,28 +358,40 @@ def train_rung(rung: Rung, directory: Path, experiment: str, overrides: Sequence
     if record["val_loss"] is None:
         raise RuntimeError(f"{rung.name} finished without a val/loss; see {run_dir / 'herd.train.out'}")
     record_file.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"  val/loss {record['val_loss']:.4f} in {record['seconds']:.0f} s")
+    print(f"herd.scaling: {rung.name}: val/loss {record['val_loss']:.4f} in {record['seconds']:.0f} s", flush=True)
     return record
 
 
 def ladder(experiment: str, overrides: Sequence[str], directory: Path | None = None,
            dry_run: bool = False) -> dict[str, Any] | None:
-    """Train the ladder, fit, train the held-out run, fit again and write the outputs; returns the summary."""
+    """Train the ladder, fit, train the held-out run, fit again and write the outputs; returns the summary.
+
+    ``scaling.parallel`` rungs train at once (default 1), each with ``scaling.threads`` torch
+    threads (default: torch's choice). On a small shared CPU, two runs of one thread each finish
+    the ladder much sooner than one run of two threads: tiny models cannot keep two threads busy,
+    and threads that wait on each other waste what other processes leave free.
+    """
     settings = ladder_settings(experiment, overrides)
+    scaling = settings["scaling"]
     directory = directory or settings["log_dir"] / "ladders" / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-    warmup = (float(settings["scaling"].get("warmup_fraction", 0.05)), settings["scaling"].get("max_warmup_steps"))
+    options = {"warmup_fraction": float(scaling.get("warmup_fraction", 0.05)), "dry_run": dry_run,
+               "max_warmup_steps": scaling.get("max_warmup_steps"), "threads": scaling.get("threads")}
     start = time.perf_counter()
-    print(f"herd.scaling: ladder of experiment={experiment} in {directory}")
-    for rung in plan_ladder(settings):
-        train_rung(rung, directory, experiment, overrides, warmup[0], dry_run, warmup[1])
+    print(f"herd.scaling: ladder of experiment={experiment} in {directory}", flush=True)
+    rungs = plan_ladder(settings)
+    parallel = 1 if dry_run else max(1, int(scaling.get("parallel") or 1))
+    with ThreadPoolExecutor(max_workers=parallel) as pool:  # each thread waits on one herd.train process
+        # larger models first: the long runs of small models then fill the gaps
+        list(pool.map(lambda rung: train_rung(rung, directory, experiment, overrides, **options),
+                      sorted(rungs, key=lambda r: -r.flops_per_token) if parallel > 1 else rungs))
     fit = None if dry_run else fit_runs(load_runs(directory))
     held_out = plan_held_out(settings, fit)
     if held_out is not None:
         if fit is not None:
             print(f"herd.scaling: held-out run {held_out.name}: N*(C) = {fit.optimal_tokens(held_out.budget):,.0f} "
                   f"tokens; this size trains {held_out.tokens:,}; predicted val/loss "
-                  f"{fit.predict_loss(held_out.flops, held_out.tokens):.4f}")
-        train_rung(held_out, directory, experiment, overrides, warmup[0], dry_run, warmup[1])
+                  f"{fit.predict_loss(held_out.flops, held_out.tokens):.4f}", flush=True)
+        train_rung(held_out, directory, experiment, overrides, **options)
     if dry_run:
         return None
     summary = write_fit(directory)
