@@ -66,13 +66,13 @@ def prepared_corpus(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def prepared_preferences(prepared_corpus, tmp_path_factory) -> Path:
-    """Embedded preference rankings (two definitions per stdlib module) with the corpus' tokenizer,
+    """Embedded preference rankings (one definition per stdlib module) with the corpus' tokenizer,
     in rows of PREFERENCE_SEQ_LEN tokens: data for stage=reward and stage=dpo."""
     from herd.prepare import prepare
     from herd.presets import config_dir
 
     out = tmp_path_factory.mktemp("preferences") / "prepared"
-    sources = "+sources={preferences: {input: 'stdlib:preferences?max_per_module=2'}}"
+    sources = "+sources={preferences: {input: 'stdlib:preferences?max_per_module=1'}}"
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         cfg = compose("prepare", overrides=[
             f"output_dir={out}", "~sources", sources, f"seq_len={PREFERENCE_SEQ_LEN}", "val_fraction=0.1",
