@@ -142,7 +142,10 @@ def fit_scaling(isoflops: Sequence[IsoFLOP]) -> ScalingFit:
     tokens = linregress(budgets, np.log([iso.optimal_tokens for iso in isoflops]))
     losses = linregress(budgets, np.log([iso.optimal_loss for iso in isoflops]))
     curvatures = [iso.curvature for iso in isoflops if iso.curvature > 0]
-    warnings = [f"the IsoFLOP minimum at {iso.budget:.3g} FLOPs lies outside the tokens tried (extrapolated): "
+    warnings = [f"the parabola at {iso.budget:.3g} FLOPs opens downwards (no minimum): its best run stands for the "
+                "minimum; the runs are not parabolic in ln(tokens) (check for runs too short to learn)"
+                if iso.curvature <= 0 else
+                f"the IsoFLOP minimum at {iso.budget:.3g} FLOPs lies outside the tokens tried (extrapolated): "
                 "add a size on that side" for iso in isoflops if not iso.bracketed]
     stderr = (float(tokens.stderr), float(losses.stderr)) if len(isoflops) > 2 else (math.nan, math.nan)
     return ScalingFit(list(isoflops), float(tokens.slope), float(math.exp(tokens.intercept)), stderr[0],
@@ -435,6 +438,7 @@ def plot(summary: dict[str, Any], path: str | Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     isoflops = summary["isoflops"]
     law, loss_law = summary["N*(C) = A * C^alpha"], summary["L*(C) = B * C^-beta"]
@@ -477,6 +481,9 @@ def plot(summary: dict[str, Any], path: str | Path) -> Path:
                        label=f"measured {held['measured_loss']:.3f}")
     loss_axis.set(xscale="log", xlabel="compute (FLOPs)", ylabel="validation loss", title="loss at the optimum")
     loss_axis.legend(fontsize=8)
+    for axis in (curves, tokens_axis, loss_axis):  # label the decades only: minor labels overlap
+        axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    tokens_axis.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     figure.tight_layout()
     path = Path(path)
     figure.savefig(path, dpi=120)
@@ -532,7 +539,8 @@ def report(summary: dict[str, Any]) -> str:
     for iso in summary["isoflops"]:
         runs = ", ".join(f"{s} {t:,.0f} tok -> {v:.4f}" for s, t, v in zip(iso["sizes"], iso["tokens"], iso["losses"],
                                                                          strict=True))
-        flag = "" if iso["bracketed"] else "  (outside the tokens tried)"
+        flag = "" if iso["bracketed"] else ("  (no minimum: the best run)" if iso["coefficients"][0] <= 0
+                                            else "  (outside the tokens tried)")
         lines.append(f"  {iso['budget']:.3g} FLOPs: N* = {iso['optimal_tokens']:,.0f} tokens, "
                      f"L* = {iso['optimal_loss']:.4f}{flag}\n    runs: {runs}")
     lines.append(f"N*(C) = A * C^alpha: A = {law['A']:.4g}, alpha = {law['alpha']:.4f} "
