@@ -54,7 +54,7 @@ def random_model():
 
 
 def test_perplexity_is_exp_of_the_mean_token_nll_computed_by_hand(prepared_corpus, random_model):
-    found = source_perplexities(random_model, str(prepared_corpus), seq_len=64, batch_size=3)
+    found = source_perplexities(random_model, str(prepared_corpus), seq_len=64, batch_size=64)
     assert set(found) == {"prose", "code", ALL_SOURCES}
     pooled_total, pooled_count = 0.0, 0
     for source in ("prose", "code"):
