@@ -183,3 +183,31 @@ def test_compare_prints_results_side_by_side(tmp_path, capsys):
 def test_unknown_tasks_are_refused_with_the_list():
     with pytest.raises(ValueError, match=r"\['perplexity', 'needle', 'mcq', 'reward_accuracy'\]"):
         evaluate(compose_evaluate("model_dir=x", "tasks=[perplexity,ppl]"))
+
+
+def test_reward_accuracy_of_a_saved_reward_model_matches_rewards_computed_alone(tmp_path, prepared_corpus):
+    from herd.data.chat import encode_dialog
+
+    if not hasattr(hf, "save_reward_model"):
+        pytest.skip("this herd has no reward model directories")
+    tokenizer = Tokenizer.load(prepared_corpus / "tokenizer")
+    backbone = Transformer(ModelConfig(dim=32, n_layers=2, n_heads=2, vocab_size=TRAIN_VOCAB, multiple_of=16))
+    head = torch.randn(1, 32)
+    directory = hf.save_reward_model(backbone, head, tmp_path / "reward", tokenizer=tokenizer)
+    records = [{"prompt": f"Name {i}", "chosen": "one two " * (i % 4 + 1), "rejected": f"x{i} y"} for i in range(8)]
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("\n".join(json.dumps(r) for r in records))
+    cfg = compose_evaluate(f"model_dir={tmp_path / 'never_loaded'}", "tasks=[reward_accuracy]",
+                           f"reward_model={directory}", f"reward_accuracy.pairs={pairs}")
+    results, details = evaluate(cfg)
+
+    def reward(prompt, response):  # one unpadded row, the head on the last token's final hidden state
+        ids = encode_dialog(tokenizer, [{"role": "user", "content": prompt},
+                                        {"role": "assistant", "content": response}]).ids
+        with torch.no_grad():
+            return float(backbone.hidden_states(torch.tensor([ids]))[0, -1] @ head[0])
+
+    margins = [reward(r["prompt"], r["chosen"]) - reward(r["prompt"], r["rejected"]) for r in records]
+    assert results.value("reward_accuracy", "accuracy") == pytest.approx(sum(m > 0 for m in margins) / 8)
+    assert results.value("reward_accuracy", "margin") == pytest.approx(sum(margins) / 8, abs=1e-4)
+    assert details["reward_accuracy"]["n"] == 8
