@@ -599,8 +599,8 @@ def report(plan: Plan, records: Mapping[str, Mapping[str, Any]]) -> list[dict[st
         mine = [s for s in plan.steps if s.name.startswith(prefix + "/") and s.name.count("/") == 1]
         row: dict[str, Any] = {"round": number}
         for key in ("seconds", "cpu_seconds"):
-            values = [records[s.name].get(key) for s in mine if s.name in records]
-            row[key] = round(sum(v for v in values if v is not None), 1) if values else None
+            values = [records[s.name][key] for s in mine if records.get(s.name, {}).get(key) is not None]
+            row[key] = round(sum(values), 1) if values else None
         for label, source in columns.items():
             step_name, _, metric = str(source).partition("/")
             names = [f"{prefix}/{step_name}", f"finish/round{number}/{step_name}"]
