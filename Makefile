@@ -73,10 +73,12 @@ prepare-preferences: $(PREFERENCES)
 VISION := data/prepared/vision/manifest.json
 
 # The embedded image-caption set for experiment=tiny_vision (pictures of one to three shapes of one
-# kind and colour, drawn with Pillow, captioned "two blue triangles"), with the corpus' tokenizer.
+# kind and colour, drawn with Pillow, captioned "two blue triangles" after the prompt "A picture of "),
+# with the corpus' tokenizer.
 $(VISION): $(CORPUS)
 	$(PY) -m herd.prepare output_dir=data/prepared/vision '~sources' \
-		'+sources={shapes: {input: "stdlib:shapes?count=4400", kind: image}}' seq_len=64 val_fraction=0.1 \
+		'+sources={shapes: {input: "stdlib:shapes?count=4400", kind: image, prompt: "A picture of "}}' \
+		seq_len=64 val_fraction=0.1 \
 		tokenizer.path=data/prepared/stdlib/tokenizer
 
 prepare-vision: $(VISION)

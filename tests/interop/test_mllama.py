@@ -159,6 +159,14 @@ def test_text_before_the_first_image_skips_the_cross_layers_as_meta_reference_do
     assert torch.equal(with_image[:, : len(prefix)], text_only)
 
 
+def test_a_cross_layer_after_the_last_block_matches_transformers(tmp_path):
+    reference = reference_model(tmp_path, cross_attention_layers=[1, 5])  # the last of 6: after all 4 blocks
+    model = mllama.load_vision(tmp_path).eval()
+    assert model.cross_positions == (1, 4)
+    rows = [([IMAGE, 1, *text(9)], [4]), ([IMAGE, 1, *text(6, start=4)], [1])]
+    assert logits_difference(reference, model, rows) <= ATOL
+
+
 def test_save_then_transformers_loads_the_same_model(tmp_path, pair):
     reference, model, _ = pair
     out = mllama.save_vision(model, tmp_path / "saved")

@@ -130,6 +130,16 @@ def test_withheld_images_make_the_loss_blind_to_the_pictures():
         assert not torch.equal(stage.caption_logits(first)[0], stage.caption_logits(second)[0])
 
 
+def test_the_gates_learn_at_their_own_rate():
+    stage = stage_with_model(gate_lr_scale=30.0)
+    stage.scheduler_factory = None
+    groups = stage.configure_optimizers()["optimizer"].param_groups
+    gates = {id(b.attention_gate) for b in stage.model.cross_layers} | {id(b.ffn_gate) for b in stage.model.cross_layers}
+    assert {id(p) for p in groups[-1]["params"]} == gates
+    assert groups[-1]["lr"] == pytest.approx(30 * groups[0]["lr"]) and groups[-1]["weight_decay"] == 0.0
+    assert not any(id(p) in gates for group in groups[:-1] for p in group["params"])
+
+
 def test_an_optimizer_holding_backbone_weights_is_refused():
     stage = stage_with_model()
     stage.model.backbone.layers[0].attention.wq.weight.requires_grad_(True)

@@ -9,7 +9,8 @@ never guessed:
 - ``transformers`` interleaves the text model's cross-attention layers with its self-attention
   layers in one list. The layers named in ``text_config.cross_attention_layers`` are
   cross-attention; the others, in order, are the backbone's blocks. A cross-attention layer at
-  list index i, with c cross-attention layers before it, runs before backbone block i - c.
+  list index i, with c cross-attention layers before it, runs before backbone block i - c (after
+  the last block when that is the number of blocks).
 - The text embedding has ``vocab_size + 8`` rows: the backbone's ``tok_embeddings``, then the
   adapter's ``extra_embeddings``. ``image_token_index`` must be ``vocab_size``, the first new row.
 - The head (``lm_head``) has ``vocab_size`` rows and is stored even for a backbone with tied
@@ -145,11 +146,7 @@ def _positions(cross: list[int], total: int, source: str) -> tuple[int, ...]:
     if cross != sorted(set(cross)) or any(not 0 <= i < total for i in cross):
         raise CheckpointError(f"{source}: cross_attention_layers {cross} must be increasing indices below "
                               f"num_hidden_layers={total}")
-    positions = tuple(index - count for count, index in enumerate(cross))
-    if positions and positions[-1] >= total - len(cross):
-        raise CheckpointError(f"{source}: a cross-attention layer after the last self-attention layer is not "
-                              "supported (herd runs each one before a backbone block)")
-    return positions
+    return tuple(index - count for count, index in enumerate(cross))  # n_self: after the last block
 
 
 def configs_to_hf(model: VisionLanguageModel, *, dtype: torch.dtype, bos_token_id=None, eos_token_id=None,

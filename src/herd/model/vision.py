@@ -14,7 +14,8 @@ architecture as Llama 3.2 Vision; ``transformers`` implements it as ``MllamaForC
 - :class:`CrossAttentionBlock`: text queries attend the vision tokens, with grouped-query
   attention and RMSNorm on queries and keys. The attention and its MLP are each scaled by
   tanh(gate), and the gates start at zero. One such block runs before selected backbone blocks:
-  the fusion schedule, :meth:`VisionConfig.cross_attention_positions`.
+  the fusion schedule, :meth:`VisionConfig.cross_attention_positions` (one may also run after the
+  last block).
 - Embeddings for the 8 token ids that follow the backbone's vocabulary. The first of them,
   ``vocab_size``, is ``<|image|>``: it marks where an image sits in the text.
 
@@ -22,11 +23,12 @@ Which images a text position sees follows Llama 3.2 Vision's rule. A position at
 images of the latest run of consecutive ``<|image|>`` tokens at or before it, within its own
 document. A position with no image before it in its document, and every position of a row
 without images, passes the cross-attention block unchanged, exactly: both residual branches are
-skipped there. This is what Meta's reference code does. ``transformers`` differs at positions
-that precede every image: it lets them attend all of the row's image tiles and adds the gated
-attention output, masking only the MLP. Prompts laid out as Llama 3.2 Vision's processor lays
-them out (``<|image|><|begin_of_text|>...``) have no such position, and there both
-implementations agree.
+skipped there. This is what Meta's reference code does. ``transformers`` differs at such
+positions when its batch holds images: it lets them attend every image tile of the row (of the
+batch's padding images, in a row without images) and adds the gated attention output, masking
+only the MLP. Rows laid out as Llama 3.2 Vision's processor lays them out
+(``<|image|><|begin_of_text|>...``) have no such position, and there both implementations agree;
+a row without images agrees with ``transformers`` run on that row alone.
 
 The backbone is never modified:
 - with no image in the batch, ``forward`` is the backbone's own forward, so the logits are the
@@ -160,17 +162,18 @@ class VisionConfig:
         return [(a, b) for a in range(1, n + 1) for b in range(1, n + 1) if a * b <= n]
 
     def cross_attention_positions(self, n_layers: int) -> tuple[int, ...]:
-        """The backbone blocks (0-based) a cross-attention block runs before.
+        """The backbone blocks (0-based) a cross-attention block runs before; ``n_layers`` means
+        after the last block, before the final norm.
 
         ``cross_attention_layers`` if set, else every ``cross_attention_every``-th block
         counted from 1: blocks 3, 7, ..., 31 for k = 4 and 32 blocks (Llama 3.2 11B).
         """
         if self.cross_attention_layers is not None:
             positions = tuple(self.cross_attention_layers)
-            bad = [p for p in positions if not isinstance(p, int) or not 0 <= p < n_layers]
+            bad = [p for p in positions if not isinstance(p, int) or not 0 <= p <= n_layers]
             if bad or list(positions) != sorted(set(positions)):
                 raise ValueError(f"vision.cross_attention_layers={list(positions)} must be increasing backbone "
-                                 f"blocks in 0..{n_layers - 1}")
+                                 f"blocks in 0..{n_layers} ({n_layers}: after the last block)")
             return positions
         return tuple(b for b in range(n_layers) if (b + 1) % self.cross_attention_every == 0)
 
@@ -625,6 +628,8 @@ class VisionLanguageModel(nn.Module):
             if index in cross:
                 h = cross[index](h, vision.states.to(h.dtype), mask, has_image)
             h = block(h, cos, sin, self_mask)
+        if len(backbone.layers) in cross:  # a cross-attention block after the last backbone block
+            h = cross[len(backbone.layers)](h, vision.states.to(h.dtype), mask, has_image)
         h = backbone.norm(h)
         return h if output_hidden else backbone.output(h)
 

@@ -185,7 +185,7 @@ class BackboneStage(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         """The partial optimizer over decay/no-decay groups, plus the per-step LR schedule."""
-        optimizer = self.optimizer_factory(parameter_groups(self.trained_modules(), self._weight_decay()))
+        optimizer = self.optimizer_factory(self.optimizer_groups())
         if self.scheduler_factory is None:
             return {"optimizer": optimizer}
         scheduler = self.scheduler_factory(optimizer, **self._schedule_lengths())
@@ -197,6 +197,10 @@ class BackboneStage(L.LightningModule):
     def trained_modules(self) -> list[nn.Module]:
         """The modules whose parameters (those that require gradients) the optimizer updates."""
         return [self.model]
+
+    def optimizer_groups(self) -> list[dict[str, Any]]:
+        """The optimizer's parameter groups: :func:`parameter_groups` of :meth:`trained_modules`."""
+        return parameter_groups(self.trained_modules(), self._weight_decay())
 
     def _weight_decay(self) -> float:
         keywords = getattr(self.optimizer_factory, "keywords", {})
