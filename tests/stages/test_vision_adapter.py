@@ -47,7 +47,6 @@ def trained(tmp_path_factory, prepared_corpus, prepared_images, start_model):
     return train(cfg)
 
 
-@pytest.mark.slow
 def test_the_backbone_is_bit_identical_after_training_and_the_optimizer_holds_none_of_it(trained, start_model):
     stage = trained["stage"]
     assert trained["trainer"].global_step == STEPS
@@ -65,7 +64,6 @@ def test_the_backbone_is_bit_identical_after_training_and_the_optimizer_holds_no
     assert "val/caption_word_accuracy" in metrics
 
 
-@pytest.mark.slow
 def test_the_export_is_an_mllama_directory_with_the_same_logits(trained):
     stage = trained["stage"]
     model = stage.model.float().eval()
