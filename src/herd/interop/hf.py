@@ -468,7 +468,8 @@ def _write_directory(
     if reward:
         hf_config.architectures = [REWARD_ARCHITECTURE]
         hf_config.num_labels = 1
-        hf_config.pad_token_id = _end_of_text_id(path) if _end_of_text_id(path) is not None else eos
+        end_of_text = _end_of_text_id(path)
+        hf_config.pad_token_id = end_of_text if end_of_text is not None else eos
     hf_config.save_pretrained(path)
     return path
 
