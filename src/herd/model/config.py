@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -168,3 +169,26 @@ def _rope_scaling_from_dict(values: dict[str, Any]) -> RopeScaling | None:
     if unknown:
         raise ValueError(f"unknown model.rope_scaling key(s) {unknown}; valid keys are {sorted(known)}")
     return RopeScaling(**values)
+
+
+class AdapterConfigMixin:
+    """``from_dict``/``to_dict`` for the frozen dataclasses that shape an adapter (``speech``, ``vision``).
+
+    A subclass sets ``section``, the config key its presets live under, which error messages name.
+    """
+
+    section = "adapter"
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]):
+        """Build from a plain mapping (a preset YAML), naming any unknown key."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known - {"_target_"})
+        if unknown:
+            raise ValueError(f"unknown {cls.section} config key(s) {unknown}; valid keys are {sorted(known)}")
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain mapping (lists for tuples) that round-trips through :meth:`from_dict`."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}

@@ -40,6 +40,7 @@ def generate(
     generator: torch.Generator | None = None,
     seed: int | None = None,
     compile: bool = False,
+    prompt_embeddings: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> list[list[int]] | torch.Tensor:
     """Continue every prompt by up to ``max_new_tokens`` tokens, all rows in one batch.
 
@@ -56,13 +57,15 @@ def generate(
     ``top_k`` most likely tokens (0: all) and to the smallest set whose probability reaches
     ``top_p``, then sampled with ``generator`` (or a new one seeded with ``seed``). Generation
     never runs past ``model.config.max_seq_len``. ``compile=True`` runs the decode step under
-    ``torch.compile``.
+    ``torch.compile``. ``prompt_embeddings`` gives, per prompt, ``(input_embeddings (len, dim),
+    embedding_mask (len,))`` for the prefill (see ``Transformer.forward``): an adapter's outputs
+    read in place of some prompt tokens.
     """
     rows, as_tensor = _prompt_rows(prompts)
     new_tokens, lengths = _collect(
         decode(model, rows, max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                stop_ids=stop_ids, num_samples=num_samples, generator=_generator(model, generator, seed),
-               step=compiled_step() if compile else decode_step),
+               step=compiled_step() if compile else decode_step, prompt_embeddings=prompt_embeddings),
         len(rows) * num_samples,
         max_new_tokens,
         model,
@@ -113,6 +116,7 @@ def decode(
     num_samples: int = 1,
     generator: torch.Generator | None = None,
     step: DecodeStep | None = None,
+    prompt_embeddings: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The decoding loop: yields ``(rows, tokens)`` once per step, both (active,).
 
@@ -120,7 +124,8 @@ def decode(
     j``) and ``tokens`` the token each of them emitted at this step. A row that emits a stop
     token is yielded with it, then dropped from the batch and from the cache.
     ``prompts`` are 1-D long tensors; ``step(model, tokens (active, 1), cache)`` returns the
-    next logits (active, vocab) (default :func:`decode_step`).
+    next logits (active, vocab) (default :func:`decode_step`). ``prompt_embeddings`` are as in
+    :func:`generate`.
     """
     check_sampling(max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, num_samples=num_samples)
     _check_prompts(model, prompts)
@@ -139,7 +144,17 @@ def decode(
         cache.select(torch.arange(batch, device=device))  # the prefill fills the first `batch` rows
     if bool((lengths < width).any()):
         cache.pad_left(width - lengths)
-    hidden = model(tokens, cache=cache, output_hidden=True)[:, -1]  # (batch, dim)
+    embedded = {}
+    if prompt_embeddings is not None:
+        if len(prompt_embeddings) != batch:
+            raise ValueError(f"prompt_embeddings has {len(prompt_embeddings)} entries for {batch} prompts")
+        embedded = {
+            "input_embeddings": pad_sequence([e.to(device) for e, _ in prompt_embeddings], batch_first=True,
+                                             padding_side="left"),
+            "embedding_mask": pad_sequence([m.to(device) for _, m in prompt_embeddings], batch_first=True,
+                                           padding_side="left"),
+        }
+    hidden = model(tokens, cache=cache, output_hidden=True, **embedded)[:, -1]  # (batch, dim)
     logits = model.output(hidden)  # (batch, vocab): the head only where it is needed
     if num_samples > 1:
         expand = torch.arange(batch, device=device).repeat_interleave(num_samples)

@@ -137,6 +137,8 @@ class Transformer(nn.Module):
         position_ids: torch.Tensor | None = None,
         document_ids: torch.Tensor | None = None,
         response_ids: torch.Tensor | None = None,
+        input_embeddings: torch.Tensor | None = None,
+        embedding_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
         output_hidden: bool = False,
     ) -> torch.Tensor:
@@ -148,6 +150,10 @@ class Transformer(nn.Module):
         ``response_ids`` (batch, seq) marks shared-prompt rows: 0 on a document's prompt, k on its
         k-th response; each response attends to the prompt and itself only, and its positions
         continue from the end of the prompt, so it is computed as if it followed the prompt alone.
+        ``input_embeddings`` (batch, seq, dim) replace the token embeddings where ``embedding_mask``
+        (batch, seq) is true: this is how an adapter (speech) feeds its outputs to the model as
+        token embeddings. The ids of ``tokens`` at those positions are not read; elsewhere the
+        embeddings are the model's own, so an all-false mask changes nothing.
         With a ``cache``, positions continue from what it holds (left padding excluded, see
         :meth:`KVCache.pad_left`) and it is advanced.
         """
@@ -159,13 +165,32 @@ class Transformer(nn.Module):
         mask = build_attention_mask(self.config, batch, seq, tokens.device, document_ids=document_ids,
                                     response_ids=response_ids, cache=cache)
         cos, sin = self.rope(position_ids)
-        h = self.tok_embeddings(tokens)
+        h = self.embed(tokens, input_embeddings, embedding_mask)
         for block in self.layers:
             h = block(h, cos, sin, mask, cache)
         if cache is not None:
             cache.advance(seq)
         h = self.norm(h)
         return h if output_hidden else self.output(h)
+
+    def embed(
+        self,
+        tokens: torch.Tensor,
+        input_embeddings: torch.Tensor | None = None,
+        embedding_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The input of the first block (batch, seq, dim): token embeddings, with ``input_embeddings``
+        where ``embedding_mask`` is true (see :meth:`forward`)."""
+        h = self.tok_embeddings(tokens)
+        if input_embeddings is None and embedding_mask is None:
+            return h
+        if input_embeddings is None or embedding_mask is None:
+            raise ValueError("input_embeddings and embedding_mask go together: give both or neither")
+        if input_embeddings.shape != h.shape or embedding_mask.shape != tokens.shape:
+            raise ValueError(f"input_embeddings must be (batch, seq, dim) = {tuple(h.shape)} and embedding_mask "
+                             f"(batch, seq) = {tuple(tokens.shape)}; got {tuple(input_embeddings.shape)} and "
+                             f"{tuple(embedding_mask.shape)}")
+        return torch.where(embedding_mask[..., None], input_embeddings.to(h.dtype), h)
 
     def hidden_states(self, tokens: torch.Tensor, **kwargs) -> torch.Tensor:
         """Final normed hidden states (batch, seq, dim): ``forward`` without the output head.

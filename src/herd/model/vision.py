@@ -48,16 +48,15 @@ modes agree for images that have ``max_num_tiles`` tiles.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields
-from typing import Any
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from herd.model.attention import build_attention_mask
-from herd.model.config import ModelConfig
+from herd.model.config import AdapterConfigMixin, ModelConfig
 from herd.model.transformer import FeedForward, RMSNorm, Transformer, default_position_ids
 
 # CLIP's pixel statistics, which Llama 3.2 Vision's image processor normalises with.
@@ -68,7 +67,7 @@ _PATCH_ALIGNMENT = 8  # each tile's patch sequence is padded to a multiple of th
 
 
 @dataclass(frozen=True)
-class VisionConfig:
+class VisionConfig(AdapterConfigMixin):
     """Shape of the image encoder and of the fusion schedule; the backbone's shape is its own ModelConfig.
 
     ``image_size`` is the side of a square tile in pixels, cut into ``patch_size`` patches.
@@ -81,6 +80,8 @@ class VisionConfig:
     ``pad_to_max_tiles`` is described in the module docstring. ``image_mean``/``image_std``
     normalise pixels (the data side reads them).
     """
+
+    section = "vision"
 
     image_size: int = 560
     patch_size: int = 14
@@ -121,20 +122,6 @@ class VisionConfig:
                              f"in 0..{self.n_layers - 1}")
         if len(self.image_mean) != 3 or len(self.image_std) != 3 or min(self.image_std) <= 0:
             raise ValueError("vision.image_mean and vision.image_std need 3 values (RGB), the std ones > 0")
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> VisionConfig:
-        """Build from a plain mapping (a preset YAML), naming any unknown key."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known - {"_target_"})
-        if unknown:
-            raise ValueError(f"unknown vision config key(s) {unknown}; valid keys are {sorted(known)}")
-        return cls(**{k: v for k, v in values.items() if k in known})
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain mapping (lists for tuples) that round-trips through :meth:`from_dict`."""
-        out = {f.name: getattr(self, f.name) for f in fields(self)}
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
 
     @property
     def head_dim(self) -> int:

@@ -38,28 +38,24 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.loggers import TensorBoardLogger
-from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
 from torchmetrics import MeanMetric
 
 from herd import logs
 from herd.interop import hf, mllama
 from herd.model import Transformer
 from herd.model.vision import ImageBatch, VisionConfig, VisionLanguageModel
-from herd.stages.base import BackboneStage
-from herd.stages.parallelize import _dtype, apply_activation_checkpointing, compile_blocks, full_state_dict
+from herd.stages.adapter import AdapterStage, FrozenBackboneError, fingerprint
+
+__all__ = ["FrozenBackboneError", "VisionAdapterStage", "fingerprint", "shard_vision_model"]
+from herd.stages.parallelize import _dtype, apply_activation_checkpointing, compile_blocks
 
 IGNORE_INDEX = -100
 logger = logs.get_logger(__name__)
 
 
-class FrozenBackboneError(RuntimeError):
-    """The backbone's weights changed, or the optimizer holds them: the frozen-LM contract is broken."""
-
-
-class VisionAdapterStage(BackboneStage):
+class VisionAdapterStage(AdapterStage):
     """Trains the vision adapter of a :class:`VisionLanguageModel` on captions; see the module docstring.
 
     ``vision`` holds :class:`VisionConfig` fields (a ``configs/vision`` preset); it is not used when
@@ -90,10 +86,6 @@ class VisionAdapterStage(BackboneStage):
             self.vision_config = mllama.read_preprocessor(init_from, mllama.read_configs(init_from)[1])
         else:
             self.vision_config = VisionConfig.from_dict(vision or {})
-        if init_from is None:
-            logs.warning(logger, "stage.init_from is not set: the vision adapter trains on a randomly initialised, "
-                                 "frozen backbone, which can learn nothing useful (fine for tests); start from a "
-                                 "model directory, e.g. the export of a pretraining run")
         self.withhold_images = withhold_images
         self.max_caption_tokens = max_caption_tokens
         self.caption_examples = caption_examples
@@ -103,7 +95,6 @@ class VisionAdapterStage(BackboneStage):
         self.gate_lr_scale = float(gate_lr_scale)
         self.val_loss, self.val_accuracy = MeanMetric(), MeanMetric()
         self.val_exact, self.val_words = MeanMetric(), MeanMetric()
-        self._backbone_fingerprint: list[int] | None = None
         self._captioned = 0
         self._sample_rows: list[tuple[torch.Tensor, str, str]] = []
 
@@ -145,10 +136,6 @@ class VisionAdapterStage(BackboneStage):
             model.init_weights()
         return model
 
-    def trained_modules(self) -> list[nn.Module]:
-        """The adapter: new-token embeddings, encoder, projection and cross-attention blocks."""
-        return self.model.adapter_modules()
-
     def optimizer_groups(self) -> list[dict[str, Any]]:
         """The base groups over the adapter, with the cross-attention gates in a group of their own
         whose learning rate is ``gate_lr_scale`` times the others' (no weight decay)."""
@@ -160,16 +147,6 @@ class VisionAdapterStage(BackboneStage):
                   for group in super().optimizer_groups()]
         lr = float(getattr(self.optimizer_factory, "keywords", {}).get("lr", 3e-4))
         return [*groups, {"params": gates, "weight_decay": 0.0, "lr": lr * self.gate_lr_scale}]
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        """The base optimizer over the adapter; refused if it would hold a backbone parameter."""
-        config = super().configure_optimizers()
-        backbone = {id(p) for p in self.model.backbone.parameters()}
-        held = [p for group in config["optimizer"].param_groups for p in group["params"] if id(p) in backbone]
-        if held:
-            raise FrozenBackboneError(f"the optimizer holds {len(held)} backbone parameter(s); the backbone of "
-                                      "stage=vision_adapter must stay frozen")
-        return config
 
     def setup(self, stage: str) -> None:
         """Give the DataModule the model's tiling, and check that it reads image data with our <|image|> id."""
@@ -185,16 +162,6 @@ class VisionAdapterStage(BackboneStage):
         if datamodule.image_token_id != self.model_config.vocab_size:
             raise ValueError(f"the data's <|image|> id is {datamodule.image_token_id} but the model's is its vocab_size "
                              f"{self.model_config.vocab_size}: prepare the data with the model's tokenizer")
-
-    def on_fit_start(self) -> None:
-        """Fingerprint the frozen backbone's weights."""
-        self._backbone_fingerprint = fingerprint(self.model.backbone)
-
-    def on_train_end(self) -> None:
-        """Check that the backbone's weights are bit for bit those training started from."""
-        if self._backbone_fingerprint is not None and fingerprint(self.model.backbone) != self._backbone_fingerprint:
-            raise FrozenBackboneError("the frozen backbone's weights changed during training; the vision adapter must "
-                                      "leave the language model untouched")
 
     # ------------------------------------------------------------------------------------ loss
 
@@ -240,15 +207,13 @@ class VisionAdapterStage(BackboneStage):
 
     def _caption(self, batch: dict[str, torch.Tensor]) -> None:
         """Greedy captions of the batch's images, scored against the references; keeps samples to log."""
-        from herd.data.tokenizer import Tokenizer
-
         tokens, targets = batch["tokens"], batch["targets"]
         has_caption = (targets != IGNORE_INDEX).any(dim=1)
         first = torch.where(has_caption, (targets != IGNORE_INDEX).int().argmax(dim=1), 0)
         prompts = [tokens[row, : int(first[row]) + 1].tolist() for row in range(len(tokens))]
         eos = int(self.trainer.datamodule.pad_id)
         generated = self.model.generate(prompts, self.images(batch), self.max_caption_tokens, stop_ids=[eos])
-        tokenizer = self._tokenizer(Tokenizer)
+        tokenizer = self.tokenizer()
         for row, ids in enumerate(generated):
             if not bool(has_caption[row]):
                 continue  # an example whose image did not decode
@@ -261,11 +226,6 @@ class VisionAdapterStage(BackboneStage):
             if len(self._sample_rows) < self.samples:
                 self._sample_rows.append((self._picture(batch, row), tokenizer.decode(ids),
                                           tokenizer.decode(reference)))
-
-    def _tokenizer(self, cls):
-        if getattr(self, "_tokenizer_object", None) is None:
-            self._tokenizer_object = cls.load(self.trainer.datamodule.tokenizer)
-        return self._tokenizer_object
 
     def _picture(self, batch: dict[str, torch.Tensor], row: int) -> torch.Tensor:
         """The row's image rebuilt from its tiles, (3, H, W) in [0, 1]."""
@@ -281,10 +241,7 @@ class VisionAdapterStage(BackboneStage):
     def on_validation_epoch_end(self) -> None:
         metrics = {"val/loss": self.val_loss, "val/accuracy": self.val_accuracy, "val/caption_exact": self.val_exact,
                    "val/caption_word_accuracy": self.val_words}
-        for name, metric in metrics.items():
-            if metric.update_count > 0:
-                self.log(name, metric.compute(), prog_bar=name == "val/loss", sync_dist=False)
-            metric.reset()
+        self.log_epoch_metrics(metrics)
         if self.trainer.is_global_zero and not self.trainer.sanity_checking:
             self._log_samples()
 
@@ -304,24 +261,9 @@ class VisionAdapterStage(BackboneStage):
 
     # ---------------------------------------------------------------------------------- export
 
-    def export_state(self) -> dict[str, torch.Tensor]:
-        """The whole vision model's weights (herd names); a collective when sharded."""
-        return full_state_dict(self.model)
-
     def save_export(self, path: Path, state: dict[str, torch.Tensor], tokenizer: Any = None) -> Path:
         """An ``MllamaForConditionalGeneration`` directory."""
         return mllama.save_vision(self.model, path, tokenizer=tokenizer, state_dict=state)
-
-
-def fingerprint(module: nn.Module) -> list[int]:
-    """Per parameter, the sum of its elements' bit patterns (local shards for DTensors): any change of
-    the weights changes it, short of changes that cancel exactly."""
-    out = []
-    for param in module.parameters():
-        local = param.to_local() if isinstance(param, DTensor) else param
-        bits = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[local.element_size()]
-        out.append(int(local.detach().contiguous().view(bits).long().sum()))
-    return out
 
 
 def shard_vision_model(model: VisionLanguageModel, mesh: DeviceMesh, *, param_dtype: str | None = None,

@@ -1,0 +1,97 @@
+"""What the adapter stages (vision, speech) share: a frozen backbone, a trained adapter, checks that prove it.
+
+The model of such a stage has a ``backbone`` (a :class:`~herd.model.Transformer`) and an
+``adapter_modules()`` method. The backbone is frozen:
+- its parameters do not require gradients (the stage builds it so);
+- the optimizer is built over the adapter only, and :meth:`AdapterStage.configure_optimizers`
+  refuses to run if it holds any backbone parameter;
+- a fingerprint of its weights taken before training must match at the end of training (the
+  run stops with :class:`FrozenBackboneError` otherwise).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor
+from torchmetrics import Metric
+
+from herd import logs
+from herd.stages.base import BackboneStage
+from herd.stages.parallelize import full_state_dict
+
+logger = logs.get_logger(__name__)
+
+
+class FrozenBackboneError(RuntimeError):
+    """The backbone's weights changed, or the optimizer holds them: the frozen-LM contract is broken."""
+
+
+class AdapterStage(BackboneStage):
+    """A :class:`BackboneStage` whose backbone stays frozen while ``model.adapter_modules()`` train."""
+
+    def __init__(self, *args, init_from: str | None = None, **kwargs) -> None:
+        super().__init__(*args, init_from=init_from, **kwargs)
+        if init_from is None:
+            logs.warning(logger, f"stage.init_from is not set: {type(self).__name__} trains its adapter on a randomly "
+                                 "initialised, frozen backbone, which can learn nothing useful (fine for tests); start "
+                                 "from a model directory, e.g. the export of a pretraining run")
+        self._backbone_fingerprint: list[int] | None = None
+        self._tokenizer_object = None
+
+    def trained_modules(self) -> list[nn.Module]:
+        """The adapter's modules (``model.adapter_modules()``)."""
+        return self.model.adapter_modules()
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        """The base optimizer over the adapter; refused if it would hold a backbone parameter."""
+        config = super().configure_optimizers()
+        backbone = {id(p) for p in self.model.backbone.parameters()}
+        held = [p for group in config["optimizer"].param_groups for p in group["params"] if id(p) in backbone]
+        if held:
+            raise FrozenBackboneError(f"the optimizer holds {len(held)} backbone parameter(s); the backbone of "
+                                      f"{type(self).__name__} must stay frozen")
+        return config
+
+    def on_fit_start(self) -> None:
+        """Fingerprint the frozen backbone's weights."""
+        self._backbone_fingerprint = fingerprint(self.model.backbone)
+
+    def on_train_end(self) -> None:
+        """Check that the backbone's weights are bit for bit those training started from."""
+        if self._backbone_fingerprint is not None and fingerprint(self.model.backbone) != self._backbone_fingerprint:
+            raise FrozenBackboneError("the frozen backbone's weights changed during training; an adapter must leave "
+                                      "the language model untouched")
+
+    def tokenizer(self):
+        """The data's tokenizer (:class:`herd.data.tokenizer.Tokenizer`), loaded once."""
+        if self._tokenizer_object is None:
+            from herd.data.tokenizer import Tokenizer
+
+            self._tokenizer_object = Tokenizer.load(self.trainer.datamodule.tokenizer)
+        return self._tokenizer_object
+
+    def log_epoch_metrics(self, metrics: Mapping[str, Metric], prog_bar: str = "val/loss") -> None:
+        """Log and reset each metric that was updated this epoch (every rank's updates are synced by torchmetrics)."""
+        for name, metric in metrics.items():
+            if metric.update_count > 0:
+                self.log(name, metric.compute(), prog_bar=name == prog_bar, sync_dist=False)
+            metric.reset()
+
+    def export_state(self) -> dict[str, torch.Tensor]:
+        """The whole model's weights (herd names); a collective when sharded."""
+        return full_state_dict(self.model)
+
+
+def fingerprint(module: nn.Module) -> list[int]:
+    """Per parameter, the sum of its elements' bit patterns (local shards for DTensors): any change of
+    the weights changes it, short of changes that cancel exactly."""
+    out = []
+    for param in module.parameters():
+        local = param.to_local() if isinstance(param, DTensor) else param
+        bits = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[local.element_size()]
+        out.append(int(local.detach().contiguous().view(bits).long().sum()))
+    return out
