@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 from herd.interop import hf
 from herd.model import ModelConfig, Transformer
 from herd.presets import config_dir
-from herd.train import ConfigError, build, train
+from herd.train import ConfigError, build, tensorboard_dir, train
 from training import PREFERENCE_SEQ_LEN, compose_train
 
 
@@ -158,6 +158,47 @@ def test_resuming_a_finished_checkpoint_says_how_to_continue(tmp_path, prepared_
     with pytest.raises(ConfigError, match=r"at step 2, so it already reached trainer\.max_steps=2.*raise trainer\.max_steps"):
         train(cfg)
     assert not (tmp_path / "logs" / "run" / "export").exists()
+
+
+def test_a_run_stopped_after_its_last_checkpoint_is_finished_without_training(tmp_path, prepared_corpus):
+    """A run killed after its checkpoint at max_steps but before its export (a pipeline step stopped there):
+    the same command with resume=auto finishes it: the export holds the checkpoint's weights, the final
+    validation is in the metrics and the logs, and no step is trained again."""
+    import csv
+
+    from herd.pipeline import training_metrics
+
+    run = ["trainer.max_steps=4", "trainer.val_check_interval=4", "callbacks.last_checkpoint.every_n_train_steps=4",
+           "trainer.log_every_n_steps=1", "callbacks.text_samples=null", "logger=many",
+           "+logger.csv.flush_logs_every_n_steps=1"]
+    # what a kill after the last save leaves: the checkpoint at step 4 and the logs, no export
+    stopped = train(compose_train(tmp_path, prepared_corpus, *run, "export=false"))
+    trained = {k: v.detach().clone() for k, v in stopped["stage"].model.state_dict().items()}
+    folder = tmp_path / "logs" / "run"
+    assert (folder / "checkpoints" / "last.ckpt").is_file() and not (folder / "export").exists()
+
+    result = train(compose_train(tmp_path, prepared_corpus, *run, "resume=auto"))
+    assert result["resume"].step == 4 and result["finished_only"]
+    assert result["trainer"].global_step == 4
+    assert result["metrics"]["val/loss"] == pytest.approx(stopped["metrics"]["val/loss"], rel=1e-5)
+    exported = hf.load(result["export_dir"]).state_dict()
+    for name, value in trained.items():
+        torch.testing.assert_close(exported[name].float(), value.float(), msg=name)
+    with open(folder / "csv" / "metrics.csv") as f:
+        steps = [int(row["step"]) for row in csv.DictReader(f) if row.get("train/loss")]
+    assert sorted(steps) == [0, 1, 2, 3]  # each trained step logged once, none trained again
+    logged = training_metrics(folder / "tensorboard")  # what herd.pipeline reads from a finished step
+    assert logged["val/loss"] == pytest.approx(stopped["metrics"]["val/loss"], rel=1e-5)
+    assert logged["train/loss"] == pytest.approx(stopped["metrics"]["train/loss"], rel=1e-5)
+    assert "val/loss@start" in logged
+
+
+def test_the_tensorboard_hint_names_a_folder_that_holds_the_runs_events(tmp_path):
+    cfg = OmegaConf.create({"paths": {"log_dir": str(tmp_path / "logs")}, "task": "sft"})
+    own_run = tmp_path / "logs" / "sft" / "runs" / "2026-01-01_00-00-00"
+    assert tensorboard_dir(cfg, own_run) == tmp_path / "logs" / "sft"  # every run of the task
+    step = tmp_path / "logs" / "pipeline" / "tiny" / "round1" / "sft"  # herd.pipeline: paths.log_dir=<step folder>
+    assert tensorboard_dir(OmegaConf.create({"paths": {"log_dir": str(step)}, "task": "tiny_sft"}), step) == step
 
 
 @pytest.mark.parametrize(("override", "fields"), [

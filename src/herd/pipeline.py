@@ -50,7 +50,8 @@ log (exit status 1). Running the same command again skips every step that finish
 command line and whose output is complete, so an interrupted pipeline resumes where it stopped:
 
 - a step that was killed midway runs again in its own folder; a training step continues from its
-  last checkpoint there (``herd.train`` with ``resume=auto``);
+  last checkpoint there (``herd.train`` with ``resume=auto``; killed after its checkpoint at
+  ``max_steps``, before its export, it is only finished: validated and exported);
 - once a step runs, every later step runs too (their inputs may have changed), and a step whose
   command line changed (another option, another input) starts over in an emptied folder.
 

@@ -86,18 +86,22 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if _is_rank_zero():
         _clean_checkpoint_folders(trainer, output_dir)
     resume = resume_checkpoint(cfg, output_dir)
-    if resume is not None:
-        _check_resume(cfg, resume, stage)
+    finishing = resume is not None and _check_resume(cfg, resume, stage)
     _check_tokenizer_match(cfg, stage, datamodule)
     hyperparameters = {k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
                        for k, v in cfg.items() if k != "hydra"}
-    _continue_logs(trainer, output_dir, resume)
+    _continue_logs(trainer, output_dir, resume, finishing)
     for run_logger in trainer.loggers:
         run_logger.log_hyperparams(hyperparameters)
     if cfg.validate_first and resume is None and not trainer.fast_dev_run:
         validated = trainer.validate(stage, datamodule=datamodule, verbose=False)[0]
         stage.start_metrics = {k: float(v) for k, v in validated.items()}
+    # finishing: the run's own checkpoint is at max_steps (the run was stopped after saving it, before its
+    # export): fit restores it, trains no step and runs the end-of-training hooks (e.g. checkpoint averaging)
     trainer.fit(stage, datamodule=datamodule, ckpt_path=resume.path if resume else None)
+    if finishing:
+        # the stop may have come before the last validation was logged: validate the model that is exported
+        trainer.validate(stage, datamodule=datamodule, verbose=False)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     skipped = _skipped_shards(trainer, datamodule)
     if skipped is not None:
@@ -105,7 +109,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.test:
         metrics |= {f"test/{k}": float(v) for k, v in trainer.test(stage, datamodule=datamodule)[0].items()}
     result: dict[str, Any] = {"metrics": metrics, "start": dict(stage.start_metrics), "output_dir": str(output_dir),
-                              "trainer": trainer, "stage": stage, "datamodule": datamodule, "resume": resume}
+                              "trainer": trainer, "stage": stage, "datamodule": datamodule, "resume": resume,
+                              "finished_only": finishing}
     if cfg.export:
         state = stage.export_state()  # a collective when the model is sharded: every rank calls it
         if trainer.is_global_zero:
@@ -157,16 +162,17 @@ def _check_run_length(cfg: DictConfig) -> None:
                           "trainer.max_steps to a positive number of steps, or stage.scheduler.total_steps")
 
 
-def _continue_logs(trainer: L.Trainer, output_dir: Path, resume: Resume | None) -> None:
+def _continue_logs(trainer: L.Trainer, output_dir: Path, resume: Resume | None, finishing: bool = False) -> None:
     """A run resumed in its own folder appends to its logs from the checkpoint's step on; a fresh run in a
-    folder that already holds logs (a restart before the first checkpoint) hides the old ones."""
+    folder that already holds logs (a restart before the first checkpoint) hides the old ones. A run that
+    is only finished (its checkpoint is at max_steps) keeps everything, the checkpoint's step included."""
     in_place = resume is not None and resume.in_place
     if not in_place and not any(output_dir.glob("*/events.out.tfevents.*")) \
             and not any(output_dir.glob("*/metrics.csv")):
         return
     for run_logger in trainer.loggers:
         if hasattr(run_logger, "resume_at"):
-            run_logger.resume_at(resume.step if in_place else 0)
+            run_logger.resume_at((resume.step + 1 if finishing else resume.step) if in_place else 0)
 
 
 def _skipped_shards(trainer: L.Trainer, datamodule) -> int | None:
@@ -309,8 +315,10 @@ def _announce(resume: Resume, key: str = "resume=auto") -> Resume:
     return resume
 
 
-def _check_resume(cfg: DictConfig, resume: Resume, stage) -> None:
-    """Refuse a checkpoint of another model shape, a finished one, or an unsafe sharded one, before any work."""
+def _check_resume(cfg: DictConfig, resume: Resume, stage) -> bool:
+    """Refuse a checkpoint of another model shape, another run's finished one, or an unsafe sharded one,
+    before any work. True when the checkpoint is this run's own and already at ``trainer.max_steps``: the
+    run was stopped after its last save (before its export), so it is finished, not trained further."""
     stored = resume.metadata.get("herd", {}).get("model_config")
     if stored is None:
         raise ConfigError(f"{resume.path} is not a herd checkpoint (it holds no model config); resume from a "
@@ -320,16 +328,22 @@ def _check_resume(cfg: DictConfig, resume: Resume, stage) -> None:
         raise ConfigError(f"{resume.path} holds a different model than this run's config: "
                           + "; ".join(differences) + ". Resume with the model settings it was trained with, "
                           "or start a new run from its export with stage.init_from=")
-    max_steps = cfg.trainer.get("max_steps")
-    if isinstance(max_steps, int) and max_steps > 0 and resume.step >= max_steps and not cfg.trainer.get("fast_dev_run"):
-        raise ConfigError(f"{resume.path} is at step {resume.step}, so it already reached trainer.max_steps="
-                          f"{max_steps}: there is nothing left to train. To continue it, raise trainer.max_steps "
-                          f"(e.g. trainer.max_steps={2 * max_steps}); its model is in the run's export/ folder.")
     if Path(resume.path).is_dir():
         try:
             check_dcp_metadata(resume.path)
         except ValueError as err:
             raise ConfigError(str(err)) from err
+    max_steps = cfg.trainer.get("max_steps")
+    if isinstance(max_steps, int) and max_steps > 0 and resume.step >= max_steps and not cfg.trainer.get("fast_dev_run"):
+        if resume.in_place:
+            logs.info(logger, f"{resume.path} is at step {resume.step}, trainer.max_steps={max_steps}: the run was "
+                              "stopped after its last checkpoint; finishing it (validation and export) without "
+                              "training further")
+            return True
+        raise ConfigError(f"{resume.path} is at step {resume.step}, so it already reached trainer.max_steps="
+                          f"{max_steps}: there is nothing left to train. To continue it, raise trainer.max_steps "
+                          f"(e.g. trainer.max_steps={2 * max_steps}); its model is in the run's export/ folder.")
+    return False
 
 
 def _check_tokenizer_match(cfg: DictConfig, stage, datamodule) -> None:
@@ -370,13 +384,24 @@ def _unigram_entropies(datamodule) -> dict[str, float]:
     return out
 
 
+def tensorboard_dir(cfg: DictConfig, output_dir: Path) -> Path:
+    """The folder to give ``tensorboard --logdir``: the task's folder (``logs/<task>``, every run of the
+    task side by side) when the run folder lies in it, else the run folder itself (``hydra.run.dir`` set
+    elsewhere, as herd.pipeline does for each step: its step folder)."""
+    task_dir = Path(cfg.paths.log_dir) / str(cfg.task)
+    if task_dir.resolve() in output_dir.resolve().parents:
+        return task_dir
+    return output_dir
+
+
 def print_summary(cfg: DictConfig, result: dict[str, Any]) -> None:
     """Where things are, and how the validation loss moved (also after a resume)."""
     metrics, start, resume = result["metrics"], result["start"], result.get("resume")
     vocab = result["stage"].model_config.vocab_size
     lines = ["", "herd: training finished."]
     if resume is not None:
-        lines.append(f"  resumed from:     {resume.path} (step {resume.step})")
+        finished = " (already at max_steps: finished without training)" if result.get("finished_only") else ""
+        lines.append(f"  resumed from:     {resume.path} (step {resume.step}){finished}")
     next_token = getattr(result["stage"], "next_token_loss", True)
     for key in getattr(result["stage"], "summary_metrics", ("val/loss",)):
         if key in metrics:
@@ -395,7 +420,7 @@ def print_summary(cfg: DictConfig, result: dict[str, Any]) -> None:
     if "export_dir" in result:
         lines.append(f"  exported model:   {result['export_dir']}")
     if cfg.logger and "tensorboard" in cfg.logger:
-        lines.append(f"  TensorBoard:      tensorboard --logdir {Path(cfg.paths.log_dir) / str(cfg.task)}")
+        lines.append(f"  TensorBoard:      tensorboard --logdir {tensorboard_dir(cfg, Path(result['output_dir']))}")
     logs.info(logger, "\n".join(lines))
 
 
