@@ -76,7 +76,7 @@ def test_folder_and_jsonl_inputs_and_their_bad_inputs_are_named(tmp_path):
     (tmp_path / "list.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
     bad: list[BadInputError] = []
     examples = list(iter_examples([str(folder), str(tmp_path / "list.jsonl")], "**/*", bad.append))
-    assert [(e.id, e.caption, e.split_key) for e in examples] == [
+    assert [(e.id, e.text, e.split_key) for e in examples] == [
         ("a.png", "a red box", "a.png"), (f"{tmp_path / 'list.jsonl'}:1", "again", "g")]
     assert examples[1].read() == _png()
     assert [(e.reason, e.location) for e in bad] == [
