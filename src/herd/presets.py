@@ -34,8 +34,19 @@ def vision_preset(name: str):
     """Read ``configs/vision/<name>.yaml`` into a :class:`herd.model.vision.VisionConfig`."""
     from herd.model.vision import VisionConfig
 
-    path = config_dir() / "vision" / f"{name}.yaml"
+    return _adapter_preset(VisionConfig, name)
+
+
+def speech_preset(name: str):
+    """Read ``configs/speech/<name>.yaml`` into a :class:`herd.model.speech.SpeechConfig`."""
+    from herd.model.speech import SpeechConfig
+
+    return _adapter_preset(SpeechConfig, name)
+
+
+def _adapter_preset(cls, name: str):
+    path = config_dir() / cls.section / f"{name}.yaml"
     if not path.is_file():
         known = sorted(p.stem for p in path.parent.glob("*.yaml"))
-        raise FileNotFoundError(f"no vision preset {path}; known presets: {known}")
-    return VisionConfig.from_dict(OmegaConf.to_container(OmegaConf.load(path), resolve=True))
+        raise FileNotFoundError(f"no {cls.section} preset {path}; known presets: {known}")
+    return cls.from_dict(OmegaConf.to_container(OmegaConf.load(path), resolve=True))

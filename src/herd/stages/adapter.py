@@ -11,17 +11,19 @@ The model of such a stage has a ``backbone`` (a :class:`~herd.model.Transformer`
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torchmetrics import Metric
 
 from herd import logs
 from herd.stages.base import BackboneStage
-from herd.stages.parallelize import full_state_dict
+from herd.stages.parallelize import _dtype, full_state_dict
 
 logger = logs.get_logger(__name__)
 
@@ -95,3 +97,18 @@ def fingerprint(module: nn.Module) -> list[int]:
         bits = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[local.element_size()]
         out.append(int(local.detach().contiguous().view(bits).long().sum()))
     return out
+
+
+def shard_adapter_model(model: nn.Module, units: Sequence[nn.Module], mesh: DeviceMesh, *,
+                        param_dtype: str | None = None, reduce_dtype: str | None = "fp32",
+                        reshard_after_forward: bool = True) -> None:
+    """FSDP2: ``fully_shard`` each of ``units`` (blocks of the backbone and the adapter), then the whole model.
+
+    The root keeps what no unit holds (embeddings, norms, heads, projections). It stays gathered
+    after forward, because the adapter stages apply the head outside forward.
+    """
+    policy = MixedPrecisionPolicy(param_dtype=_dtype(param_dtype, "param_dtype"),
+                                  reduce_dtype=_dtype(reduce_dtype, "reduce_dtype"))
+    for unit in units:
+        fully_shard(unit, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)

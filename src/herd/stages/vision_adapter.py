@@ -39,17 +39,16 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torchmetrics import MeanMetric
 
 from herd import logs
 from herd.interop import hf, mllama
 from herd.model import Transformer
 from herd.model.vision import ImageBatch, VisionConfig, VisionLanguageModel
-from herd.stages.adapter import AdapterStage, FrozenBackboneError, fingerprint
+from herd.stages.adapter import AdapterStage, FrozenBackboneError, fingerprint, shard_adapter_model
 
 __all__ = ["FrozenBackboneError", "VisionAdapterStage", "fingerprint", "shard_vision_model"]
-from herd.stages.parallelize import _dtype, apply_activation_checkpointing, compile_blocks
+from herd.stages.parallelize import apply_activation_checkpointing, compile_blocks
 
 IGNORE_INDEX = -100
 logger = logs.get_logger(__name__)
@@ -274,10 +273,7 @@ def shard_vision_model(model: VisionLanguageModel, mesh: DeviceMesh, *, param_dt
     projection and the encoder's embeddings. It stays gathered after forward, because the
     caption loss applies the head outside forward.
     """
-    policy = MixedPrecisionPolicy(param_dtype=_dtype(param_dtype, "param_dtype"),
-                                  reduce_dtype=_dtype(reduce_dtype, "reduce_dtype"))
     units = [*model.backbone.layers, *model.cross_layers, *model.encoder.transformer.layers,
              *model.encoder.global_transformer.layers]
-    for unit in units:
-        fully_shard(unit, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
-    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
+    shard_adapter_model(model, units, mesh, param_dtype=param_dtype, reduce_dtype=reduce_dtype,
+                        reshard_after_forward=reshard_after_forward)

@@ -1,0 +1,249 @@
+"""stage=speech_adapter: the speech encoder and adapter on a frozen backbone, trained on transcripts (paper 8.2-8.3).
+
+The model is a :class:`~herd.model.speech.SpeechLanguageModel`: the backbone of ``init_from`` (a
+Llama directory), a Conformer encoder and an adapter whose outputs the backbone reads as token
+embeddings between ``<|speech_start|>`` and ``<|speech_end|>``. When ``init_from`` is a speech
+model directory (this stage's export), its encoder and adapter continue training. The backbone
+is frozen, with the checks of :class:`~herd.stages.adapter.AdapterStage` (no gradients, not in
+the optimizer, bit-identical weights after training).
+
+The loss is next-token cross-entropy on the transcript only (``targets`` from the speech
+DataModule): the user turn, the speech positions and the headers are masked. Validation logs:
+- ``val/loss`` and ``val/accuracy``: token-weighted over the transcript tokens (and the closing
+  ``<|eot_id|>``);
+- ``val/wer``: the word error rate of greedy transcripts of held-out clips against their
+  references (``torchmetrics``' ``WordErrorRate``: word edits over reference words);
+- the first ``samples`` clips as TensorBoard audio under ``speech/<i>``, with their greedy and
+  reference transcripts as text.
+
+``withhold_audio=true`` trains and validates the same encoder and adapter on the same
+transcripts with every clip replaced by silence (all-zero features): the text-only baseline. The
+best it can learn is the transcripts' prior, so a model whose ``val/loss`` falls clearly below it
+is listening.
+
+The export is the language model as a Llama directory with the adapter beside it
+(:func:`herd.interop.speech.save_speech`).
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch.distributed.device_mesh import DeviceMesh
+from torchmetrics import MeanMetric
+from torchmetrics.text import WordErrorRate
+
+from herd.interop import hf
+from herd.interop import speech as speech_io
+from herd.model import Transformer
+from herd.model.speech import SpeechConfig, SpeechLanguageModel
+from herd.stages.adapter import AdapterStage, shard_adapter_model
+from herd.stages.parallelize import apply_activation_checkpointing, compile_blocks
+
+IGNORE_INDEX = -100
+
+
+class SpeechAdapterStage(AdapterStage):
+    """Trains the speech encoder and adapter of a :class:`SpeechLanguageModel`; see the module docstring.
+
+    ``speech`` holds :class:`SpeechConfig` fields (a ``configs/speech`` preset); it is not used when
+    ``init_from`` is a speech model directory, which has its own. ``max_transcript_tokens`` bounds
+    the greedy transcripts of validation; ``transcribe_examples`` is how many val clips per
+    validation are transcribed (null: all); ``samples`` how many clips and transcripts are logged.
+    """
+
+    summary_metrics = ("val/loss", "val/accuracy", "val/wer")
+
+    def __init__(
+        self,
+        *args,
+        speech: dict[str, Any] | None = None,
+        init_from: str | None = None,
+        withhold_audio: bool = False,
+        max_transcript_tokens: int = 32,
+        transcribe_examples: int | None = None,
+        samples: int = 4,
+        **kwargs,
+    ) -> None:
+        super().__init__(*args, init_from=init_from, **kwargs)
+        if init_from is not None and speech_io.is_speech_model(init_from):
+            self.speech_config = speech_io.read_speech_config(init_from)
+        else:
+            self.speech_config = SpeechConfig.from_dict(speech or {})
+        self.withhold_audio = withhold_audio
+        if not isinstance(max_transcript_tokens, int) or max_transcript_tokens < 1:
+            raise ValueError(f"stage.max_transcript_tokens must be a positive integer, got {max_transcript_tokens!r}")
+        self.max_transcript_tokens = max_transcript_tokens
+        self.transcribe_examples = transcribe_examples
+        self.samples = samples
+        self.val_loss, self.val_accuracy = MeanMetric(), MeanMetric()
+        self.val_wer = WordErrorRate()
+        self._transcribed = 0
+        self._sample_rows: list[tuple[torch.Tensor, str, str]] = []
+
+    # ----------------------------------------------------------------------------------- model
+
+    def configure_model(self) -> None:
+        """Build (or load) the speech model once, freeze its backbone, then parallelise it from outside."""
+        if self.model is not None:
+            return
+        self.model = self.build_speech_model()
+        self.model_config = self.model.config
+
+    def build_speech_model(self) -> SpeechLanguageModel:
+        """The model from ``init_from`` (Llama or speech model directory) or the configs; backbone frozen.
+
+        Activation checkpointing and compile apply to the backbone's blocks. Under FSDP2 every
+        backbone block, Conformer block and the adapter's layer are sharded, then the whole model
+        (tensor parallelism is not supported by this stage).
+        """
+        mesh = self._device_mesh
+        if mesh is not None and mesh["tensor_parallel"].size() > 1:
+            raise ValueError("stage=speech_adapter does not support tensor parallelism: use strategy=fsdp2 or ddp")
+        meta = mesh is not None and self.init_from is None and self._wants_meta_init()
+        if self.init_from is not None and speech_io.is_speech_model(self.init_from):
+            model = speech_io.load_speech(self.init_from, dtype=torch.float32, config=self.model_config)
+        else:
+            with torch.device("meta") if meta else nullcontext():
+                backbone = (hf.load(self.init_from, dtype=torch.float32, config=self.model_config)
+                            if self.init_from is not None else Transformer(self.model_config))
+                model = SpeechLanguageModel(backbone, self.speech_config)
+        model.backbone.requires_grad_(False)
+        apply_activation_checkpointing(model.backbone, self.activation_checkpointing)
+        if self.compile_blocks:
+            compile_blocks(model.backbone)
+        if mesh is not None:
+            shard_speech_model(model, mesh["data_parallel"], **self.fsdp_options)
+        if meta:
+            model.to_empty(device=self.trainer.strategy.root_device)
+            model.init_weights()
+        return model
+
+    def setup(self, stage: str) -> None:
+        """Give the DataModule the model's frame arithmetic, and check that its speech tokens fit the model."""
+        datamodule = self.trainer.datamodule if self.trainer is not None else None
+        if datamodule is None:
+            return
+        if not hasattr(datamodule, "set_speech_frames"):
+            raise ValueError("stage=speech_adapter trains on speech-transcript data: use data=speech (prepared with "
+                             "kind: audio, e.g. make prepare-speech)")
+        datamodule.set_speech_frames(self.speech_config.output_frames)
+        for name in ("speech_start_id", "speech_end_id"):
+            token = int(getattr(datamodule, name))
+            if token >= self.model_config.vocab_size:
+                raise ValueError(f"the data's {name} is {token}, past the model's vocab_size "
+                                 f"{self.model_config.vocab_size}: prepare the data with the model's tokenizer")
+
+    # ------------------------------------------------------------------------------------ loss
+
+    def audio_features(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The batch's log-mel features (silence, all zeros, with ``withhold_audio``)."""
+        features = batch["features"]
+        return torch.zeros_like(features) if self.withhold_audio else features
+
+    def transcript_logits(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits (transcript tokens, vocab) float32 and their targets: the head runs on transcript positions only."""
+        targets = batch["targets"]
+        hidden = self.model(batch["tokens"], self.audio_features(batch), batch["feature_lengths"],
+                            batch["speech_mask"], output_hidden=True)  # (batch, seq, dim)
+        selected = targets != IGNORE_INDEX
+        return self.model.backbone.output(hidden[selected]).float(), targets[selected]
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        logits, targets = self.transcript_logits(batch)
+        loss = F.cross_entropy(logits, targets)
+        self.count_tokens(batch["tokens"])
+        sync = self.trainer.world_size > 1
+        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, sync_dist=sync)
+        self.log("train/tokens_seen", float(self.tokens_seen), on_step=True, on_epoch=False)
+        skipped = getattr(self.trainer.datamodule, "skipped_audio", None)
+        if skipped is not None:
+            self.log("train/skipped_audio", float(skipped), on_step=True, on_epoch=False)
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        self._transcribed = 0
+        self._sample_rows = []
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        logits, targets = self.transcript_logits(batch)
+        n = targets.numel()
+        if n:
+            loss = F.cross_entropy(logits, targets, reduction="sum")
+            self.val_loss.update(loss / n, weight=n)
+            self.val_accuracy.update((logits.argmax(-1) == targets).float().mean(), weight=n)
+        if self.transcribe_examples is None or self._transcribed < self.transcribe_examples:
+            self._transcribe(batch)
+
+    def _transcribe(self, batch: dict[str, torch.Tensor]) -> None:
+        """Greedy transcripts of the batch's clips, scored by word error rate; keeps samples to log."""
+        tokens, targets, speech_mask = batch["tokens"], batch["targets"], batch["speech_mask"]
+        has_transcript = (targets != IGNORE_INDEX).any(dim=1)
+        rows = [row for row in range(len(tokens)) if bool(has_transcript[row])]  # a clip that failed to decode has none
+        if not rows:
+            return
+        first = (targets != IGNORE_INDEX).int().argmax(dim=1)  # the last prompt position: it predicts the first word
+        prompts = [tokens[row, : int(first[row]) + 1] for row in rows]
+        masks = [speech_mask[row, : int(first[row]) + 1] for row in rows]
+        index = torch.tensor(rows, device=tokens.device)
+        datamodule = self.trainer.datamodule
+        stop_ids = [int(datamodule.eot_id), int(datamodule.pad_id)]
+        generated = self.model.generate(prompts, masks, self.audio_features(batch).index_select(0, index),
+                                        batch["feature_lengths"].index_select(0, index), self.max_transcript_tokens,
+                                        stop_ids=stop_ids)
+        tokenizer = self.tokenizer()
+        predictions, references = [], []
+        for row, ids in zip(rows, generated, strict=True):
+            reference = [t for t in targets[row][targets[row] != IGNORE_INDEX].tolist() if t not in stop_ids]
+            predictions.append(tokenizer.decode(ids).strip())
+            references.append(tokenizer.decode(reference).strip())
+            if len(self._sample_rows) < self.samples:
+                length = int(batch["waveform_lengths"][row])
+                self._sample_rows.append((batch["waveform"][row, :length].float().cpu(), predictions[-1],
+                                          references[-1]))
+        self.val_wer.update(predictions, references)
+        self._transcribed += len(rows)
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_epoch_metrics({"val/loss": self.val_loss, "val/accuracy": self.val_accuracy, "val/wer": self.val_wer})
+        if self.trainer.is_global_zero and not self.trainer.sanity_checking:
+            self._log_samples()
+
+    def _log_samples(self) -> None:
+        step = self.trainer.global_step
+        rate = int(self.trainer.datamodule.sample_rate)
+        for run_logger in self.trainer.loggers:
+            if not isinstance(run_logger, TensorBoardLogger):
+                continue
+            table = ["| clip | greedy transcript | reference |", "|---|---|---|"]
+            for index, (waveform, got, want) in enumerate(self._sample_rows):
+                run_logger.experiment.add_audio(f"speech/{index}", waveform[None], global_step=step, sample_rate=rate)
+                run_logger.experiment.add_text(f"speech/{index}", f"**greedy:** {got}\n\n**reference:** {want}",
+                                               global_step=step)
+                table.append(f"| speech/{index} | {got} | {want} |")
+            if self._sample_rows:
+                run_logger.experiment.add_text("transcripts", "\n".join(table), global_step=step)
+
+    # ---------------------------------------------------------------------------------- export
+
+    def save_export(self, path: Path, state: dict[str, torch.Tensor], tokenizer: Any = None) -> Path:
+        """The language model's Llama directory with the speech adapter beside it."""
+        return speech_io.save_speech(self.model, path, tokenizer=tokenizer, state_dict=state)
+
+
+def shard_speech_model(model: SpeechLanguageModel, mesh: DeviceMesh, *, param_dtype: str | None = None,
+                       reduce_dtype: str | None = "fp32", reshard_after_forward: bool = True) -> None:
+    """FSDP2: ``fully_shard`` each backbone block, Conformer block and the adapter's layer, then the whole model.
+
+    The root keeps the backbone's embeddings, norm and head, the encoder's input projection and
+    the adapter's convolution and output map. It stays gathered after forward, because the
+    transcript loss applies the head outside forward.
+    """
+    units = [*model.backbone.layers, *model.encoder.layers, model.adapter.layer]
+    shard_adapter_model(model, units, mesh, param_dtype=param_dtype, reduce_dtype=reduce_dtype,
+                        reshard_after_forward=reshard_after_forward)
