@@ -4,7 +4,8 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: train test test-fast lint bench clean-venv env prepare prepare-passkey prepare-sft scaling prepare-preferences
+.PHONY: train test test-fast lint bench clean-venv env prepare prepare-passkey prepare-sft scaling prepare-preferences prepare-vision \
+	prepare-speech espeak-ng
 
 # Which torch to install, and extra arguments for every pip install below. On Linux the default
 # torch wheel of the package registry is the CUDA build (several GB with its nvidia-* packages);
@@ -82,6 +83,28 @@ $(VISION): $(CORPUS)
 		tokenizer.path=data/prepared/stdlib/tokenizer
 
 prepare-vision: $(VISION)
+
+SPEECH := data/prepared/speech/manifest.json
+
+# espeak-ng (a Debian package) synthesises the embedded speech set; installed here when missing.
+ESPEAK_MISSING := espeak-ng is not installed and could not be installed: install it with your package \
+	manager (Debian/Ubuntu: apt-get install espeak-ng), or prepare speech from your own recordings
+espeak-ng:
+	@command -v espeak-ng >/dev/null || (apt-get install -y espeak-ng || sudo apt-get install -y espeak-ng \
+		|| (apt-get update && apt-get install -y espeak-ng) || (sudo apt-get update && sudo apt-get install -y espeak-ng)) \
+		|| { echo "herd: $(ESPEAK_MISSING)" >&2; exit 1; }
+
+# The embedded speech set for experiment=tiny_speech (3 to 5 words of 20, spoken by espeak-ng with 8
+# voices, speeds 140-200 and pitches 30-70; "Transcribe:" then the clip, the transcript as the
+# answer), with the corpus' tokenizer.
+$(SPEECH): $(CORPUS)
+	@$(MAKE) --no-print-directory espeak-ng
+	$(PY) -m herd.prepare output_dir=data/prepared/speech '~sources' \
+		'+sources={speech: {input: "stdlib:speech?count=3000", kind: audio}}' \
+		seq_len=64 val_fraction=0.1 \
+		tokenizer.path=data/prepared/stdlib/tokenizer
+
+prepare-speech: $(SPEECH)
 
 ## make train: tiny pretraining on the embedded corpus (no download).
 train: $(STAMP) $(CORPUS)

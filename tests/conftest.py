@@ -82,18 +82,30 @@ def prepared_preferences(prepared_corpus, tmp_path_factory) -> Path:
     return out
 
 
+def _prepare_embedded(tmp_path_factory, corpus: Path, name: str, source: str, seq_len: int) -> Path:
+    """An embedded media set prepared as source ``name`` with the corpus' tokenizer (a quarter held out)."""
+    from herd.prepare import prepare
+    from herd.presets import config_dir
+
+    out = tmp_path_factory.mktemp(name) / "prepared"
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose("prepare", overrides=[
+            f"output_dir={out}", "~sources", f"+sources={{{name}: {{input: '{source}'}}}}", f"seq_len={seq_len}",
+            "val_fraction=0.25", "num_proc=1", "progress=false", f"tokenizer.path={corpus / 'tokenizer'}",
+            "shards.max_rows=8", "shards.min_count=2"])
+    prepare(cfg)
+    return out
+
+
 @pytest.fixture(scope="session")
 def prepared_images(prepared_corpus, tmp_path_factory) -> Path:
     """48 embedded shape pictures with captions (kind: image), with the corpus' tokenizer: data for
     stage=vision_adapter."""
-    from herd.prepare import prepare
-    from herd.presets import config_dir
+    return _prepare_embedded(tmp_path_factory, prepared_corpus, "shapes", "stdlib:shapes?count=48", 64)
 
-    out = tmp_path_factory.mktemp("images") / "prepared"
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        cfg = compose("prepare", overrides=[
-            f"output_dir={out}", "~sources", "+sources={shapes: {input: 'stdlib:shapes?count=48'}}", "seq_len=64",
-            "val_fraction=0.25", "num_proc=1", "progress=false", f"tokenizer.path={prepared_corpus / 'tokenizer'}",
-            "shards.max_rows=8", "shards.min_count=2"])
-    prepare(cfg)
-    return out
+
+@pytest.fixture(scope="session")
+def prepared_speech(prepared_corpus, tmp_path_factory) -> Path:
+    """64 embedded espeak-ng utterances with transcripts (kind: audio, source ``speech``; 48 train and 16
+    val clips of about 1.3 s), with the corpus' tokenizer: data for stage=speech_adapter (needs espeak-ng)."""
+    return _prepare_embedded(tmp_path_factory, prepared_corpus, "speech", "stdlib:speech?count=64", 96)

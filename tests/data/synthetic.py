@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import io
+import json
 import random
+import tarfile
 from pathlib import Path
 
 import numpy as np
+from omegaconf import OmegaConf
 
 from herd.data.shards import FORMAT, token_dtype, write_manifest, write_split
+from herd.paths import repo_root
 
 WORDS = [
     "the",
@@ -146,3 +151,37 @@ def _document_lengths(rng: np.random.Generator, total: int) -> list[int]:
 def source_of(token: int) -> int:
     """Which synthetic source a token value belongs to."""
     return int(token) // SOURCE_OFFSET
+
+
+def prepare_config(out, sources, **overrides):
+    """herd.prepare's config for ``sources`` into ``out``: rows of 64 tokens, a quarter held out, one process."""
+    cfg = OmegaConf.load(repo_root() / "configs" / "prepare.yaml")
+    cfg.pop("hydra")
+    cfg.merge_with({"output_dir": str(out), "seq_len": 64, "val_fraction": 0.25, "num_proc": 1, "progress": False,
+                    "shards": {"max_rows": 16, "min_count": 2}, **overrides})
+    cfg.sources = sources
+    return cfg
+
+
+def damage_first_media(folder: Path, source: str, suffix: str) -> dict:
+    """Cut the first media member (``<key>.<suffix>``) of every shard of a media source to 30 bytes.
+
+    The shards' checksums are dropped from the manifest, which is returned.
+    """
+    manifest = json.loads((folder / "manifest.json").read_text())
+    for split in ("train", "val"):
+        for shard in manifest["sources"][source]["splits"][split]["shards"]:
+            path = folder / shard["path"]
+            with tarfile.open(path) as tar:
+                members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+            out = io.BytesIO()
+            with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+                for member, data in members:
+                    if member.name == f"{shard['first_row']:09d}.{suffix}":
+                        data = data[:30]  # no longer decodes
+                        member.size = len(data)
+                    tar.addfile(member, io.BytesIO(data))
+            path.write_bytes(out.getvalue())
+            shard["sha256"] = None
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return manifest

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import io
 import json
-import tarfile
 
 import numpy as np
 import pytest
-from omegaconf import OmegaConf
 from PIL import Image
+from synthetic import damage_first_media, prepare_config
 
 from herd.data.image_loader import ImageCaptionDataModule
 from herd.data.image_set import caption_attributes, shapes_options, stdlib_shapes
@@ -18,17 +17,7 @@ from herd.data.kinds import PrepareError
 from herd.data.shards import ShardError
 from herd.data.sources import BadInputError
 from herd.model.vision import VisionConfig
-from herd.paths import repo_root
 from herd.prepare import prepare
-
-
-def _config(out, sources, **overrides):
-    cfg = OmegaConf.load(repo_root() / "configs" / "prepare.yaml")
-    cfg.pop("hydra")
-    cfg.merge_with({"output_dir": str(out), "seq_len": 64, "val_fraction": 0.25, "num_proc": 1, "progress": False,
-                    "shards": {"max_rows": 16, "min_count": 2}, **overrides})
-    cfg.sources = sources
-    return cfg
 
 
 def _png(colour=(200, 10, 10), size=(40, 30)) -> bytes:
@@ -95,7 +84,7 @@ def prepared(tiny_tokenizer, tmp_path_factory):
         (folder / name).write_bytes(data)
         (folder / name).with_suffix(".txt").write_text(f"the {name} picture")
     tokenizer = tiny_tokenizer.save(root / "tokenizer")
-    out = prepare(_config(root / "out", {"shapes": {"input": "stdlib:shapes?count=40"},
+    out = prepare(prepare_config(root / "out", {"shapes": {"input": "stdlib:shapes?count=40"},
                                          "mine": {"input": str(folder), "kind": "image", "prompt": "Look: ",
                                                   "max_bad_fraction": 1.0}},
                           tokenizer={"path": str(tokenizer)}))
@@ -121,7 +110,7 @@ def test_prepare_fails_when_too_many_images_are_bad(tiny_tokenizer, tmp_path):
     (folder / "good.png").write_bytes(_png())
     (folder / "good.txt").write_text("a caption")
     with pytest.raises(PrepareError, match=r"1 of 2 inputs .*\(corrupt_image: 1\)"):
-        prepare(_config(tmp_path / "out", {"mine": {"input": str(folder), "kind": "image"}},
+        prepare(prepare_config(tmp_path / "out", {"mine": {"input": str(folder), "kind": "image"}},
                         tokenizer={"path": str(tiny_tokenizer.save(tmp_path / "tok"))}))
     assert not (tmp_path / "out").exists()
 
@@ -162,22 +151,7 @@ def test_a_damaged_image_in_a_shard_is_skipped_and_counted_in_training_and_maske
 
     copy = tmp_path / "copy"
     shutil.copytree(prepared, copy)
-    manifest = json.loads((copy / "manifest.json").read_text())
-    for split in ("train", "val"):
-        for shard in manifest["sources"]["shapes"]["splits"][split]["shards"]:
-            path = copy / shard["path"]
-            with tarfile.open(path) as tar:
-                members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
-            out = io.BytesIO()
-            with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-                for member, data in members:
-                    if member.name.endswith(".png") and member.name.startswith(f"{shard['first_row']:09d}"):
-                        data = data[:30]  # the shard's first image no longer decodes
-                        member.size = len(data)
-                    tar.addfile(member, io.BytesIO(data))
-            path.write_bytes(out.getvalue())
-            shard["sha256"] = None
-    (copy / "manifest.json").write_text(json.dumps(manifest))
+    manifest = damage_first_media(copy, "shapes", "image.png")  # each shard's first image no longer decodes
     dm = ImageCaptionDataModule(str(copy), {"shapes": {}}, batch_size=4, num_workers=0, shuffle_buffer=1)
     dm.set_tiler(tiler())
     train_shards = len(manifest["sources"]["shapes"]["splits"]["train"]["shards"])

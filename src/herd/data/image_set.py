@@ -19,7 +19,8 @@ import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qsl
+
+from herd.data.sources import int_options
 
 COUNTS = ("one", "two", "three")
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (225, 200, 30)}
@@ -40,15 +41,7 @@ class Picture:
 
 def shapes_options(item: str) -> dict[str, int]:
     """The options of a ``stdlib:shapes?...`` input (defaults filled in); ValueError names a bad one."""
-    _, _, query = item.partition("?")
-    options = dict(DEFAULTS)
-    for key, value in parse_qsl(query, keep_blank_values=True):
-        if key not in DEFAULTS:
-            raise ValueError(f"{item}: unknown option {key!r}; stdlib:shapes takes {sorted(DEFAULTS)}")
-        try:
-            options[key] = int(value)
-        except ValueError:
-            raise ValueError(f"{item}: option {key} must be an integer, got {value!r}") from None
+    options = int_options(item, DEFAULTS)
     if options["count"] < 1 or options["size"] < 32:
         raise ValueError(f"{item}: count must be >= 1 and size >= 32 pixels")
     return options

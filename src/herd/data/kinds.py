@@ -45,6 +45,7 @@ KINDS = {
     "dialog": "herd.data.dialogs:DIALOG",
     "preference": "herd.data.preferences:PREFERENCE",
     "image": "herd.data.images:IMAGE",
+    "audio": "herd.data.audio:AUDIO",
 }
 ON_BAD_INPUT = ("error", "skip")
 _LOGGED_BAD_INPUTS = 10  # skipped inputs logged one by one per source; later ones are only counted

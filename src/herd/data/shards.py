@@ -73,6 +73,8 @@ LAYOUTS: dict[str, dict[str, Any]] = {
     },
     # one image-caption example per sample, read by herd.data.image_loader (see herd.data.images)
     "image": {"members": ["tokens", "loss_mask", "image", "json"], "packing": "example"},
+    # one audio-transcript example per sample, read by herd.data.speech_loader (see herd.data.audio)
+    "audio": {"members": ["tokens", "loss_mask", "audio", "json"], "packing": "example"},
 }
 # Members every layout has, or may have, besides its extras (EXTRA_MEMBERS).
 _BASE_MEMBERS = ("tokens", "document_ids", "loss_mask")

@@ -38,7 +38,7 @@ import os
 import re
 import sysconfig
 import tokenize
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -301,6 +301,25 @@ def stdlib_code(root: Path | None = None) -> Iterator[Document]:
     root = (root or stdlib_dir()).resolve()
     for path in stdlib_files(root):
         yield Document(path.relative_to(root).as_posix(), _read_source(path))
+
+
+def int_options(item: str, defaults: Mapping[str, int]) -> dict[str, int]:
+    """The integer options of an embedded input (``stdlib:shapes?count=40&seed=1``), defaults filled in.
+
+    ValueError names an unknown option or a value that is not an integer.
+    """
+    from urllib.parse import parse_qsl
+
+    name, _, query = item.partition("?")
+    options = dict(defaults)
+    for key, value in parse_qsl(query, keep_blank_values=True):
+        if key not in defaults:
+            raise ValueError(f"{item}: unknown option {key!r}; {name} takes {sorted(defaults)}")
+        try:
+            options[key] = int(value)
+        except ValueError:
+            raise ValueError(f"{item}: option {key} must be an integer, got {value!r}") from None
+    return options
 
 
 _PASSKEY_OPTIONS = {"documents": int, "min_chars": int, "max_chars": int, "seed": int}

@@ -57,6 +57,9 @@ SPECIAL_TOKEN_NAMES = {
     "eom_id": "<|eom_id|>",
     "python_tag": "<|python_tag|>",
     "finetune_right_pad_id": "<|finetune_right_pad_id|>",
+    # herd's speech adapter: the reserved tokens around a clip's embeddings (herd.data.audio)
+    "speech_start": "<|reserved_special_token_10|>",
+    "speech_end": "<|reserved_special_token_11|>",
 }
 _REQUIRED = ("begin_of_text", "end_of_text", "start_header_id", "end_header_id", "eot_id")
 
