@@ -106,6 +106,6 @@ def prepared_images(prepared_corpus, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def prepared_speech(prepared_corpus, tmp_path_factory) -> Path:
-    """64 embedded espeak-ng utterances with transcripts (kind: audio, source ``speech``; 48 train and 16
+    """64 embedded espeak-ng utterances with transcripts (kind: audio, source ``speech``; 49 train and 15
     val clips of about 1.3 s), with the corpus' tokenizer: data for stage=speech_adapter (needs espeak-ng)."""
     return _prepare_embedded(tmp_path_factory, prepared_corpus, "speech", "stdlib:speech?count=64", 96)

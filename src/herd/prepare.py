@@ -10,8 +10,9 @@
         'sources={preferences: {input: stdlib:preferences}}' tokenizer.path=data/prepared/stdlib/tokenizer
 
 Each source has a kind (``sources.<name>.kind``): ``text`` (the default; ``herd.data.text``),
-``dialog`` (``herd.data.dialogs``; the embedded ``stdlib:sft`` input is one) or ``preference``
-(``herd.data.preferences``; the embedded ``stdlib:preferences`` input is one). This module only
+``dialog`` (``herd.data.dialogs``; the embedded ``stdlib:sft`` input is one), ``preference``
+(``herd.data.preferences``; the embedded ``stdlib:preferences`` input is one), ``image``
+(``herd.data.images``; ``stdlib:shapes``) or ``audio`` (``herd.data.audio``; ``stdlib:speech``). This module only
 orchestrates (``herd.data.kinds``): check the config; train a byte-level BPE on the train
 examples unless ``tokenizer.path`` names one; let each source's kind read, validate, encode
 (with ``num_proc`` processes for text), assign splits (``val`` with probability
