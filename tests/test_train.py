@@ -63,7 +63,8 @@ MIX_ON_FIXTURE = ["+data.sources.general.source=prose", "+data.sources.math.sour
 @pytest.mark.parametrize(("group", "option"), list(group_options()))
 def test_every_config_group_option_composes_and_instantiates(tmp_path, prepared_corpus, group, option, request):
     overrides = [f"{group}={option}"] + (MIX_ON_FIXTURE if option == "llama3_mix" else [])
-    data = request.getfixturevalue("prepared_images") if option == "images" else prepared_corpus
+    media = {"images": "prepared_images", "speech": "prepared_speech"}
+    data = request.getfixturevalue(media[option]) if option in media else prepared_corpus
     cfg = compose_train(tmp_path, None if option == "synthetic" else data, *overrides)
     if group == "model":  # the preset's own fields (RoPE scaling, attention backend...) on a small shape
         assert cfg.model.dim == 64 and cfg.model.vocab_size == 512
@@ -101,9 +102,11 @@ def test_every_experiment_runs_with_fast_dev_run(tmp_path, prepared_corpus, prep
             source.data_dir, source.source = str(prepared_corpus), "prose"
     if cfg.stage._target_.endswith(("RewardStage", "DPOStage")):  # they train on rankings
         cfg.data.data_dir, cfg.data.seq_len = str(prepared_preferences), PREFERENCE_SEQ_LEN
-    if cfg.stage._target_.endswith("VisionAdapterStage"):  # it trains on image-caption examples
-        cfg.data = OmegaConf.merge(OmegaConf.load(config_dir() / "data" / "images.yaml"),
-                                   {"data_dir": str(request.getfixturevalue("prepared_images")), "num_workers": 0})
+    for stage, data, fixture in (("VisionAdapterStage", "images", "prepared_images"),  # image-caption examples
+                                 ("SpeechAdapterStage", "speech", "prepared_speech")):  # audio-transcript examples
+        if cfg.stage._target_.endswith(stage):
+            cfg.data = OmegaConf.merge(OmegaConf.load(config_dir() / "data" / f"{data}.yaml"),
+                                       {"data_dir": str(request.getfixturevalue(fixture)), "num_workers": 0})
     if OmegaConf.is_missing(cfg.stage, "init_from") or cfg.stage._target_.endswith(
             ("SFTStage", "RewardStage", "DPOStage")):
         # stages that continue a model get a small one
