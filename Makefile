@@ -119,10 +119,10 @@ scaling: $(STAMP)
 	$(PY) -m herd.scaling ladder $(ARGS)
 
 ## make test: the whole suite, slow tests included.
-test: $(STAMP)
+test: $(STAMP) espeak-ng
 	$(PY) -m pytest $(ARGS)
 
-test-fast: $(STAMP)
+test-fast: $(STAMP) espeak-ng
 	$(PY) -m pytest -m "not slow" $(ARGS)
 
 lint: $(STAMP)
