@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -58,6 +59,18 @@ def test_the_backbone_is_bit_identical_after_training_and_the_optimizer_holds_no
     assert not held & backbone and held == adapter
     metrics = trained["metrics"]
     assert math.isfinite(metrics["val/loss"]) and metrics["val/wer"] >= 0
+
+
+def test_held_out_clips_and_their_transcripts_reach_tensorboard(trained):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    folder = next(p.parent for p in Path(trained["trainer"].log_dir).rglob("events.out.tfevents.*"))
+    events = EventAccumulator(str(folder), size_guidance={"audio": 0, "tensors": 0})
+    events.Reload()
+    assert {"speech/0", "speech/3"} <= set(events.Tags()["audio"])
+    clip = events.Audio("speech/0")[-1]
+    assert clip.sample_rate == 16000 and clip.length_frames > 8000  # a stdlib:speech clip lasts 1 to 2.5 s
+    assert "transcripts/text_summary" in events.Tags()["tensors"]
 
 
 def test_the_export_loads_back_with_the_same_logits(trained):
