@@ -225,6 +225,8 @@ def test_every_training_step_composes_a_train_config(name, tmp_path):
             assert cfg.stage.init_from and cfg.trainer.max_steps > 0
             if name.startswith("llama3") and step.short != "reward":
                 assert cfg.stage.optimizer.lr == 1.0e-5 and cfg.model.dim == 4096
+            if name == "tiny_posttrain" and step.short == "sft":  # a round's SFT must not undo the last DPO
+                assert cfg.stage.optimizer.lr == (1.0e-3 if step.section == "setup" else 3.0e-4)
             if step.short == "dpo":
                 assert (cfg.stage.beta, cfg.stage.nll_weight) == (0.1, 0.2)
                 assert set(cfg.data.sources) == {"rankings", "sampled"}
