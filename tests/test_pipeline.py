@@ -237,3 +237,17 @@ def test_previous_names_the_last_rounds_step_and_falls_back_in_round_1(tmp_path)
     plan = plan_from(_config({"round": [step]}, tmp_path, rounds=3))
     assert [s.command[-1] for s in plan.steps] == [str(tmp_path), f"{tmp_path}/run/round1/x",
                                                    f"{tmp_path}/run/round2/x"]
+
+
+def test_the_speech_pipeline_freezes_a_text_tuned_model_and_trains_its_baseline(tmp_path):
+    plan = plan_from(_compose("tiny_speech", f"start={tmp_path}", f"run_dir={tmp_path / 'run'}"))
+    assert [s.name for s in plan.steps] == ["setup/transcripts", "setup/speech_data", "setup/lm", "setup/speech",
+                                            "setup/text_only"]
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        configs = {s.short: compose("train", overrides=s.command[3:]) for s in plan.steps if s.tool == "train"}
+    assert configs["lm"].stage.init_from == str(tmp_path)
+    for name, withheld in (("speech", False), ("text_only", True)):
+        cfg = configs[name]
+        assert cfg.stage._target_.endswith("SpeechAdapterStage") and cfg.stage.withhold_audio is withheld
+        assert cfg.stage.init_from == f"{tmp_path}/run/setup/lm/export"
+        assert cfg.data.data_dir == f"{tmp_path}/run/setup/speech_data/data"

@@ -83,7 +83,7 @@ _SOURCE_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 _SHARD_FILE = "*-[0-9][0-9][0-9][0-9][0-9][0-9].tar"
 _REPLACED = ".replaced"  # in the staging folder: what the new output replaces, until it is in place
 # Embedded inputs that give a source its kind by default (else it is text).
-_INPUT_KINDS = {"stdlib:sft": "dialog", "stdlib:preferences": "preference", "stdlib:shapes": "image",
+_INPUT_KINDS = {"stdlib:sft": "dialog", "stdlib:transcripts": "dialog", "stdlib:preferences": "preference", "stdlib:shapes": "image",
                 "stdlib:speech": "audio"}
 _COMMON_KEYS = ("input", "kind", "on_bad_input", "max_bad_fraction")
 

@@ -45,3 +45,15 @@ def test_the_prepared_set_holds_out_utterances_by_id(prepared_speech):
     assert 1.0 < (train["seconds"] + val["seconds"]) / 64 < 2.0
     assert entry["speech_start_id"] == manifest["tokenizer"]["special_ids"]["speech_start"]
     assert SAMPLE_RATE == 16_000
+
+
+def test_stdlib_transcripts_are_the_sets_sentences_as_text_dialogs():
+    from herd.data.dialogs import iter_dialogs
+
+    dialogs = list(iter_dialogs("stdlib:transcripts?count=5&seed=2"))
+    texts = [u.text for u in stdlib_speech(5, seed=2)]
+    assert [d.messages[1]["content"] for d in dialogs] == texts
+    assert [d.messages[0]["content"] for d in dialogs] == [f"Transcribe: {t}" for t in texts]
+    assert [m["role"] for m in dialogs[0].messages] == ["user", "assistant"] and len({d.id for d in dialogs}) == 5
+    with pytest.raises(ValueError, match="unknown option 'words'"):
+        list(iter_dialogs("stdlib:transcripts?words=3"))

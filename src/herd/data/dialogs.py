@@ -15,6 +15,9 @@ holds dialogs. Its inputs are:
 - ``stdlib:sft``: questions about the standard library's functions answered by their docs
   (:mod:`herd.data.sft`), grouped by module. Options go in a query string:
   ``stdlib:sft?seed=1&per_definition=2&max_per_module=20&system=You+are+terse.``
+- ``stdlib:transcripts``: the sentences of the embedded speech set (:mod:`herd.data.speech_set`)
+  as text: "Transcribe: seven red up" answered "seven red up"; options as ``stdlib:speech``'s
+  (``stdlib:transcripts?count=10000&seed=1``).
 
 Messages follow :mod:`herd.data.chat`: roles system, user, assistant, ipython; string content;
 optional booleans ``python_tag`` and ``eom``. A line that is not a usable dialog is a
@@ -72,6 +75,7 @@ if TYPE_CHECKING:
     from herd.data.tokenizer import Tokenizer
 
 STDLIB_SFT = "stdlib:sft"
+STDLIB_TRANSCRIPTS = "stdlib:transcripts"
 CHAT_TEMPLATES = ("herd", "tokenizer")
 TOO_LONG = ("drop", "truncate")
 # Why a line is not a usable dialog (BadInputError.reason); the first four are shared with text.
@@ -123,6 +127,9 @@ def iter_dialogs(
         item = str(item)
         if item == STDLIB_SFT or item.startswith(STDLIB_SFT + "?"):
             yield from _stdlib_dialogs(item, on_bad_input)
+            continue
+        if item == STDLIB_TRANSCRIPTS or item.startswith(STDLIB_TRANSCRIPTS + "?"):
+            yield from _transcript_dialogs(item)
             continue
         path = Path(item).expanduser()
         if path.is_dir():
@@ -264,6 +271,17 @@ def _stdlib_dialogs(item: str, on_bad_input: OnBadInput) -> Iterator[Dialog]:
             yield Dialog(dialog.id, checked_messages(dialog.messages, dialog.id), dialog.group)
         except BadInputError as err:
             on_bad_input(err)
+
+
+def _transcript_dialogs(item: str) -> Iterator[Dialog]:
+    from herd.data.speech_set import speech_options, transcript_dialogs
+
+    try:
+        options = speech_options(item)
+    except ValueError as err:
+        raise PrepareError(str(err)) from None
+    for dialog_id, messages in transcript_dialogs(**options):
+        yield Dialog(dialog_id, messages)
 
 
 # --- encoding -----------------------------------------------------------------------------------

@@ -83,6 +83,20 @@ def stdlib_speech(count: int = 3000, seed: int = 0, min_words: int = 3, max_word
                         rng.randint(*SPEEDS), rng.randint(*PITCHES))
 
 
+def transcript_dialogs(count: int = 3000, seed: int = 0, min_words: int = 3, max_words: int = 5,
+                       prompt: str = "Transcribe:") -> Iterator[tuple[str, list[dict[str, str]]]]:
+    """The texts of ``stdlib_speech(count, seed, ...)`` as text-only dialogs ``(id, messages)``: the user
+    turn is ``prompt`` and the words, the assistant repeats the words. No audio is synthesised.
+
+    A language model that is too small to copy from its context learns it on these before it is
+    frozen under the speech adapter (``pipeline=tiny_speech``).
+    """
+    for utterance in stdlib_speech(count, seed, min_words, max_words):
+        yield (f"transcript-{seed}-{utterance.id.rsplit('-', 1)[-1]}",
+               [{"role": "user", "content": f"{prompt} {utterance.text}"},
+                {"role": "assistant", "content": utterance.text}])
+
+
 def espeak_path() -> str:
     """The espeak-ng program's path; EspeakMissingError saying how to install it when there is none."""
     path = shutil.which(ESPEAK)
