@@ -83,3 +83,17 @@ def preference_batch(rows: list[list[tuple[list[int], list[tuple[list[int], list
         for key, values in zip(out, (tokens, docs, responses, ranks, targets), strict=True):
             out[key].append(values)
     return {key: torch.tensor(values) for key, values in out.items()}
+
+
+def save_random_model(folder: Path, tokenizer: Path, seed: int = 3) -> Path:
+    """A random backbone of the tests' shape (dim 64, 2 layers, 512 ids), saved with ``tokenizer``: the
+    start model of the adapter stages' runs."""
+    import torch
+
+    from herd.interop import hf
+    from herd.model import ModelConfig, Transformer
+
+    config = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=64,
+                         tie_embeddings=True, rope_theta=500000.0)
+    torch.manual_seed(seed)
+    return hf.save(Transformer(config), folder, tokenizer=tokenizer)

@@ -15,7 +15,7 @@ from herd.model import ModelConfig, Transformer
 from herd.model.vision import ImageBatch, VisionConfig, VisionLanguageModel
 from herd.stages.vision_adapter import FrozenBackboneError, VisionAdapterStage
 from herd.train import ConfigError, build, train
-from training import compose_train
+from training import compose_train, save_random_model
 
 STEPS = 4
 
@@ -31,11 +31,7 @@ def compose(tmp_path, prepared_corpus, prepared_images, *overrides):
 @pytest.fixture(scope="module")
 def start_model(tmp_path_factory, prepared_corpus):
     """A random backbone of the tests' shape, saved with the corpus' tokenizer."""
-    config = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=64,
-                         tie_embeddings=True, rope_theta=500000.0)
-    torch.manual_seed(3)
-    return hf.save(Transformer(config), tmp_path_factory.mktemp("start") / "model",
-                   tokenizer=prepared_corpus / "tokenizer")
+    return save_random_model(tmp_path_factory.mktemp("start") / "model", prepared_corpus / "tokenizer")
 
 
 @pytest.fixture(scope="module")

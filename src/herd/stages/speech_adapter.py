@@ -27,23 +27,18 @@ The export is the language model as a Llama directory with the adapter beside it
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.loggers import TensorBoardLogger
-from torch.distributed.device_mesh import DeviceMesh
-from torchmetrics import MeanMetric
+from torch import nn
 from torchmetrics.text import WordErrorRate
 
-from herd.interop import hf
 from herd.interop import speech as speech_io
 from herd.model import Transformer
 from herd.model.speech import SpeechConfig, SpeechLanguageModel
-from herd.stages.adapter import AdapterStage, shard_adapter_model
-from herd.stages.parallelize import apply_activation_checkpointing, compile_blocks
+from herd.stages.adapter import AdapterStage
 
 IGNORE_INDEX = -100
 
@@ -57,6 +52,7 @@ class SpeechAdapterStage(AdapterStage):
     validation are transcribed (null: all); ``samples`` how many clips and transcripts are logged.
     """
 
+    skipped_key = "skipped_audio"
     summary_metrics = ("val/loss", "val/accuracy", "val/wer")
 
     def __init__(
@@ -81,48 +77,27 @@ class SpeechAdapterStage(AdapterStage):
         self.max_transcript_tokens = max_transcript_tokens
         self.transcribe_examples = transcribe_examples
         self.samples = samples
-        self.val_loss, self.val_accuracy = MeanMetric(), MeanMetric()
         self.val_wer = WordErrorRate()
         self._transcribed = 0
         self._sample_rows: list[tuple[torch.Tensor, str, str]] = []
 
     # ----------------------------------------------------------------------------------- model
 
-    def configure_model(self) -> None:
-        """Build (or load) the speech model once, freeze its backbone, then parallelise it from outside."""
-        if self.model is not None:
-            return
-        self.model = self.build_speech_model()
-        self.model_config = self.model.config
+    stage_name = "speech_adapter"
 
-    def build_speech_model(self) -> SpeechLanguageModel:
-        """The model from ``init_from`` (Llama or speech model directory) or the configs; backbone frozen.
+    def is_adapter_directory(self, path: str) -> bool:
+        """A speech model directory (this stage's export): its encoder and adapter continue."""
+        return speech_io.is_speech_model(path)
 
-        Activation checkpointing and compile apply to the backbone's blocks. Under FSDP2 every
-        backbone block, Conformer block and the adapter's layer are sharded, then the whole model
-        (tensor parallelism is not supported by this stage).
-        """
-        mesh = self._device_mesh
-        if mesh is not None and mesh["tensor_parallel"].size() > 1:
-            raise ValueError("stage=speech_adapter does not support tensor parallelism: use strategy=fsdp2 or ddp")
-        meta = mesh is not None and self.init_from is None and self._wants_meta_init()
-        if self.init_from is not None and speech_io.is_speech_model(self.init_from):
-            model = speech_io.load_speech(self.init_from, dtype=torch.float32, config=self.model_config)
-        else:
-            with torch.device("meta") if meta else nullcontext():
-                backbone = (hf.load(self.init_from, dtype=torch.float32, config=self.model_config)
-                            if self.init_from is not None else Transformer(self.model_config))
-                model = SpeechLanguageModel(backbone, self.speech_config)
-        model.backbone.requires_grad_(False)
-        apply_activation_checkpointing(model.backbone, self.activation_checkpointing)
-        if self.compile_blocks:
-            compile_blocks(model.backbone)
-        if mesh is not None:
-            shard_speech_model(model, mesh["data_parallel"], **self.fsdp_options)
-        if meta:
-            model.to_empty(device=self.trainer.strategy.root_device)
-            model.init_weights()
-        return model
+    def load_adapter_directory(self, path: str) -> SpeechLanguageModel:
+        return speech_io.load_speech(path, dtype=torch.float32, config=self.model_config)
+
+    def wrap_backbone(self, backbone: Transformer) -> SpeechLanguageModel:
+        return SpeechLanguageModel(backbone, self.speech_config)
+
+    def shard_units(self, model: SpeechLanguageModel) -> list[nn.Module]:
+        """Every backbone block, every Conformer block and the adapter's transformer layer."""
+        return [*model.backbone.layers, *model.encoder.layers, model.adapter.layer]
 
     def setup(self, stage: str) -> None:
         """Give the DataModule the model's frame arithmetic, and check that its speech tokens fit the model."""
@@ -146,6 +121,10 @@ class SpeechAdapterStage(AdapterStage):
         features = batch["features"]
         return torch.zeros_like(features) if self.withhold_audio else features
 
+    def target_logits(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """See :meth:`transcript_logits`."""
+        return self.transcript_logits(batch)
+
     def transcript_logits(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits (transcript tokens, vocab) float32 and their targets: the head runs on transcript positions only."""
         targets = batch["targets"]
@@ -154,29 +133,12 @@ class SpeechAdapterStage(AdapterStage):
         selected = targets != IGNORE_INDEX
         return self.model.backbone.output(hidden[selected]).float(), targets[selected]
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        logits, targets = self.transcript_logits(batch)
-        loss = F.cross_entropy(logits, targets)
-        self.count_tokens(batch["tokens"])
-        sync = self.trainer.world_size > 1
-        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, sync_dist=sync)
-        self.log("train/tokens_seen", float(self.tokens_seen), on_step=True, on_epoch=False)
-        skipped = getattr(self.trainer.datamodule, "skipped_audio", None)
-        if skipped is not None:
-            self.log("train/skipped_audio", float(skipped), on_step=True, on_epoch=False)
-        return loss
-
     def on_validation_epoch_start(self) -> None:
         self._transcribed = 0
         self._sample_rows = []
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        logits, targets = self.transcript_logits(batch)
-        n = targets.numel()
-        if n:
-            loss = F.cross_entropy(logits, targets, reduction="sum")
-            self.val_loss.update(loss / n, weight=n)
-            self.val_accuracy.update((logits.argmax(-1) == targets).float().mean(), weight=n)
+        self.update_val_loss(batch)
         if self.transcribe_examples is None or self._transcribed < self.transcribe_examples:
             self._transcribe(batch)
 
@@ -234,16 +196,3 @@ class SpeechAdapterStage(AdapterStage):
     def save_export(self, path: Path, state: dict[str, torch.Tensor], tokenizer: Any = None) -> Path:
         """The language model's Llama directory with the speech adapter beside it."""
         return speech_io.save_speech(self.model, path, tokenizer=tokenizer, state_dict=state)
-
-
-def shard_speech_model(model: SpeechLanguageModel, mesh: DeviceMesh, *, param_dtype: str | None = None,
-                       reduce_dtype: str | None = "fp32", reshard_after_forward: bool = True) -> None:
-    """FSDP2: ``fully_shard`` each backbone block, Conformer block and the adapter's layer, then the whole model.
-
-    The root keeps the backbone's embeddings, norm and head, the encoder's input projection and
-    the adapter's convolution and output map. It stays gathered after forward, because the
-    transcript loss applies the head outside forward.
-    """
-    units = [*model.backbone.layers, *model.encoder.layers, model.adapter.layer]
-    shard_adapter_model(model, units, mesh, param_dtype=param_dtype, reduce_dtype=reduce_dtype,
-                        reshard_after_forward=reshard_after_forward)

@@ -31,24 +31,21 @@ The tokenizer copy gets ``<|image|>``, and ``transformers`` loads the directory 
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.loggers import TensorBoardLogger
-from torch.distributed.device_mesh import DeviceMesh
+from torch import nn
 from torchmetrics import MeanMetric
 
 from herd import logs
-from herd.interop import hf, mllama
+from herd.interop import mllama
 from herd.model import Transformer
 from herd.model.vision import ImageBatch, VisionConfig, VisionLanguageModel
-from herd.stages.adapter import AdapterStage, FrozenBackboneError, fingerprint, shard_adapter_model
+from herd.stages.adapter import AdapterStage, FrozenBackboneError, fingerprint
 
-__all__ = ["FrozenBackboneError", "VisionAdapterStage", "fingerprint", "shard_vision_model"]
-from herd.stages.parallelize import apply_activation_checkpointing, compile_blocks
+__all__ = ["FrozenBackboneError", "VisionAdapterStage", "fingerprint"]
 
 IGNORE_INDEX = -100
 logger = logs.get_logger(__name__)
@@ -66,6 +63,7 @@ class VisionAdapterStage(AdapterStage):
     sooner.
     """
 
+    skipped_key = "skipped_images"
     summary_metrics = ("val/loss", "val/accuracy", "val/caption_exact", "val/caption_word_accuracy")
 
     def __init__(
@@ -92,48 +90,28 @@ class VisionAdapterStage(AdapterStage):
         if not isinstance(gate_lr_scale, (int, float)) or gate_lr_scale <= 0:
             raise ValueError(f"stage.gate_lr_scale must be a number > 0, got {gate_lr_scale!r}")
         self.gate_lr_scale = float(gate_lr_scale)
-        self.val_loss, self.val_accuracy = MeanMetric(), MeanMetric()
         self.val_exact, self.val_words = MeanMetric(), MeanMetric()
         self._captioned = 0
         self._sample_rows: list[tuple[torch.Tensor, str, str]] = []
 
     # ----------------------------------------------------------------------------------- model
 
-    def configure_model(self) -> None:
-        """Build (or load) the vision model once, freeze its backbone, then parallelise it from outside."""
-        if self.model is not None:
-            return
-        self.model = self.build_vision_model()
-        self.model_config = self.model.config
+    stage_name = "vision_adapter"
 
-    def build_vision_model(self) -> VisionLanguageModel:
-        """The model from ``init_from`` (Llama or Mllama directory) or the configs; backbone frozen.
+    def is_adapter_directory(self, path: str) -> bool:
+        """A Llama 3.2 Vision (Mllama) directory: its adapter continues."""
+        return mllama.is_vision_model(path)
 
-        Activation checkpointing and compile apply to the backbone's blocks. Under FSDP2 every
-        backbone block, cross-attention block and encoder layer is sharded, then the whole model
-        (tensor parallelism is not supported by this stage).
-        """
-        mesh = self._device_mesh
-        if mesh is not None and mesh["tensor_parallel"].size() > 1:
-            raise ValueError("stage=vision_adapter does not support tensor parallelism: use strategy=fsdp2 or ddp")
-        meta = mesh is not None and self.init_from is None and self._wants_meta_init()
-        if self.init_from is not None and mllama.is_vision_model(self.init_from):
-            model = mllama.load_vision(self.init_from, dtype=torch.float32, config=self.model_config)
-        else:
-            with torch.device("meta") if meta else nullcontext():
-                backbone = (hf.load(self.init_from, dtype=torch.float32, config=self.model_config)
-                            if self.init_from is not None else Transformer(self.model_config))
-                model = VisionLanguageModel(backbone, self.vision_config)
-        model.backbone.requires_grad_(False)
-        apply_activation_checkpointing(model.backbone, self.activation_checkpointing)
-        if self.compile_blocks:
-            compile_blocks(model.backbone)
-        if mesh is not None:
-            shard_vision_model(model, mesh["data_parallel"], **self.fsdp_options)
-        if meta:
-            model.to_empty(device=self.trainer.strategy.root_device)
-            model.init_weights()
-        return model
+    def load_adapter_directory(self, path: str) -> VisionLanguageModel:
+        return mllama.load_vision(path, dtype=torch.float32, config=self.model_config)
+
+    def wrap_backbone(self, backbone: Transformer) -> VisionLanguageModel:
+        return VisionLanguageModel(backbone, self.vision_config)
+
+    def shard_units(self, model: VisionLanguageModel) -> list[nn.Module]:
+        """Every backbone block, cross-attention block and encoder layer."""
+        return [*model.backbone.layers, *model.cross_layers, *model.encoder.transformer.layers,
+                *model.encoder.global_transformer.layers]
 
     def optimizer_groups(self) -> list[dict[str, Any]]:
         """The base groups over the adapter, with the cross-attention gates in a group of their own
@@ -171,6 +149,10 @@ class VisionAdapterStage(AdapterStage):
             pixels = torch.zeros_like(pixels)
         return ImageBatch(pixels, batch["aspect_ratio_ids"], batch["num_tiles"], batch["image_rows"])
 
+    def target_logits(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """See :meth:`caption_logits`."""
+        return self.caption_logits(batch)
+
     def caption_logits(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits (caption tokens, vocab) float32 and their targets: the head runs on caption positions only."""
         targets = batch["targets"]
@@ -178,29 +160,12 @@ class VisionAdapterStage(AdapterStage):
         selected = targets != IGNORE_INDEX
         return self.model.backbone.output(hidden[selected]).float(), targets[selected]
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        logits, targets = self.caption_logits(batch)
-        loss = F.cross_entropy(logits, targets)
-        self.count_tokens(batch["tokens"])
-        sync = self.trainer.world_size > 1
-        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, sync_dist=sync)
-        self.log("train/tokens_seen", float(self.tokens_seen), on_step=True, on_epoch=False)
-        skipped = getattr(self.trainer.datamodule, "skipped_images", None)
-        if skipped is not None:
-            self.log("train/skipped_images", float(skipped), on_step=True, on_epoch=False)
-        return loss
-
     def on_validation_epoch_start(self) -> None:
         self._captioned = 0
         self._sample_rows = []
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        logits, targets = self.caption_logits(batch)
-        n = targets.numel()
-        if n:
-            loss = F.cross_entropy(logits, targets, reduction="sum")
-            self.val_loss.update(loss / n, weight=n)
-            self.val_accuracy.update((logits.argmax(-1) == targets).float().mean(), weight=n)
+        self.update_val_loss(batch)
         if self.caption_examples is None or self._captioned < self.caption_examples:
             self._caption(batch)
 
@@ -263,17 +228,3 @@ class VisionAdapterStage(AdapterStage):
     def save_export(self, path: Path, state: dict[str, torch.Tensor], tokenizer: Any = None) -> Path:
         """An ``MllamaForConditionalGeneration`` directory."""
         return mllama.save_vision(self.model, path, tokenizer=tokenizer, state_dict=state)
-
-
-def shard_vision_model(model: VisionLanguageModel, mesh: DeviceMesh, *, param_dtype: str | None = None,
-                       reduce_dtype: str | None = "fp32", reshard_after_forward: bool = True) -> None:
-    """FSDP2: ``fully_shard`` each backbone block, cross-attention block and encoder layer, then the whole model.
-
-    The root keeps the backbone's embeddings, norm and head, the new-token embeddings, the
-    projection and the encoder's embeddings. It stays gathered after forward, because the
-    caption loss applies the head outside forward.
-    """
-    units = [*model.backbone.layers, *model.cross_layers, *model.encoder.transformer.layers,
-             *model.encoder.global_transformer.layers]
-    shard_adapter_model(model, units, mesh, param_dtype=param_dtype, reduce_dtype=reduce_dtype,
-                        reshard_after_forward=reshard_after_forward)
