@@ -94,13 +94,13 @@ espeak-ng:
 		|| (apt-get update && apt-get install -y espeak-ng) || (sudo apt-get update && sudo apt-get install -y espeak-ng)) \
 		|| { echo "herd: $(ESPEAK_MISSING)" >&2; exit 1; }
 
-# The embedded speech set for experiment=tiny_speech (3 to 5 words of 20, spoken by espeak-ng with 8
-# voices, speeds 140-200 and pitches 30-70; "Transcribe:" then the clip, the transcript as the
-# answer), with the corpus' tokenizer.
+# The embedded speech set for experiment=tiny_speech (one word of 20 per clip, spoken by espeak-ng with
+# 8 voices, speeds 140-200 and pitches 30-70; "Transcribe:" then the clip, the word as the answer), with
+# the corpus' tokenizer. pipeline=tiny_speech prepares the same set itself.
 $(SPEECH): $(CORPUS)
 	@$(MAKE) --no-print-directory espeak-ng
 	$(PY) -m herd.prepare output_dir=data/prepared/speech '~sources' \
-		'+sources={speech: {input: "stdlib:speech?count=3000", kind: audio}}' \
+		'+sources={speech: {input: "stdlib:speech?count=3000&min_words=1&max_words=1", kind: audio}}' \
 		seq_len=64 val_fraction=0.1 \
 		tokenizer.path=data/prepared/stdlib/tokenizer
 
