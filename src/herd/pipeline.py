@@ -559,7 +559,7 @@ def step_metrics(step: Step, records: Mapping[str, Mapping[str, Any]]) -> dict[s
         out = {}
         for name, source in manifest.get("sources", {}).items():
             for split, entry in source.get("splits", {}).items():
-                out[f"{name}/{split}/rows"] = float(entry.get("rows", 0))
+                out[f"{name}/{split}/rows"] = float(entry.get("rows", entry.get("examples", 0)))  # media: examples
             out[f"{name}/documents"] = float(source.get("documents", 0))
         return out
     return {}
