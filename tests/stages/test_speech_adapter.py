@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from herd.interop import hf
 from herd.interop import speech as speech_io
 from herd.model import ModelConfig
-from herd.stages.adapter import FrozenBackboneError
+from herd.stages.base import FrozenBackboneError
 from herd.stages.speech_adapter import SpeechAdapterStage
 from herd.train import build, train
 from training import compose_train, save_random_model

@@ -3,6 +3,7 @@ tensor parallel, activation checkpointing, per-block compile, then FSDP2 shardin
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -256,3 +257,18 @@ def scale_grads(parameters, factor: float) -> None:
     for param in parameters:
         if param.grad is not None:
             param.grad.mul_(factor)
+
+
+def shard_adapter_model(model: nn.Module, units: Sequence[nn.Module], mesh: DeviceMesh, *,
+                        param_dtype: str | None = None, reduce_dtype: str | None = "fp32",
+                        reshard_after_forward: bool = True) -> None:
+    """FSDP2: ``fully_shard`` each of ``units`` (blocks of the backbone and the adapter), then the whole model.
+
+    The root keeps what no unit holds (embeddings, norms, heads, projections). It stays gathered
+    after forward, because the adapter stages apply the head outside forward.
+    """
+    policy = MixedPrecisionPolicy(param_dtype=_dtype(param_dtype, "param_dtype"),
+                                  reduce_dtype=_dtype(reduce_dtype, "reduce_dtype"))
+    for unit in units:
+        fully_shard(unit, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)

@@ -4,7 +4,7 @@ The model is a :class:`~herd.model.speech.SpeechLanguageModel`: the backbone of 
 Llama directory), a Conformer encoder and an adapter whose outputs the backbone reads as token
 embeddings between ``<|speech_start|>`` and ``<|speech_end|>``. When ``init_from`` is a speech
 model directory (this stage's export), its encoder and adapter continue training. The backbone
-is frozen, with the checks of :class:`~herd.stages.adapter.AdapterStage` (no gradients, not in
+is frozen, with the checks of :class:`~herd.stages.base.AdapterStage` (no gradients, not in
 the optimizer, bit-identical weights after training).
 
 The loss is next-token cross-entropy on the transcript only (``targets`` from the speech
@@ -38,7 +38,7 @@ from torchmetrics.text import WordErrorRate
 from herd.interop import speech as speech_io
 from herd.model import Transformer
 from herd.model.speech import SpeechConfig, SpeechLanguageModel
-from herd.stages.adapter import AdapterStage
+from herd.stages.base import AdapterStage
 
 IGNORE_INDEX = -100
 

@@ -43,7 +43,7 @@ from herd import logs
 from herd.interop import mllama
 from herd.model import Transformer
 from herd.model.vision import ImageBatch, VisionConfig, VisionLanguageModel
-from herd.stages.adapter import AdapterStage, FrozenBackboneError, fingerprint
+from herd.stages.base import AdapterStage, FrozenBackboneError, fingerprint
 
 __all__ = ["FrozenBackboneError", "VisionAdapterStage", "fingerprint"]
 
