@@ -17,7 +17,7 @@ DataModule): the user turn, the speech positions and the headers are masked. Val
   reference transcripts as text.
 
 ``withhold_audio=true`` trains and validates the same encoder and adapter on the same
-transcripts with every clip replaced by silence (all-zero features): the text-only baseline. The
+transcripts with the features of every clip replaced by zeros (no audio): the text-only baseline. The
 best it can learn is the transcripts' prior, so a model whose ``val/loss`` falls clearly below it
 is listening.
 
@@ -117,7 +117,7 @@ class SpeechAdapterStage(AdapterStage):
     # ------------------------------------------------------------------------------------ loss
 
     def audio_features(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The batch's log-mel features (silence, all zeros, with ``withhold_audio``)."""
+        """The batch's log-mel features (all zeros with ``withhold_audio``: nothing to hear)."""
         features = batch["features"]
         return torch.zeros_like(features) if self.withhold_audio else features
 
