@@ -242,12 +242,16 @@ def test_previous_names_the_last_rounds_step_and_falls_back_in_round_1(tmp_path)
 def test_the_speech_pipeline_freezes_a_text_tuned_model_and_trains_its_baseline(tmp_path):
     plan = plan_from(_compose("tiny_speech", f"start={tmp_path}", f"run_dir={tmp_path / 'run'}"))
     assert [s.name for s in plan.steps] == ["setup/transcripts", "setup/speech_data", "setup/lm", "setup/speech",
-                                            "setup/text_only"]
+                                            "setup/text_only", "setup/phrases_data", "setup/phrases",
+                                            "setup/text_only_phrases"]
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         configs = {s.short: compose("train", overrides=s.command[3:]) for s in plan.steps if s.tool == "train"}
     assert configs["lm"].stage.init_from == str(tmp_path)
-    for name, withheld in (("speech", False), ("text_only", True)):
+    runs = {"speech": ("lm", "speech_data", False), "text_only": ("lm", "speech_data", True),  # one word per clip
+            "phrases": ("speech", "phrases_data", False),  # then 1 to 3 words, each run continuing its own
+            "text_only_phrases": ("text_only", "phrases_data", True)}
+    for name, (start, data, withheld) in runs.items():
         cfg = configs[name]
         assert cfg.stage._target_.endswith("SpeechAdapterStage") and cfg.stage.withhold_audio is withheld
-        assert cfg.stage.init_from == f"{tmp_path}/run/setup/lm/export"
-        assert cfg.data.data_dir == f"{tmp_path}/run/setup/speech_data/data"
+        assert cfg.stage.init_from == f"{tmp_path}/run/setup/{start}/export"
+        assert cfg.data.data_dir == f"{tmp_path}/run/setup/{data}/data"
