@@ -37,7 +37,7 @@ def main() -> None:
     """Measure and print every rate (see the module docstring)."""
     args = _arguments()
     cores = len(os.sched_getaffinity(0))
-    from herd.data.sources import stdlib_code
+    from herd.data.embedded.corpus import stdlib_code
 
     texts = [doc.text for doc in stdlib_code() if doc.text.strip()][: args.documents]
     print(f"corpus: {len(texts)} stdlib modules, {sum(map(len, texts)) / 1e6:.1f} MB of text; {cores} cores")
@@ -164,7 +164,7 @@ def _prepare(corpus: Path, tokenizer_dir: Path, out: Path, num_proc: int) -> flo
 
 def _read(prepared: Path, workers: int, batches: int) -> float:
     """PackedDataModule tokens/s (seq 512, batch 8), from loader creation to the last batch."""
-    from herd.data.datamodule import PackedDataModule
+    from herd.data.loaders.packed import PackedDataModule
 
     dm = PackedDataModule(str(prepared), seq_len=512, batch_size=8, num_workers=workers, shuffle_buffer=1000)
     started = time.perf_counter()

@@ -122,7 +122,7 @@ def quality(args, device: str) -> None:
     if not (args.model_dir and args.data_dir):
         print("perplexity: skipped (pass --model-dir <exported model> --data-dir <prepared folder>)")
         return
-    from herd.data.datamodule import PackedDataModule
+    from herd.data.loaders.packed import PackedDataModule
     from herd.interop import hf
 
     bf16 = hf.load(args.model_dir, dtype=torch.bfloat16, device=device).eval()

@@ -18,7 +18,7 @@ import lightning as L
 import torch
 
 from herd.callbacks.throughput import peak_flops
-from herd.data.synthetic import SyntheticDataModule
+from herd.data.loaders.synthetic import SyntheticDataModule
 from herd.presets import model_preset
 from herd.stages.parallelize import model_parallel_strategy
 from herd.stages.pretrain import PretrainStage

@@ -26,7 +26,7 @@ from pathlib import Path  # noqa: E402
 
 from hydra import compose, initialize_config_dir  # noqa: E402
 
-from training import PREFERENCE_SEQ_LEN, TRAIN_VOCAB  # noqa: E402
+from helpers.training import PREFERENCE_SEQ_LEN, TRAIN_VOCAB  # noqa: E402
 
 CORPUS_MODULES = ("argparse", "base64", "bisect", "calendar", "colorsys", "csv", "dataclasses", "difflib",
                   "enum", "fnmatch", "fractions", "functools", "getopt", "glob", "heapq", "hmac", "ipaddress",
@@ -39,7 +39,7 @@ def prepared_corpus(tmp_path_factory) -> Path:
     """34 stdlib modules prepared as shards (BPE of 512 ids, rows of 64): real text that a model learns."""
     import sysconfig
 
-    from herd.data.sources import module_docstrings
+    from herd.data.embedded.corpus import module_docstrings
     from herd.prepare import prepare
     from herd.presets import config_dir
 

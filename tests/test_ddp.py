@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from training import small_overrides
+from helpers.training import small_overrides
 
 
 @pytest.mark.slow

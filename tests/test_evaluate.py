@@ -12,13 +12,13 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
+from helpers.training import TRAIN_VOCAB
 from herd.data.tokenizer import Tokenizer
 from herd.evaluate import cli, evaluate, evaluate_needle, report, write_outputs
 from herd.evaluation.results import Results, load_results
 from herd.interop import hf
 from herd.model import ModelConfig, Transformer
 from herd.presets import config_dir
-from training import TRAIN_VOCAB
 
 
 def exported_model(tmp_path, prepared_corpus):

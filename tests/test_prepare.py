@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
 
-from herd.data.sources import BadInputError, iter_documents
+from herd.data.inputs import BadInputError, iter_documents
 from herd.data.tokenizer import Tokenizer, train_tokenizer
 from herd.paths import repo_root
 from herd.prepare import PrepareError, assign_split, prepare

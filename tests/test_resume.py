@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from training import small_overrides
+from helpers.training import small_overrides
 
 STEPS = 16
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers.training import compose_train
 from herd.train import ConfigError, build
-from training import compose_train
 
 SMALL = ["model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.vocab_size=256",
          "data=synthetic", "data.seq_len=64", "trainer.enable_progress_bar=false", "callbacks.progress_bar=null",

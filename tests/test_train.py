@@ -11,11 +11,11 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM
 
+from helpers.training import PREFERENCE_SEQ_LEN, compose_train
 from herd.interop import hf
 from herd.model import ModelConfig, Transformer
 from herd.presets import config_dir
 from herd.train import ConfigError, build, tensorboard_dir, train
-from training import PREFERENCE_SEQ_LEN, compose_train
 
 
 def test_fast_dev_run_of_the_default_config_exports_a_model(tmp_path, prepared_corpus):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from training import small_overrides
+from helpers.training import small_overrides
 
 STEPS = 8
 QUIET = {"trainer.enable_progress_bar=false", "callbacks.progress_bar=null"}

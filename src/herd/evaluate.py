@@ -38,8 +38,8 @@ import torch
 from omegaconf import DictConfig
 
 from herd import logs
-from herd.data.datamodule import PackedDataModule
-from herd.data.shards import Manifest
+from herd.data.loaders.packed import PackedDataModule
+from herd.data.manifest import Manifest
 from herd.data.tokenizer import Tokenizer
 from herd.evaluation import mcq as mcq_module
 from herd.evaluation.batching import Progress, rows_per_batch

@@ -31,8 +31,9 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.text import Text
 
+from herd.data.manifest import Manifest, ManifestError
 from herd.data.packing import IGNORE_INDEX, PAD_DOCUMENT_ID, Rechunker
-from herd.data.shards import SPLITS, Manifest, ManifestError, ShardError, read_shard
+from herd.data.shards import SPLITS, ShardError, read_shard
 from herd.data.tokenizer import Tokenizer
 from herd.paths import is_url, repo_root, resolve_location
 

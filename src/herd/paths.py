@@ -34,7 +34,7 @@ def is_url(location: str) -> bool:
     """True for locations that webdataset opens itself (``http://``, ``s3://``, ``pipe:`` ...).
 
     Locations the user writes in a config may be ``pipe:`` commands; locations read from a
-    file (a manifest) never may: see :func:`url_scheme` and ``herd.data.shards.Manifest``.
+    file (a manifest) never may: see :func:`url_scheme` and ``herd.data.manifest.Manifest``.
     """
     return "://" in location or location.startswith("pipe:")
 

@@ -9,10 +9,10 @@
     python -m herd.prepare output_dir=data/prepared/preferences \\
         'sources={preferences: {input: stdlib:preferences}}' tokenizer.path=data/prepared/stdlib/tokenizer
 
-Each source has a kind (``sources.<name>.kind``): ``text`` (the default; ``herd.data.text``),
-``dialog`` (``herd.data.dialogs``; the embedded ``stdlib:sft`` input is one), ``preference``
-(``herd.data.preferences``; the embedded ``stdlib:preferences`` input is one), ``image``
-(``herd.data.images``; ``stdlib:shapes``) or ``audio`` (``herd.data.audio``; ``stdlib:speech``). This module only
+Each source has a kind (``sources.<name>.kind``): ``text`` (the default; ``herd.data.kinds.text``),
+``dialog`` (``herd.data.kinds.dialog``; the embedded ``stdlib:sft`` input is one), ``preference``
+(``herd.data.kinds.preference``; the embedded ``stdlib:preferences`` input is one), ``image``
+(``herd.data.kinds.image``; ``stdlib:shapes``) or ``audio`` (``herd.data.kinds.audio``; ``stdlib:speech``). This module only
 orchestrates (``herd.data.kinds``): check the config; train a byte-level BPE on the train
 examples unless ``tokenizer.path`` names one; let each source's kind read, validate, encode
 (with ``num_proc`` processes for text), assign splits (``val`` with probability
@@ -22,8 +22,8 @@ and write deterministic shards; then write the tokenizer and ``manifest.json`` (
 (``herd.paths``). The same inputs give byte-identical output.
 
 Bad inputs (a file that is not UTF-8 or not text, a jsonl line that is not a JSON object with a
-string text field, or not a usable dialog or ranking; see ``herd.data.sources``,
-``herd.data.dialogs`` and ``herd.data.preferences``) stop prepare with a message naming the file
+string text field, or not a usable dialog or ranking; see ``herd.data.inputs``,
+``herd.data.kinds.dialog`` and ``herd.data.kinds.preference``) stop prepare with a message naming the file
 and line (``on_bad_input=error``, the default for text), or are skipped and counted per reason
 in the log and in the manifest (``sources.<name>.skipped``; ``on_bad_input=skip``, the default
 for dialogs and rankings). A source with more than ``max_bad_fraction`` of bad inputs (default:
@@ -59,6 +59,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from herd.data.inputs import BadInputError
 from herd.data.kinds import (
     ON_BAD_INPUT,
     BadInputs,
@@ -69,9 +70,9 @@ from herd.data.kinds import (
     kind_of,
     reasons,
 )
+from herd.data.manifest import FORMAT, MANIFEST_FILE, write_manifest
 from herd.data.parallel import WorkerPool
-from herd.data.shards import FORMAT, MANIFEST_FILE, token_dtype, write_manifest
-from herd.data.sources import BadInputError
+from herd.data.shards import token_dtype
 from herd.data.tokenizer import CONFIG_FILE, TOKENIZER_FILE, Tokenizer, train_tokenizer
 from herd.paths import repo_root, resolve
 

@@ -87,9 +87,9 @@ from omegaconf import DictConfig
 from omegaconf.errors import MissingMandatoryValue
 
 from herd.data.chat import encode_dialog
-from herd.data.dialogs import STDLIB_SFT, checked_messages, sft_options
+from herd.data.inputs import BadInputError, jsonl_records
 from herd.data.kinds import assign_split
-from herd.data.sources import BadInputError, jsonl_records
+from herd.data.kinds.dialog import STDLIB_SFT, checked_messages, sft_options
 from herd.data.tokenizer import Tokenizer
 from herd.evaluation.answers import token_f1
 from herd.paths import resolve
@@ -144,7 +144,7 @@ def read_prompts(source: str, split: str | None = None, val_fraction: float = 0.
 
 
 def _stdlib_prompts(source: str) -> list[Prompt]:
-    from herd.data.sft import stdlib_sft
+    from herd.data.embedded.sft import stdlib_sft
 
     try:
         options = sft_options(source)

@@ -28,8 +28,8 @@ import torch
 from omegaconf import DictConfig
 
 from herd.data.chat import encode_dialog
-from herd.data.dialogs import jsonl_dialogs
-from herd.data.sources import BadInputError
+from herd.data.inputs import BadInputError
+from herd.data.kinds.dialog import jsonl_dialogs
 from herd.data.tokenizer import Tokenizer
 from herd.interop import hf
 from herd.model import RewardModel

@@ -37,7 +37,8 @@ from herd.callbacks.checkpoint_io import (
     recoverable_checkpoint,
     remove_stale_temporaries,
 )
-from herd.data.shards import ManifestError, ShardError
+from herd.data.manifest import ManifestError
+from herd.data.shards import ShardError
 from herd.data.tokenizer import Tokenizer
 from herd.interop.hf import CheckpointError
 from herd.model import ModelConfig

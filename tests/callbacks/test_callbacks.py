@@ -6,11 +6,11 @@ import lightning as L
 import pytest
 import torch
 
+from helpers.training import compose_train
 from herd.callbacks.averaging import CheckpointAveraging
 from herd.callbacks.checkpoint_io import AtomicCheckpointIO
 from herd.callbacks.schedules import BatchRamp
 from herd.train import build
-from training import compose_train
 
 
 class Recorder(L.Callback):

@@ -6,8 +6,8 @@ import lightning as L
 import pytest
 from test_callbacks import Recorder, fit
 
+from helpers.training import compose_train
 from herd.callbacks.schedules import ContextSchedule
-from training import compose_train
 
 
 def schedule(on_fail="warn", min_needle=0.0, extra="", first_stage=""):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from helpers.training import compose_train
 from herd.callbacks.progress import LineProgress, StepProgressBar, step_progress
 from herd.train import train
-from training import compose_train
 
 RICH = ["trainer.enable_progress_bar=true", "+callbacks.progress_bar={_target_: herd.callbacks.progress.step_progress, "
         "force: rich}", "callbacks.text_samples=null", "validate_first=false", "trainer.val_check_interval=100"]

@@ -1,10 +1,10 @@
-"""Fixtures for the data tests (helpers live in synthetic.py)."""
+"""Fixtures for the data tests (helpers live in helpers/synthetic.py)."""
 
 from __future__ import annotations
 
 import pytest
-from synthetic import tiny_corpus
 
+from helpers.synthetic import tiny_corpus
 from herd.data.tokenizer import Tokenizer, train_tokenizer
 
 

@@ -10,17 +10,9 @@ import tarfile
 import numpy as np
 import pytest
 
+from herd.data.manifest import Manifest, ManifestError
 from herd.data.packing import PackedRows, pack_documents, with_boundaries
-from herd.data.shards import (
-    LAYOUTS,
-    Manifest,
-    ManifestError,
-    ShardError,
-    ShardInfo,
-    read_shard,
-    shard_bytes,
-    write_shard,
-)
+from herd.data.shards import LAYOUTS, ShardError, ShardInfo, read_shard, shard_bytes, write_shard
 
 ROW_LEN = 9
 

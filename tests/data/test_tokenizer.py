@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from synthetic import tiny_corpus
 from tokenizers import AddedToken, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as BackendTokenizer
 
+from helpers.synthetic import tiny_corpus
 from herd.data.tokenizer import Tokenizer, llama3_special_tokens, train_tokenizer
 
 TEXT = "def read(path):\n    return open(path).read()  # naïve ünïcode, 12345 <|eot_id|>"

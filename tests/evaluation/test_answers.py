@@ -20,7 +20,7 @@ def test_token_f1_matches_a_hand_count():
 
 
 def test_stdlib_questions_come_from_held_out_modules_only():
-    from herd.data.sft import stdlib_sft
+    from herd.data.embedded.sft import stdlib_sft
 
     held = held_out_dialogs("stdlib:sft", count=40, val_fraction=0.02)
     assert len(held) == 40

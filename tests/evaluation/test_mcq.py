@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
+from herd.data.embedded.corpus import stdlib_dir, stdlib_files
+from herd.data.embedded.sft import module_definitions
 from herd.data.kinds import assign_split
-from herd.data.sft import module_definitions
-from herd.data.sources import stdlib_dir, stdlib_files
 from herd.data.tokenizer import train_tokenizer
 from herd.evaluation.mcq import (
     NORMALISATIONS,

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
+from helpers.training import TRAIN_VOCAB
 from herd.evaluation.perplexity import ALL_SOURCES, source_perplexities
 from herd.model import ModelConfig, Transformer
-from training import TRAIN_VOCAB
 
 
 def stored_val_rows(prepared, source):

@@ -12,11 +12,11 @@ import sys
 import pytest
 import torch
 
+from helpers.training import TRAIN_VOCAB
 from herd.interop import hf, mllama
 from herd.interop import speech as speech_io
 from herd.model import Transformer
 from herd.presets import model_preset
-from training import TRAIN_VOCAB
 
 SHAPE = {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": TRAIN_VOCAB}
 ADAPTERS = {  # experiment: (data fixture, its own overrides, how its export loads)

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import herd.stages.pretrain as pretrain
+from helpers.training import compose_train
 from herd.export import read_checkpoint
 from herd.stages.base import NonFiniteError
 from herd.train import ConfigError, train
-from training import compose_train
 
 SHORT = ["trainer.val_check_interval=4", "callbacks.last_checkpoint.every_n_train_steps=2", "callbacks.text_samples=null",
          "stage.scheduler.warmup_steps=1", "trainer.precision=32-true"]

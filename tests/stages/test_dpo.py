@@ -9,11 +9,11 @@ import math
 import pytest
 import torch
 
+from helpers.training import preference_batch, response_tokens
 from herd.interop import hf
 from herd.model import Transformer
 from herd.stages.dpo import DPOStage, chosen_nll, dpo_loss
 from herd.stages.preference import find_responses, response_logps
-from training import preference_batch, response_tokens
 
 
 def test_dpo_loss_matches_the_formula_on_random_inputs():

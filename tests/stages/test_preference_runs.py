@@ -6,11 +6,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from helpers.training import PREFERENCE_SEQ_LEN, compose_train
 from herd.export import export
 from herd.interop import hf
 from herd.model import ModelConfig, Transformer
 from herd.train import train
-from training import PREFERENCE_SEQ_LEN, compose_train
 
 
 def _start(tmp_path, cfg, prepared_corpus):

@@ -11,10 +11,10 @@ import sys
 import pytest
 import torch
 
+from helpers.training import PREFERENCE_SEQ_LEN, TRAIN_VOCAB
 from herd.interop import hf
 from herd.model import Transformer
 from herd.presets import model_preset
-from training import PREFERENCE_SEQ_LEN, TRAIN_VOCAB
 
 SHAPE = {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": TRAIN_VOCAB}
 

@@ -9,11 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers.training import preference_batch, response_tokens
 from herd.interop import hf
 from herd.model import Transformer
 from herd.stages.base import parameter_groups
 from herd.stages.reward import RewardStage, grouped_ranking_loss, ranking_loss
-from training import preference_batch, response_tokens
 
 
 def test_ranking_loss_of_three_responses_is_the_mean_of_its_three_pairwise_losses():

@@ -9,13 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers.training import compose_train, save_random_model
 from herd.interop import hf
 from herd.interop import speech as speech_io
 from herd.model import ModelConfig
 from herd.stages.base import FrozenBackboneError
 from herd.stages.speech_adapter import SpeechAdapterStage
 from herd.train import build, train
-from training import compose_train, save_random_model
 
 STEPS = 4
 

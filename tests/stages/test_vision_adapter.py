@@ -10,12 +10,12 @@ import torch
 import torch.nn.functional as F
 from transformers import MllamaForConditionalGeneration
 
+from helpers.training import compose_train, save_random_model
 from herd.interop import hf, mllama
 from herd.model import ModelConfig, Transformer
 from herd.model.vision import ImageBatch, VisionConfig, VisionLanguageModel
 from herd.stages.vision_adapter import FrozenBackboneError, VisionAdapterStage
 from herd.train import ConfigError, build, train
-from training import compose_train, save_random_model
 
 STEPS = 4
 

@@ -40,25 +40,21 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
-import re
 import tarfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import webdataset as wds
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from herd.data.packing import EXTRA_MEMBERS, PackedRows, num_rows, pack_range
-from herd.paths import url_scheme
 
-MANIFEST_FILE = "manifest.json"
-FORMAT = "herd-packed-v1"
 SPLITS = ("train", "val")
+T = TypeVar("T")
 _TOKENS, _DOCS, _LOSS = "tokens.npy", "document_ids.npy", "loss_mask.npy"
 
 # Row layouts by kind of source (manifest: sources.<name>.kind and .layout). "stream": documents
@@ -71,28 +67,18 @@ LAYOUTS: dict[str, dict[str, Any]] = {
         "members": ["tokens", "document_ids", "loss_mask", "response_ids", "ranks"],
         "packing": "whole",
     },
-    # one image-caption example per sample, read by herd.data.image_loader (see herd.data.images)
+    # one image-caption example per sample, read by herd.data.loaders.image (see herd.data.kinds.image)
     "image": {"members": ["tokens", "loss_mask", "image", "json"], "packing": "example"},
-    # one audio-transcript example per sample, read by herd.data.speech_loader (see herd.data.audio)
+    # one audio-transcript example per sample, read by herd.data.loaders.audio (see herd.data.kinds.audio)
     "audio": {"members": ["tokens", "loss_mask", "audio", "json"], "packing": "example"},
 }
 # Members every layout has, or may have, besides its extras (EXTRA_MEMBERS).
-_BASE_MEMBERS = ("tokens", "document_ids", "loss_mask")
+BASE_MEMBERS = ("tokens", "document_ids", "loss_mask")
 
-# URL schemes a manifest may name for its shards and tokenizer. Others are refused: ``pipe:``
-# would run the listed text as a shell command.
-MANIFEST_URL_SCHEMES = ("file", "s3", "gs", "http", "https")
-# Characters a relative location may use when it is appended to a ``pipe:`` manifest location
-# (one the user wrote): nothing the shell would interpret.
-_SHELL_SAFE = re.compile(r"[A-Za-z0-9._/+=@,-]+")
 
 
 class ShardError(RuntimeError):
     """A shard is missing, corrupt, truncated, or disagrees with its manifest."""
-
-
-class ManifestError(ValueError):
-    """A manifest is missing, malformed, or does not fit the model."""
 
 
 @dataclass(frozen=True)
@@ -127,26 +113,30 @@ def shard_bytes(rows: PackedRows, first_row: int, dtype: np.dtype) -> bytes:
     extras = {f"{name}.npy": values.astype(EXTRA_MEMBERS[name].dtype) for name, values in rows.extras.items()}
     parts: list[bytes] = []
     if len(tokens):
-        token_header, doc_header = _npy_header(tokens[0]), _npy_header(docs[0])
-        mask_header = b"" if masks is None else _npy_header(masks[0])
-        extra_headers = {member: _npy_header(values[0]) for member, values in extras.items()}
+        token_header, doc_header = npy_header(tokens[0]), npy_header(docs[0])
+        mask_header = b"" if masks is None else npy_header(masks[0])
+        extra_headers = {member: npy_header(values[0]) for member, values in extras.items()}
     for i in range(len(tokens)):
         key = f"{first_row + i:09d}"
-        parts += _member(f"{key}.{_TOKENS}", token_header + tokens[i].tobytes())
-        parts += _member(f"{key}.{_DOCS}", doc_header + docs[i].tobytes())
+        parts += tar_member(f"{key}.{_TOKENS}", token_header + tokens[i].tobytes())
+        parts += tar_member(f"{key}.{_DOCS}", doc_header + docs[i].tobytes())
         if masks is not None:
-            parts += _member(f"{key}.{_LOSS}", mask_header + masks[i].tobytes())
+            parts += tar_member(f"{key}.{_LOSS}", mask_header + masks[i].tobytes())
         for member, values in extras.items():
-            parts += _member(f"{key}.{member}", extra_headers[member] + values[i].tobytes())
-    parts.append(tarfile.NUL * (2 * tarfile.BLOCKSIZE))  # end-of-archive marker
-    size = sum(map(len, parts))
-    parts.append(tarfile.NUL * (-size % tarfile.RECORDSIZE))  # pad the last record, as tarfile does
-    return b"".join(parts)
+            parts += tar_member(f"{key}.{member}", extra_headers[member] + values[i].tobytes())
+    return tar_bytes(parts)
 
 
 def write_shard(path: Path, rows: PackedRows, first_row: int, dtype: np.dtype) -> str:
     """Write a shard atomically; returns its sha256."""
-    data = shard_bytes(rows, first_row, dtype)
+    return write_atomic(path, shard_bytes(rows, first_row, dtype))
+
+
+def write_atomic(path: Path, data: bytes) -> str:
+    """Write ``data`` to ``path`` through a ``.partial`` file and a rename; returns its sha256.
+
+    A reader never sees a half-written shard: a killed writer leaves only the ``.partial`` file.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
     partial.write_bytes(data)
@@ -154,14 +144,21 @@ def write_shard(path: Path, rows: PackedRows, first_row: int, dtype: np.dtype) -
     return hashlib.sha256(data).hexdigest()
 
 
-def _npy_header(row: np.ndarray) -> bytes:
+def tar_bytes(parts: list[bytes]) -> bytes:
+    """The bytes of a tar holding the members ``parts`` (from :func:`tar_member`), closed as tarfile does."""
+    parts = [*parts, tarfile.NUL * (2 * tarfile.BLOCKSIZE)]  # end-of-archive marker
+    parts.append(tarfile.NUL * (-sum(map(len, parts)) % tarfile.RECORDSIZE))  # pad the last record
+    return b"".join(parts)
+
+
+def npy_header(row: np.ndarray) -> bytes:
     """The .npy header for arrays shaped and typed like ``row``."""
     out = io.BytesIO()
     np.save(out, np.ascontiguousarray(row), allow_pickle=False)
     return out.getvalue()[: -row.nbytes or None]
 
 
-def _member(name: str, data: bytes) -> list[bytes]:
+def tar_member(name: str, data: bytes) -> list[bytes]:
     """Header, data and padding of one tar member (fixed mtime, owner and mode)."""
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode = len(data), 0, 0o644
@@ -268,210 +265,6 @@ def _write_task(task: _ShardTask) -> tuple[int, int, str]:
     return task.first_row, task.rows, write_shard(task.path, packed, task.first_row, task.dtype)
 
 
-def write_manifest(folder: Path, manifest: dict[str, Any]) -> Path:
-    """Write ``manifest.json`` (sorted keys, so identical content gives identical bytes)."""
-    path = folder / MANIFEST_FILE
-    path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    return path
-
-
-# --- the manifest -------------------------------------------------------------------------------
-
-
-class Manifest:
-    """A prepared dataset's ``manifest.json``: tokenizer, row length, sources and their shards.
-
-    ``location`` is a prepared folder, a manifest file, or a URL of either (the user's choice, so
-    it may be a ``pipe:`` command). Shard and tokenizer paths in the manifest are relative to the
-    manifest's folder, absolute, or URLs with a scheme in :data:`MANIFEST_URL_SCHEMES`; every one
-    is checked when the manifest is loaded, and anything else raises :class:`ManifestError`.
-    """
-
-    def __init__(self, data: dict[str, Any], location: str) -> None:
-        self.data = data
-        self.location = location
-        self.base = location.rsplit("/", 1)[0] if "/" in location else "."
-        if not isinstance(data, dict):
-            raise ManifestError(f"{location}: not a herd manifest (not a JSON object); re-run herd.prepare")
-        for key in ("format", "row_len", "tokenizer", "sources"):
-            if key not in data:
-                raise ManifestError(f"{location}: not a herd manifest (no {key!r}); re-run herd.prepare")
-        if data["format"] != FORMAT:
-            raise ManifestError(
-                f"{location}: format {data['format']!r} is not {FORMAT!r}; re-run herd.prepare"
-            )
-        self._check_locations()
-
-    @classmethod
-    def load(cls, location: str | os.PathLike[str]) -> Manifest:
-        """Read a manifest from a prepared folder, a manifest path or a URL."""
-        location = str(location)
-        if not location.endswith(".json"):
-            location = location.rstrip("/") + "/" + MANIFEST_FILE
-        try:
-            with wds.gopen(location, "rb") as stream:
-                data = json.loads(stream.read())
-        except FileNotFoundError:
-            raise ManifestError(
-                f"manifest not found: {location}. Prepare the data first (python -m herd.prepare) "
-                "or point data_dir at a prepared folder."
-            ) from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ManifestError(
-                f"manifest {location} is not valid JSON ({err}); re-run herd.prepare"
-            ) from None
-        return cls(data, location)
-
-    @property
-    def row_len(self) -> int:
-        """Tokens per stored row (seq_len + 1)."""
-        return int(self.data["row_len"])
-
-    def source_kind(self, source: str) -> str:
-        """The kind of examples ``source`` holds: ``"text"`` (the default), ``"dialog"``, ``"preference"``."""
-        self._check_source(source)
-        kind = self.data["sources"][source].get("kind", "text")
-        if kind not in LAYOUTS:
-            raise ManifestError(
-                f"source {source!r} in {self.location} is of kind {kind!r}; herd reads packed rows of the "
-                f"kinds {sorted(LAYOUTS)} (re-run herd.prepare with a herd that knows it, or leave the source out)"
-            )
-        return kind
-
-    def layout(self, source: str) -> dict[str, Any]:
-        """The row layout of ``source`` (an entry of :data:`LAYOUTS`): its members and packing."""
-        layout = self.data["sources"][source].get("layout") if self.source_kind(source) else None
-        if layout is None:
-            return LAYOUTS[self.source_kind(source)]
-        if not isinstance(layout, dict) or not isinstance(layout.get("members"), list):
-            raise ManifestError(f"{self.location}: sources.{source}.layout is malformed; re-run herd.prepare")
-        return layout
-
-    def has_loss_mask(self, source: str) -> bool:
-        """True when the rows of ``source`` carry a ``loss_mask`` member (dialog and preference sources)."""
-        return "loss_mask" in self.layout(source)["members"]
-
-    def extras(self, source: str) -> tuple[str, ...]:
-        """The extra members of the rows of ``source`` (``("response_ids", "ranks")`` for preferences).
-
-        Raises ManifestError for a member herd does not know.
-        """
-        extras = tuple(m for m in self.layout(source)["members"] if m not in _BASE_MEMBERS)
-        unknown = [m for m in extras if m not in EXTRA_MEMBERS]
-        if unknown:
-            raise ManifestError(
-                f"{self.location}: sources.{source}.layout names the member(s) {unknown}, which herd does "
-                f"not know (it knows {[*_BASE_MEMBERS, *EXTRA_MEMBERS]}); re-run herd.prepare with this herd"
-            )
-        return extras
-
-    def whole_examples(self, source: str) -> bool:
-        """True when each example of ``source`` sits whole in one row (it must be read at row_len)."""
-        return self.layout(source).get("packing") == "whole"
-
-    @property
-    def vocab_size(self) -> int:
-        """Vocabulary size of the tokenizer the shards were made with."""
-        return int(self.data["tokenizer"]["vocab_size"])
-
-    @property
-    def fingerprint(self) -> str:
-        """Fingerprint of the tokenizer the shards were made with."""
-        return str(self.data["tokenizer"]["fingerprint"])
-
-    @property
-    def tokenizer_location(self) -> str:
-        """Where the tokenizer folder saved with the shards is."""
-        return self._resolve(self.data["tokenizer"]["path"], "tokenizer.path")
-
-    def source_names(self) -> list[str]:
-        """Names of the sources in this dataset."""
-        return list(self.data["sources"])
-
-    def _check_source(self, source: str) -> None:
-        if source not in self.data["sources"]:
-            raise ManifestError(
-                f"source {source!r} is not in manifest {self.location} (it has {self.source_names()})"
-            )
-
-    def shards(self, source: str, split: str) -> list[ShardInfo]:
-        """The shards of ``source``'s ``split``, with locations resolved."""
-        self._check_source(source)
-        listed = self.data["sources"][source]["splits"].get(split, {}).get("shards", [])
-        entry = f"sources.{source}.splits.{split}.shards"
-        return [
-            ShardInfo(self._resolve(s["path"], f"{entry}[{i}].path"), int(s["rows"]), int(s["first_row"]),
-                      s.get("sha256"))
-            for i, s in enumerate(listed)
-        ]  # fmt: skip
-
-    def check_tokenizer(
-        self, expected_vocab_size: int | None, expected_fingerprint: str | None = None
-    ) -> None:
-        """Refuse shards made with another tokenizer than the model expects."""
-        if expected_vocab_size is not None and int(expected_vocab_size) != self.vocab_size:
-            raise ManifestError(
-                f"vocab size mismatch: the model expects {expected_vocab_size} but the shards in "
-                f"{self.location} were made with a tokenizer of {self.vocab_size}. Prepare the data "
-                "with the model's tokenizer, or set the model's vocab_size to match."
-            )
-        if expected_fingerprint is not None and expected_fingerprint != self.fingerprint:
-            raise ManifestError(
-                f"tokenizer fingerprint mismatch: the model expects {expected_fingerprint} but the "
-                f"shards in {self.location} were made with {self.fingerprint}. Prepare the data "
-                "with the model's tokenizer."
-            )
-
-    def _check_locations(self) -> None:
-        """Refuse the manifest if any shard or tokenizer location it lists could run code."""
-        tokenizer, sources = self.data["tokenizer"], self.data["sources"]
-        if not isinstance(tokenizer, dict) or not isinstance(sources, dict):
-            raise ManifestError(
-                f"{self.location}: 'tokenizer' and 'sources' must be objects; re-run herd.prepare"
-            )
-        self._resolve(tokenizer.get("path", "tokenizer"), "tokenizer.path")
-        for name, source in sources.items():
-            splits = source.get("splits", {}) if isinstance(source, dict) else None
-            if not isinstance(splits, dict):
-                raise ManifestError(f"{self.location}: sources.{name} is malformed; re-run herd.prepare")
-            for split, entry in splits.items():
-                shards = entry.get("shards", []) if isinstance(entry, dict) else None
-                if not isinstance(shards, list) or not all(isinstance(s, dict) for s in shards):
-                    where = f"sources.{name}.splits.{split}.shards"
-                    raise ManifestError(f"{self.location}: {where} is malformed; re-run herd.prepare")
-                for i, shard in enumerate(shards):
-                    self._resolve(shard.get("path"), f"sources.{name}.splits.{split}.shards[{i}].path")
-
-    def _resolve(self, path: Any, entry: str) -> str:
-        """A location listed at ``entry`` of the manifest, resolved against the manifest's folder.
-
-        Plain paths (relative or absolute) and URLs with a scheme in :data:`MANIFEST_URL_SCHEMES`
-        pass; anything else (``pipe:`` above all) raises ManifestError naming the entry.
-        """
-        if not isinstance(path, str) or not path or "\x00" in path:
-            self._refuse(path, entry, "it is not a path")
-        scheme = url_scheme(path)
-        if scheme:
-            if scheme not in MANIFEST_URL_SCHEMES:
-                self._refuse(path, entry, f"the scheme {scheme!r} is not allowed")
-            return path
-        if Path(path).is_absolute():
-            return path
-        if url_scheme(self.base) == "pipe" and not _SHELL_SAFE.fullmatch(path):
-            self._refuse(path, entry, "it would be appended to the pipe: command of data_dir, and it holds "
-                         "characters the shell interprets")  # fmt: skip
-        return f"{self.base}/{path}"
-
-    def _refuse(self, path: Any, entry: str, why: str) -> None:
-        raise ManifestError(
-            f"manifest {self.location}: {entry} = {path!r} is refused ({why}). A manifest may list "
-            "only plain file paths (relative to its folder, or absolute) and URLs with a scheme in "
-            f"{', '.join(MANIFEST_URL_SCHEMES)}: a location read from a file never runs a command. Fix "
-            "the manifest or re-run herd.prepare; to read shards through a command, write the pipe: "
-            "location in your own config (data.data_dir, or data.sources.<name>.train / .val)."
-        )
-
-
 # --- reading ------------------------------------------------------------------------------------
 
 
@@ -506,17 +299,24 @@ def read_shard(
     unknown = [name for name in extras if name not in EXTRA_MEMBERS]
     if unknown:
         raise ValueError(f"read_shard: unknown extra member(s) {unknown}; known: {sorted(EXTRA_MEMBERS)}")
-    data = _fetch(shard.url)
+    return read_samples(shard, lambda sample: _decode(sample, row_len, vocab_size, loss_mask, tuple(extras)))
+
+
+def read_samples(shard: ShardInfo, decode: Callable[[dict[str, Any]], T], what: str = "rows") -> list[T]:
+    """Every sample of ``shard`` through ``decode``, checked against the manifest's entry.
+
+    The shard is read whole; its sha256, and the ``index`` of each decoded sample against the
+    manifest's row numbers, are checked before anything is returned. Whatever is wrong raises
+    :class:`ShardError` naming the shard. Both layouts (packed rows, media examples) read here.
+    """
+    data = fetch_shard(shard.url)
     if shard.sha256 is not None and hashlib.sha256(data).hexdigest() != shard.sha256:
         raise ShardError(
             f"shard {shard.url} is corrupt or truncated: its sha256 differs from the manifest's. "
             "Re-run herd.prepare or restore the file (or set on_corrupt_shard=skip to skip it)."
         )
     try:
-        rows = [
-            _decode(sample, row_len, vocab_size, loss_mask, tuple(extras))
-            for sample in _samples(data, shard.url)
-        ]
+        rows = [decode(sample) for sample in shard_samples(data, shard.url)]
     except ShardError:
         raise
     except Exception as err:  # tarfile, numpy and webdataset raise many kinds on damaged bytes
@@ -524,13 +324,14 @@ def read_shard(
     expected = list(range(shard.first_row, shard.first_row + shard.rows))
     if [row.index for row in rows] != expected:
         raise ShardError(
-            f"shard {shard.url} is truncated or altered: it holds {len(rows)} rows but the manifest "
-            f"lists {shard.rows} (rows {shard.first_row}..{shard.first_row + shard.rows - 1})"
+            f"shard {shard.url} is truncated or altered: it holds {len(rows)} {what} but the manifest "
+            f"lists {shard.rows} ({what} {shard.first_row}..{shard.first_row + shard.rows - 1})"
         )
     return rows
 
 
-def _fetch(url: str) -> bytes:
+def fetch_shard(url: str) -> bytes:
+    """The bytes of the shard at ``url`` (a path or a URL webdataset opens); ShardError if it is missing."""
     try:
         with wds.gopen(url, "rb") as stream:
             return stream.read()
@@ -540,7 +341,7 @@ def _fetch(url: str) -> bytes:
         ) from None
 
 
-def _samples(data: bytes, url: str):
+def shard_samples(data: bytes, url: str):
     """WebDataset samples (dicts of raw member bytes) of an in-memory tar."""
     files = tar_file_expander([{"url": url, "stream": io.BytesIO(data)}])
     return group_by_keys(files)
@@ -571,8 +372,8 @@ def _decode(
             f"sample {key} in {sample['__url__']} has the member(s) {unexpected}, which the manifest's "
             "layout of its source does not list; re-run herd.prepare or fix the manifest"
         )
-    tokens = _load_npy(sample[_TOKENS], key, sample["__url__"])
-    docs = _load_npy(sample[_DOCS], key, sample["__url__"])
+    tokens = load_npy(sample[_TOKENS], key, sample["__url__"])
+    docs = load_npy(sample[_DOCS], key, sample["__url__"])
     if (
         tokens.shape != (row_len,)
         or docs.shape != (row_len,)
@@ -594,7 +395,7 @@ def _decode(
 
 def _decode_mask(sample: dict[str, Any], key: str, row_len: int) -> np.ndarray:
     """The row's loss mask as bool: (row_len,) uint8 or bool holding only 0 and 1."""
-    mask = _load_npy(sample[_LOSS], key, sample["__url__"])
+    mask = load_npy(sample[_LOSS], key, sample["__url__"])
     if mask.shape != (row_len,) or mask.dtype not in (np.uint8, np.bool_):
         raise ShardError(
             f"sample {key} in {sample['__url__']}: expected a loss mask of {row_len} uint8, got "
@@ -607,7 +408,7 @@ def _decode_mask(sample: dict[str, Any], key: str, row_len: int) -> np.ndarray:
 
 def _decode_extra(sample: dict[str, Any], key: str, row_len: int, name: str) -> np.ndarray:
     """The row's extra member ``name``: (row_len,) signed integers, none below the member's minimum."""
-    values = _load_npy(sample[f"{name}.npy"], key, sample["__url__"])
+    values = load_npy(sample[f"{name}.npy"], key, sample["__url__"])
     if values.shape != (row_len,) or values.dtype.kind != "i":
         raise ShardError(
             f"sample {key} in {sample['__url__']}: expected {name} of {row_len} signed integers, got "
@@ -622,7 +423,8 @@ def _decode_extra(sample: dict[str, Any], key: str, row_len: int, name: str) -> 
     return values
 
 
-def _load_npy(data: bytes, key: str, url: str) -> np.ndarray:
+def load_npy(data: bytes, key: str, url: str) -> np.ndarray:
+    """A plain numpy array from npy bytes (never a pickle); ShardError names the sample otherwise."""
     try:
         return np.load(io.BytesIO(data), allow_pickle=False)
     except ValueError as err:

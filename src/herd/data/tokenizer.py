@@ -57,7 +57,7 @@ SPECIAL_TOKEN_NAMES = {
     "eom_id": "<|eom_id|>",
     "python_tag": "<|python_tag|>",
     "finetune_right_pad_id": "<|finetune_right_pad_id|>",
-    # herd's speech adapter: the reserved tokens around a clip's embeddings (herd.data.audio)
+    # herd's speech adapter: the reserved tokens around a clip's embeddings (herd.data.kinds.audio)
     "speech_start": "<|reserved_special_token_10|>",
     "speech_end": "<|reserved_special_token_11|>",
 }

@@ -53,7 +53,7 @@ class HeldOut:
 def held_out_dialogs(source: str = "stdlib:sft", count: int = 32, val_fraction: float = 0.02) -> list[HeldOut]:
     """The first ``count`` held-out questions of ``source``: ``stdlib:sft`` (its val modules) or a jsonl file."""
     if source == "stdlib:sft" or source.startswith("stdlib:sft?"):
-        from herd.data.sft import reference_answer, stdlib_sft
+        from herd.data.embedded.sft import reference_answer, stdlib_sft
         from herd.prepare import assign_split
 
         out = []

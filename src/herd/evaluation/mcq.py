@@ -49,9 +49,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from herd.data.embedded.corpus import module_name, stdlib_dir, stdlib_files
+from herd.data.embedded.sft import module_definitions
 from herd.data.kinds import assign_split
-from herd.data.sft import module_definitions
-from herd.data.sources import _module_name, stdlib_dir, stdlib_files
 from herd.evaluation.batching import Progress
 
 NORMALISATIONS = ("raw", "per_token", "per_char")
@@ -243,7 +243,7 @@ def stdlib_items(
     ``holdout_fraction`` (the same hash of the file's path as the ``stdlib:prose`` and
     ``stdlib:code`` corpora), so a model pretrained on that data never saw its code or docstrings.
     Each documented public function, method or class of those modules (see
-    :func:`herd.data.sft.module_definitions`) asks for the first sentence of its docstring among
+    :func:`herd.data.embedded.sft.module_definitions`) asks for the first sentence of its docstring among
     ``n_choices``: the right one and others drawn from the other held-out definitions. Right
     answers are spread evenly over the positions. ``seed`` fixes the draws; ``max_items`` keeps
     an evenly spread subset.
@@ -252,7 +252,7 @@ def stdlib_items(
     pool = []
     for path in stdlib_files(root):
         relative = path.relative_to(root).as_posix()
-        module = _module_name(relative)
+        module = module_name(relative)
         if any(part.startswith("_") for part in module.split(".")):
             continue
         if assign_split(relative, holdout_fraction) == "val":

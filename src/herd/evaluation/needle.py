@@ -16,8 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key."
-QUESTION = " What is the pass key? The pass key is"
+from herd.data.embedded.passkey import NEEDLE, QUESTION  # the words the passkey documents train on
 
 
 @dataclass

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-from herd.data.datamodule import PackedDataModule
-from herd.data.shards import Manifest
+from herd.data.loaders.packed import PackedDataModule
+from herd.data.manifest import Manifest
 from herd.evaluation.batching import Progress
 from herd.paths import resolve_location
 from herd.stages.pretrain import next_token_scores

@@ -5,7 +5,7 @@ architecture as Llama 3.2 Vision; ``transformers`` implements it as ``MllamaForC
 :class:`VisionLanguageModel` composes it around an unchanged :class:`~herd.model.Transformer`:
 
 - :class:`ImageEncoder`. Each image arrives cut into tiles (up to ``max_num_tiles``, see
-  :mod:`herd.data.images`), and each tile into patches. A class token and position embeddings
+  :mod:`herd.data.kinds.image`), and each tile into patches. A class token and position embeddings
   are added; tile-position embeddings are chosen by the image's aspect ratio and are tanh-gated.
   Then come the "local" ViT layers over all the patches of the image, and the "global" layers,
   whose residual branches are tanh-gated. The output is the final layer's features concatenated

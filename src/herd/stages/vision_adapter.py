@@ -12,7 +12,7 @@ The backbone is frozen:
 The encoder, the projection, the cross-attention blocks and the new-token embeddings train.
 
 The loss is next-token cross-entropy on the caption only (``targets`` from
-:mod:`herd.data.image_loader`): the prompt, ``<|image|>`` and ``<|begin_of_text|>`` are masked.
+:mod:`herd.data.loaders.image`): the prompt, ``<|image|>`` and ``<|begin_of_text|>`` are masked.
 Validation logs:
 - ``val/loss`` and ``val/accuracy``: token-weighted over the caption tokens;
 - ``val/caption_exact``: the share of greedy captions that equal the reference;
@@ -133,7 +133,7 @@ class VisionAdapterStage(AdapterStage):
         if not hasattr(datamodule, "set_tiler"):
             raise ValueError("stage=vision_adapter trains on image-caption data: use data=images (prepared with "
                              "kind: image, e.g. make prepare-vision)")
-        from herd.data.images import ImageTiler
+        from herd.data.kinds.image import ImageTiler
 
         datamodule.set_tiler(ImageTiler.for_model(self.vision_config))
         if datamodule.image_token_id != self.model_config.vocab_size:

@@ -1,0 +1,275 @@
+"""Reading the user's inputs as documents: text files, folders and jsonl, checked to be text.
+
+Every input yields :class:`Document` objects in a deterministic order. A document's ``id`` is
+stable across machines (paths are relative), so hashing it assigns the same documents to the
+validation split everywhere. The embedded ``stdlib:`` inputs live in :mod:`herd.data.embedded`;
+:func:`iter_documents` reads those too.
+
+Files and jsonl records are checked to be text: a file that is not UTF-8, a jsonl line that is
+not a JSON object with a string in ``text_field``, and any text holding a NUL character or more
+than :data:`MAX_CONTROL_SHARE` of control characters (other than tab, newlines, form feed and
+vertical tab) is a :class:`BadInputError`, whose ``reason`` is one of :data:`BAD_INPUT_REASONS`.
+By default it is raised; pass ``on_bad_input`` to :func:`iter_documents` to skip it instead.
+Every kind of example read from jsonl (text, dialogs, preferences, media) starts at
+:func:`jsonl_records`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+_JSONL_SUFFIXES = (".jsonl", ".ndjson")
+
+# Why an input is not usable text (BadInputError.reason).
+BAD_INPUT_REASONS = ("not_utf8", "binary", "malformed_json", "not_an_object", "missing_field", "not_a_string")
+# A text with a larger share of control characters (see _CONTROL) is taken for binary data.
+MAX_CONTROL_SHARE = 0.05
+# Unicode category Cc, less the whitespace of ordinary text: \t \n \v \f \r.
+_CONTROL = re.compile(r"[\x00-\x08\x0e-\x1f\x7f-\x9f]")
+
+
+@dataclass(frozen=True)
+class Document:
+    """One document: a stable id (used to assign the split) and its text."""
+
+    id: str
+    text: str
+
+
+class BadInputError(ValueError):
+    """A file or jsonl line that is not usable text; the message names it and the fix.
+
+    ``reason`` is one of :data:`BAD_INPUT_REASONS`; ``location`` is the file, or ``file:line``.
+    """
+
+    def __init__(self, message: str, reason: str, location: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.location = location
+
+
+# Called with each bad input: raise to stop reading, return to skip the input.
+OnBadInput = Callable[[BadInputError], None]
+
+
+def raise_bad_input(error: BadInputError) -> None:
+    """The default :data:`OnBadInput`: stop at the first bad input."""
+    raise error
+
+
+def iter_documents(
+    inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    text_field: str = "text",
+    glob: str = "**/*",
+    on_bad_input: OnBadInput = raise_bad_input,
+) -> Iterator[Document]:
+    """Documents of one source's inputs, in order.
+
+    Each input is ``stdlib:prose``, ``stdlib:code``, a text file (one document), a ``.jsonl``
+    file (one document per line, text in ``text_field``) or a folder (every file matching
+    ``glob``, sorted, each read as text or jsonl by its suffix). A file or jsonl line that is
+    not text goes to ``on_bad_input`` (which raises by default); if it returns, the input is
+    skipped. Missing inputs raise FileNotFoundError.
+    """
+    for item in [inputs] if isinstance(inputs, (str, os.PathLike)) else inputs:
+        yield from _documents_of(str(item), text_field, glob, on_bad_input)
+
+
+def _documents_of(item: str, text_field: str, glob: str, on_bad_input: OnBadInput) -> Iterator[Document]:
+    from herd.data.embedded.corpus import STDLIB_CODE, STDLIB_PROSE, stdlib_code, stdlib_prose
+    from herd.data.embedded.passkey import STDLIB_PASSKEY, passkey_options, stdlib_passkey
+
+    if item == STDLIB_PROSE:
+        yield from stdlib_prose()
+    elif item == STDLIB_CODE:
+        yield from stdlib_code()
+    elif item == STDLIB_PASSKEY or item.startswith(STDLIB_PASSKEY + "?"):
+        yield from stdlib_passkey(**passkey_options(item))
+    else:
+        path = Path(item).expanduser()
+        if path.is_dir():
+            yield from folder_documents(path, text_field, glob, on_bad_input)
+        elif path.is_file():
+            yield from file_documents(path, path.name, text_field, on_bad_input)
+        else:
+            raise FileNotFoundError(
+                f"input not found: {path} (neither a file nor a folder). Fix the source's input "
+                f"path, or use {STDLIB_PROSE!r} / {STDLIB_CODE!r} for the embedded corpus."
+            )
+
+
+def folder_documents(
+    folder: Path, text_field: str = "text", glob: str = "**/*", on_bad_input: OnBadInput = raise_bad_input
+) -> Iterator[Document]:
+    """Every non-hidden file under ``folder`` matching ``glob``, in sorted order."""
+    for file in folder_files(folder, glob):
+        yield from file_documents(file, file.relative_to(folder).as_posix(), text_field, on_bad_input)
+
+
+def folder_files(folder: Path, glob: str = "**/*") -> list[Path]:
+    """The non-hidden files under ``folder`` matching ``glob``, sorted; FileNotFoundError if none."""
+    files = sorted(
+        p
+        for p in folder.glob(glob)
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
+    if not files:
+        raise FileNotFoundError(f"no files match {glob!r} in {folder}; check the input folder or the glob")
+    return files
+
+
+def file_documents(
+    path: Path, doc_id: str, text_field: str = "text", on_bad_input: OnBadInput = raise_bad_input
+) -> Iterator[Document]:
+    """The documents of one file: one per line for jsonl, else the whole file."""
+    if path.suffix.lower() in _JSONL_SUFFIXES:
+        yield from jsonl_documents(path, doc_id, text_field, on_bad_input)
+        return
+    try:
+        text = _read_text(path)
+    except BadInputError as err:
+        on_bad_input(err)
+        return
+    yield Document(doc_id, text)
+
+
+def jsonl_documents(
+    path: Path,
+    doc_id: str | None = None,
+    text_field: str = "text",
+    on_bad_input: OnBadInput = raise_bad_input,
+) -> Iterator[Document]:
+    """One document per non-blank line of a jsonl file; bad lines are reported as ``file:line``."""
+    doc_id = doc_id or path.name
+    for line_number, record in jsonl_records(path, on_bad_input, f"a {text_field!r} field"):
+        where = f"{path}:{line_number}"
+        try:
+            text = _record_text(record, where, text_field)
+        except BadInputError as err:
+            on_bad_input(err)
+            continue
+        yield Document(f"{doc_id}:{line_number}", text)
+
+
+def jsonl_records(
+    path: Path, on_bad_input: OnBadInput = raise_bad_input, expected: str = "fields"
+) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(line number, JSON object)`` of each non-blank line of a jsonl file.
+
+    A line that is not UTF-8, not JSON or not a JSON object goes to ``on_bad_input`` as a
+    :class:`BadInputError` located at ``file:line`` (reasons ``not_utf8``, ``malformed_json``,
+    ``not_an_object``); ``expected`` says in that message what an object should hold. Every kind
+    of example read from jsonl (text, dialogs) starts here.
+    """
+    # surrogateescape: a line that is not UTF-8 is reported alone, and the next lines still read
+    with open(path, encoding="utf-8", errors="surrogateescape") as lines:
+        for line_number, line in enumerate(lines, start=1):
+            if line.strip():
+                try:
+                    record = _jsonl_object(line, f"{path}:{line_number}", expected)
+                except BadInputError as err:
+                    on_bad_input(err)
+                    continue
+                yield line_number, record
+
+
+def _jsonl_object(line: str, where: str, expected: str) -> dict[str, Any]:
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError as err:  # a byte that surrogateescape kept
+        raise BadInputError(
+            f"{where}: not UTF-8 text (invalid byte at column {err.start + 1}); convert the file to "
+            "UTF-8 or remove the line", "not_utf8", where
+        ) from None  # fmt: skip
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise BadInputError(
+            f"{where}: malformed JSON ({err.msg} at column {err.colno}); fix or remove the line",
+            "malformed_json", where,
+        ) from None  # fmt: skip
+    if not isinstance(record, dict):
+        raise BadInputError(
+            f"{where}: expected a JSON object with {expected}, got {type(record).__name__}; "
+            "fix or remove the line", "not_an_object", where,
+        )  # fmt: skip
+    return record
+
+
+def _record_text(record: dict[str, Any], where: str, text_field: str) -> str:
+    if text_field not in record:
+        raise BadInputError(
+            f"{where}: no {text_field!r} field (fields: {sorted(record)}); set the source's "
+            "text_field to the field that holds the text", "missing_field", where,
+        )  # fmt: skip
+    text = record[text_field]
+    if not isinstance(text, str):
+        raise BadInputError(
+            f"{where}: field {text_field!r} must be a string, got {type(text).__name__}; fix or "
+            "remove the line", "not_a_string", where,
+        )  # fmt: skip
+    check_text(text, where, f"the {text_field!r} field", "fix or remove the line")
+    return text
+
+
+def _read_text(path: Path) -> str:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise BadInputError(
+            f"{path} is not UTF-8 text ({err.reason} at byte {err.start}); convert it or narrow "
+            "the source's glob to text files", "not_utf8", str(path),
+        ) from None  # fmt: skip
+    check_text(text, str(path), "the file", "remove it or narrow the source's glob to text files")
+    return text
+
+
+def binary_reason(text: str) -> str | None:
+    """Why ``text`` looks like binary data rather than text (None when it looks like text).
+
+    Binary means: it holds a NUL character, or more than :data:`MAX_CONTROL_SHARE` of its
+    characters are control characters other than tab, newlines, vertical tab and form feed.
+    """
+    if "\x00" in text:
+        return "it holds NUL characters"
+    controls = len(_CONTROL.findall(text))
+    if controls > MAX_CONTROL_SHARE * len(text):
+        return f"{controls / len(text):.0%} of its characters are control characters"
+    return None
+
+
+def check_text(text: str, where: str, what: str, fix: str) -> None:
+    """Raise a ``binary`` :class:`BadInputError` for ``text`` that looks like binary data.
+
+    The message reads ``{where}: {what} is not text ({why}); {fix}``.
+    """
+    if why := binary_reason(text):
+        raise BadInputError(f"{where}: {what} is not text ({why}); {fix}", "binary", where)
+
+
+def int_options(item: str, defaults: Mapping[str, int]) -> dict[str, int]:
+    """The integer options of an embedded input (``stdlib:shapes?count=40&seed=1``), defaults filled in.
+
+    ValueError names an unknown option or a value that is not an integer.
+    """
+    from urllib.parse import parse_qsl
+
+    name, _, query = item.partition("?")
+    options = dict(defaults)
+    for key, value in parse_qsl(query, keep_blank_values=True):
+        if key not in defaults:
+            raise ValueError(f"{item}: unknown option {key!r}; {name} takes {sorted(defaults)}")
+        try:
+            options[key] = int(value)
+        except ValueError:
+            raise ValueError(f"{item}: option {key} must be an integer, got {value!r}") from None
+    return options

@@ -1,0 +1,1 @@
+"""DataModules and streams that feed prepared shards to the stages."""
