@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
 
-from herd.data.inputs import BadInputError, iter_documents
+from herd.data.inputs import BadInputError
+from herd.data.kinds.text import iter_documents
 from herd.data.tokenizer import Tokenizer, train_tokenizer
 from herd.paths import repo_root
 from herd.prepare import PrepareError, assign_split, prepare

@@ -15,6 +15,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from herd.data.kinds.dialog import jsonl_dialogs
+from herd.data.kinds.preference import jsonl_rankings
 from herd.data.tokenizer import Tokenizer, train_tokenizer
 from herd.interop import hf
 from herd.model import ModelConfig, RewardModel, Transformer
@@ -113,8 +114,7 @@ def test_the_argmax_reward_answer_is_kept_and_the_worst_is_rejected(setup, tmp_p
     assert json.loads((tmp_path / "stats.json").read_text())["prompts"] == 5
     # the outputs are the dialog and preference formats herd.prepare reads
     assert [d.group for d in jsonl_dialogs(tmp_path / "sft.jsonl")] == ["textwrap", None, None, "textwrap", None]
-    preference_reader = pytest.importorskip("herd.data.kinds.preference")
-    rankings = list(preference_reader.jsonl_rankings(tmp_path / "preferences.jsonl"))
+    rankings = list(jsonl_rankings(tmp_path / "preferences.jsonl"))
     assert [[r.rank for r in ranking.responses] for ranking in rankings] == [[0, 1]] * 5
 
 

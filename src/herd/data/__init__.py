@@ -17,7 +17,7 @@ _EXPORTS = {
     "encode_dialog": "herd.data.chat",
     "render_dialog": "herd.data.chat",
     "Document": "herd.data.inputs",
-    "iter_documents": "herd.data.inputs",
+    "iter_documents": "herd.data.kinds.text",
     "stdlib_prose": "herd.data.embedded.corpus",
     "stdlib_code": "herd.data.embedded.corpus",
     "Dialog": "herd.data.kinds.dialog",

@@ -3,13 +3,13 @@
 Every input yields :class:`Document` objects in a deterministic order. A document's ``id`` is
 stable across machines (paths are relative), so hashing it assigns the same documents to the
 validation split everywhere. The embedded ``stdlib:`` inputs live in :mod:`herd.data.embedded`;
-:func:`iter_documents` reads those too.
+:func:`herd.data.kinds.text.iter_documents` reads both.
 
 Files and jsonl records are checked to be text: a file that is not UTF-8, a jsonl line that is
 not a JSON object with a string in ``text_field``, and any text holding a NUL character or more
 than :data:`MAX_CONTROL_SHARE` of control characters (other than tab, newlines, form feed and
 vertical tab) is a :class:`BadInputError`, whose ``reason`` is one of :data:`BAD_INPUT_REASONS`.
-By default it is raised; pass ``on_bad_input`` to :func:`iter_documents` to skip it instead.
+By default it is raised; pass an ``on_bad_input`` callback to skip it instead.
 Every kind of example read from jsonl (text, dialogs, preferences, media) starts at
 :func:`jsonl_records`.
 """
@@ -18,9 +18,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,47 +63,6 @@ OnBadInput = Callable[[BadInputError], None]
 def raise_bad_input(error: BadInputError) -> None:
     """The default :data:`OnBadInput`: stop at the first bad input."""
     raise error
-
-
-def iter_documents(
-    inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
-    text_field: str = "text",
-    glob: str = "**/*",
-    on_bad_input: OnBadInput = raise_bad_input,
-) -> Iterator[Document]:
-    """Documents of one source's inputs, in order.
-
-    Each input is ``stdlib:prose``, ``stdlib:code``, a text file (one document), a ``.jsonl``
-    file (one document per line, text in ``text_field``) or a folder (every file matching
-    ``glob``, sorted, each read as text or jsonl by its suffix). A file or jsonl line that is
-    not text goes to ``on_bad_input`` (which raises by default); if it returns, the input is
-    skipped. Missing inputs raise FileNotFoundError.
-    """
-    for item in [inputs] if isinstance(inputs, (str, os.PathLike)) else inputs:
-        yield from _documents_of(str(item), text_field, glob, on_bad_input)
-
-
-def _documents_of(item: str, text_field: str, glob: str, on_bad_input: OnBadInput) -> Iterator[Document]:
-    from herd.data.embedded.corpus import STDLIB_CODE, STDLIB_PROSE, stdlib_code, stdlib_prose
-    from herd.data.embedded.passkey import STDLIB_PASSKEY, passkey_options, stdlib_passkey
-
-    if item == STDLIB_PROSE:
-        yield from stdlib_prose()
-    elif item == STDLIB_CODE:
-        yield from stdlib_code()
-    elif item == STDLIB_PASSKEY or item.startswith(STDLIB_PASSKEY + "?"):
-        yield from stdlib_passkey(**passkey_options(item))
-    else:
-        path = Path(item).expanduser()
-        if path.is_dir():
-            yield from folder_documents(path, text_field, glob, on_bad_input)
-        elif path.is_file():
-            yield from file_documents(path, path.name, text_field, on_bad_input)
-        else:
-            raise FileNotFoundError(
-                f"input not found: {path} (neither a file nor a folder). Fix the source's input "
-                f"path, or use {STDLIB_PROSE!r} / {STDLIB_CODE!r} for the embedded corpus."
-            )
 
 
 def folder_documents(

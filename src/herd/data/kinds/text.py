@@ -1,6 +1,6 @@
 """Text sources for ``herd.prepare``: documents, tokenized in worker processes, packed as a stream.
 
-Inputs are read by :func:`herd.data.inputs.iter_documents` (text files, folders, jsonl with the
+Inputs are read by :func:`iter_documents` (text files, folders, jsonl with the
 text in ``text_field``, the embedded ``stdlib:prose`` / ``stdlib:code`` / ``stdlib:passkey``).
 Each non-empty document is tokenized (in ``num_proc`` processes), wrapped in
 ``<|begin_of_text|> .. <|end_of_text|>``, assigned to ``val`` with probability ``val_fraction``
@@ -12,16 +12,59 @@ counted.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
-from herd.data.inputs import Document, iter_documents
+from herd.data.embedded.corpus import STDLIB_CODE, STDLIB_PROSE, stdlib_code, stdlib_prose
+from herd.data.embedded.passkey import STDLIB_PASSKEY, passkey_options, stdlib_passkey
+from herd.data.inputs import Document, OnBadInput, file_documents, folder_documents, raise_bad_input
 from herd.data.kinds import BadInputs, Job, SourceSpec, assign_split
 from herd.data.packing import with_boundaries
 from herd.data.shards import LAYOUTS, SPLITS
 
 _BATCH_CHARS = 1 << 18  # text per task sent to a tokenizer process
 _BATCH_DOCS = 1024
+
+
+def iter_documents(
+    inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    text_field: str = "text",
+    glob: str = "**/*",
+    on_bad_input: OnBadInput = raise_bad_input,
+) -> Iterator[Document]:
+    """Documents of one source's inputs, in order.
+
+    Each input is ``stdlib:prose``, ``stdlib:code``, a text file (one document), a ``.jsonl``
+    file (one document per line, text in ``text_field``) or a folder (every file matching
+    ``glob``, sorted, each read as text or jsonl by its suffix). A file or jsonl line that is
+    not text goes to ``on_bad_input`` (which raises by default); if it returns, the input is
+    skipped. Missing inputs raise FileNotFoundError.
+    """
+    for item in [inputs] if isinstance(inputs, (str, os.PathLike)) else inputs:
+        yield from _documents_of(str(item), text_field, glob, on_bad_input)
+
+
+def _documents_of(item: str, text_field: str, glob: str, on_bad_input: OnBadInput) -> Iterator[Document]:
+    if item == STDLIB_PROSE:
+        yield from stdlib_prose()
+    elif item == STDLIB_CODE:
+        yield from stdlib_code()
+    elif item == STDLIB_PASSKEY or item.startswith(STDLIB_PASSKEY + "?"):
+        yield from stdlib_passkey(**passkey_options(item))
+    else:
+        path = Path(item).expanduser()
+        if path.is_dir():
+            yield from folder_documents(path, text_field, glob, on_bad_input)
+        elif path.is_file():
+            yield from file_documents(path, path.name, text_field, on_bad_input)
+        else:
+            raise FileNotFoundError(
+                f"input not found: {path} (neither a file nor a folder). Fix the source's input "
+                f"path, or use {STDLIB_PROSE!r} / {STDLIB_CODE!r} for the embedded corpus."
+            )
+
 
 
 class TextKind:

@@ -14,7 +14,7 @@ import pytest
 
 from herd.callbacks.checkpoint_io import checkpoint_is_complete, checkpoint_metadata, remove_stale_temporaries
 
-LAUNCHER = Path(__file__).parent / "helpers" / "kill_during_save.py"
+LAUNCHER = Path(__file__).parents[1] / "helpers" / "kill_during_save.py"
 STEPS, EVERY = 6, 2
 ARGS = ["model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.vocab_size=256",
         "data=synthetic", "data.seq_len=64", "data.batch_size=4", "trainer.enable_progress_bar=false",
