@@ -149,14 +149,33 @@ def test_a_row_without_images_in_an_image_batch_matches_transformers_text_only(p
 
 def test_text_before_the_first_image_skips_the_cross_layers_as_meta_reference_does(pair):
     """transformers lets such positions attend every image (it masks only the MLP); herd skips
-    the whole block there, as Meta's reference code does: those positions equal text-only ones."""
+    the whole block there, as Meta's reference code does: each cross-attention block hands those
+    positions on unchanged (checked exactly, by a hook), so they equal the text-only ones."""
     _, model, _ = pair
     prefix = [1, *text(4)]
     _, tokens, images = make_inputs([([*prefix, IMAGE, *text(6)], [1])])
+    changed = []  # per cross-attention block: (batch, seq), True where its output differs from its input
+
+    def record(block, args, out):
+        changed.append((out != args[0]).any(dim=-1))
+
+    hooks = [block.register_forward_hook(record) for block in model.cross_layers]
+    try:
+        with torch.no_grad():
+            with_image = model(tokens, images)
+    finally:
+        for hook in hooks:
+            hook.remove()
     with torch.no_grad():
-        with_image = model(tokens, images)
         text_only = model(torch.tensor([prefix]))
-    assert torch.equal(with_image[:, : len(prefix)], text_only)
+    assert len(changed) == len(model.cross_layers) == 2
+    for index, altered in enumerate(changed):
+        before = altered[0, : len(prefix)].nonzero().flatten().tolist()
+        assert before == [], f"cross-attention block {index} changed positions {before}, before the first image"
+        assert altered[0, len(prefix):].all(), f"cross-attention block {index} left the image's positions unchanged"
+    # Sequences of 12 and 5 tokens: the kernels may block and reduce differently, so not bitwise.
+    scale = max(1.0, text_only.abs().max().item())
+    torch.testing.assert_close(with_image[:, : len(prefix)], text_only, rtol=0, atol=1e-6 * scale)
 
 
 def test_a_cross_layer_after_the_last_block_matches_transformers(tmp_path):

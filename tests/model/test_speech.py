@@ -65,6 +65,7 @@ def test_input_embeddings_replace_exactly_the_masked_positions():
     assert torch.equal(lm.embed(tokens, embeddings, mask), want)
     # Causal: the logits before the first replaced position are the text-only ones.
     got, plain = lm(tokens, input_embeddings=embeddings, embedding_mask=mask), lm(tokens)
+    # Bitwise: both are (2, 12) forwards, and causal attention gives later positions exact zero weight.
     assert torch.equal(got[0, :3], plain[0, :3]) and torch.equal(got[1, :7], plain[1, :7])
     assert not torch.allclose(got[0, 3:], plain[0, 3:])
     with pytest.raises(ValueError, match="give both or neither"):
