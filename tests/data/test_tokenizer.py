@@ -84,12 +84,14 @@ def test_missing_tokenizer_path_names_itself(tmp_path):
         Tokenizer.load(tmp_path / "nowhere")
 
 
-def test_a_tokenizer_without_llama3_specials_is_refused(tmp_path):
+def test_a_tokenizer_without_llama3_specials_loads_with_its_own_roles(tmp_path):
     backend = BackendTokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel()
     (tmp_path / "tokenizer.json").write_text(backend.to_str())
-    with pytest.raises(ValueError, match="<\\|begin_of_text\\|>"):
-        Tokenizer.load(tmp_path)
+    tokenizer = Tokenizer.load(tmp_path)
+    assert not tokenizer.llama3_format and tokenizer.bos_id is None and tokenizer.chat_template is None
+    with pytest.raises(ValueError, match="names no eos_token .*add \"eos_token\" to its tokenizer_config.json"):
+        _ = tokenizer.eos_id
 
 
 def _fake_llama3_folder(folder):

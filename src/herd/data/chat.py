@@ -1,4 +1,19 @@
-"""The Llama 3 dialog format, with the token masks that SFT and DPO need.
+"""Chat formats: how dialogs become token ids and masks, for Llama 3 and for any chat template.
+
+Every consumer of dialogs (prepare, SFT, reward, DPO, score, generate, chat, rejection sampling,
+evaluation, the pipeline) asks one :class:`ChatFormat`, made by :func:`chat_format` from the
+tokenizer folder. It gives a dialog's ids with its masks (:meth:`ChatFormat.encode`), the ids of
+a prompt for generation (:meth:`ChatFormat.prompt_ids`), the ids that end generation
+(:attr:`ChatFormat.stop_ids`) and the token that ends a response (:attr:`ChatFormat.response_end_id`,
+where a reward head reads). Two formats exist:
+
+- :class:`Llama3Format` (herd's default for tokenizers with Llama 3's special tokens), below;
+- :class:`TemplateFormat`: the tokenizer's own Jinja chat template (ChatML, Llama 2's ``[INST]``,
+  Llama 3.1 Instruct's, ...) or a ``.jinja`` file, rendered by ``transformers``'
+  ``apply_chat_template`` so that the ids are the ones a server using that template sends.
+  Special-token strings inside message content stay plain text (``sanitize_control_tokens``).
+
+The Llama 3 dialog format:
 
 A dialog is a list of messages ``{"role": ..., "content": ...}`` with roles system, user,
 assistant and ipython (tool output). It is encoded exactly as Llama 3 does::
@@ -28,10 +43,20 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from herd.data.tokenizer import Tokenizer
+
+# chat_template values: auto = Llama 3's format when the tokenizer has its tokens, else the
+# tokenizer's own template; herd = Llama 3's format; tokenizer = the tokenizer's template; or the
+# path of a .jinja file.
+CHAT_TEMPLATES = ("auto", "herd", "tokenizer")
+
+
+class ChatFormatError(ValueError):
+    """A tokenizer, template or dialog that no chat format can encode; the message says what to change."""
 
 ROLES = ("system", "user", "assistant", "ipython")
 
@@ -146,3 +171,206 @@ def _checked(messages: Sequence[Mapping[str, Any]]) -> Sequence[Mapping[str, Any
         if not isinstance(message.get("content"), str):
             raise ValueError(f"message {index} ({message['role']}): content must be a string")
     return messages
+
+
+# --- chat formats ---------------------------------------------------------------------------------
+
+
+class ChatFormat:
+    """A tokenizer's chat format: dialog ids and masks, generation prompts, stop ids, the response end.
+
+    ``encode(messages)`` returns an :class:`EncodedDialog` whose ``role_mask`` covers each
+    assistant message's content and the tokens through its end-of-turn, and whose ``format_mask``
+    covers everything the template adds around the content (DPO scores ``role & ~format``; outside
+    the role mask the format mask is not used, and a template format leaves it true there).
+    """
+
+    name = "chat"
+    tokenizer: Tokenizer
+    stop_ids: tuple[int, ...]
+    response_end_id: int
+
+    def encode(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = False) -> EncodedDialog:
+        """Ids and masks of a dialog (with the assistant header after it when ``add_generation_prompt``)."""
+        raise NotImplementedError
+
+    def prompt_ids(self, messages: Sequence[Mapping[str, Any]]) -> list[int]:
+        """The ids a model continues to answer ``messages``: the dialog and the assistant's header."""
+        return self.encode(messages, add_generation_prompt=True).ids
+
+    def describe(self) -> str:
+        """One line for logs: the format and its stop tokens."""
+        stops = ", ".join(self.tokenizer.decode([i]) for i in self.stop_ids)
+        return f"{self.name} chat format (stops at {stops})"
+
+
+class Llama3Format(ChatFormat):
+    """Llama 3's format (see the module docstring), with special tokens entered by id."""
+
+    name = "llama3"
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        if not tokenizer.llama3_format:
+            raise ChatFormatError(
+                f"chat_template=herd needs Llama 3's special tokens, which tokenizer {tokenizer.source} lacks; use "
+                "chat_template=auto (its own chat template) or the path of a .jinja template"
+            )
+        self.tokenizer = tokenizer
+        names = ("eot_id", "eom_id", "end_of_text")
+        self.stop_ids = tuple(tokenizer.special_ids[name] for name in names if name in tokenizer.special_ids)
+        self.response_end_id = tokenizer.special_ids["eot_id"]
+
+    def encode(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = False) -> EncodedDialog:
+        """:func:`encode_dialog` with the assistant's mask."""
+        return encode_dialog(self.tokenizer, messages, add_generation_prompt)
+
+
+class TemplateFormat(ChatFormat):
+    """A Jinja chat template rendered by ``transformers``: the ids are ``apply_chat_template``'s.
+
+    Masks: for each assistant message ``k``, its text runs from the end of the rendering of
+    ``messages[:k]`` with the generation prompt (the header the template writes before an
+    assistant's content) to the end of the rendering of ``messages[:k+1]``; its tokens are those
+    whose characters overlap that text. The first stop token among them ends the turn: the role
+    mask covers the message's tokens through it, and the format mask everything outside its
+    content. That needs each prefix of a dialog to render as a prefix of the whole dialog; a
+    template that rewrites earlier turns is refused.
+
+    The stop ids are the end-of-turn token the template writes after an assistant message, the
+    tokenizer's eos token, and the ids of ``generation_config.json``'s ``eos_token_id``.
+    """
+
+    name = "template"
+
+    def __init__(self, tokenizer: Tokenizer, template: str | None = None, where: str | None = None) -> None:
+        self.tokenizer = tokenizer
+        self.template = template if template is not None else tokenizer.chat_template
+        self.where = where or tokenizer.source
+        if not self.template:
+            raise ChatFormatError(
+                f"tokenizer {tokenizer.source} has no chat template (none in tokenizer_config.json or "
+                "chat_template.jinja) and lacks Llama 3's special tokens: set chat_template=<path of a .jinja "
+                "template>, or use a tokenizer folder that has a template"
+            )
+        self.hf = tokenizer.to_transformers()
+        probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+        start = len(self._ids(probe[:1], True))
+        full = self._ids(probe)
+        added = set(self.hf.all_special_ids) | {int(i) for i in self.hf.added_tokens_decoder}
+        ends = [i for i in full[start:] if i in added]
+        stops = [*ends[:1], *tokenizer.generation_eos_ids]
+        eos = self.hf.eos_token_id
+        stops += [eos] if isinstance(eos, int) else []
+        if not ends:
+            raise ChatFormatError(
+                f"the chat template of {self.where} ends an assistant message with no special token, so generation "
+                "could never stop at the end of a turn; use a template that closes each turn with one"
+            )
+        self.response_end_id = ends[0]
+        self.stop_ids = tuple(dict.fromkeys(int(i) for i in stops))
+
+    def _apply(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool, tokenize: bool):
+        from jinja2 import TemplateError
+
+        try:
+            return self.hf.apply_chat_template(
+                [dict(m) for m in messages], chat_template=self.template, tokenize=tokenize,
+                add_generation_prompt=add_generation_prompt, return_dict=False,
+                **({"sanitize_control_tokens": True} if tokenize else {}),
+            )  # fmt: skip
+        except (TemplateError, ValueError, TypeError, KeyError, IndexError) as err:
+            raise ChatFormatError(f"the chat template of {self.where} cannot render this dialog ({err})") from None
+
+    def _ids(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = False) -> list[int]:
+        return [int(i) for i in self._apply(messages, add_generation_prompt, tokenize=True)]
+
+    def _text(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = False) -> str:
+        return self._apply(messages, add_generation_prompt, tokenize=False)
+
+    def encode(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = False) -> EncodedDialog:
+        """Ids (``apply_chat_template``'s) and masks of a dialog; see the class docstring."""
+        messages = _checked(messages)
+        ids = self._ids(messages, add_generation_prompt)
+        spans = self._assistant_spans(messages, ids, add_generation_prompt)
+        role = [False] * len(ids)
+        fmt = [True] * len(ids)
+        for k, (first, last, content) in spans.items():
+            stop = next((i for i in range(first, last) if ids[i] in self.stop_ids), None)
+            if stop is None:
+                raise ChatFormatError(f"the chat template of {self.where} does not close assistant message {k} with "
+                                      f"one of the stop tokens {list(self.stop_ids)}")
+            role[first : stop + 1] = [True] * (stop + 1 - first)
+            for i in range(first, stop) if content is None else content:
+                fmt[i] = False
+        return EncodedDialog(ids, role, fmt)
+
+    def _assistant_spans(self, messages: Sequence[Mapping[str, Any]], ids: list[int],
+                         add_generation_prompt: bool) -> dict[int, tuple[int, int, list[int] | None]]:
+        """Token range ``[first, last)`` of each assistant message ``k``, and its content's tokens.
+
+        The content's tokens are those overlapping the message's (stripped) content in the
+        rendering; None when it cannot be found there (a template that rewrites content), and then
+        every token before the end-of-turn counts as content.
+
+        The ranges are found in characters (the rendering of ``messages[:k]`` with the generation
+        prompt, then of ``messages[:k+1]``, must be prefixes of the whole rendering) and mapped to
+        tokens by their offsets. When content held special-token strings (encoded as plain text,
+        so the offsets of a plain encoding no longer apply), the token renderings of the prefixes
+        are used instead, and must be prefixes of the whole dialog's ids.
+        """
+        assistants = [k for k, message in enumerate(messages) if message["role"] == "assistant"]
+        if assistants and assistants[0] == 0:
+            raise ChatFormatError(
+                "a dialog cannot start with an assistant message under a chat template (there is no prompt "
+                "before it); start with a system or user message"
+            )
+        text = self._text(messages, add_generation_prompt)
+        encoding = self.hf.backend_tokenizer.encode(text, add_special_tokens=False)
+        by_offsets = list(encoding.ids) == ids
+        spans = {}
+        for k in assistants:
+            if by_offsets:
+                bounds = [self._text(messages[:k], True), self._text(messages[: k + 1])]
+                if not all(text.startswith(prefix) for prefix in bounds):
+                    self._refuse_prefix()
+                start, end = (len(prefix) for prefix in bounds)
+                tokens = [i for i, (a, b) in enumerate(encoding.offsets) if b > start and a < end]
+                content = messages[k]["content"].strip()
+                at = text.find(content, start, end) if content else -1
+                inside = None if at < 0 else [i for i in tokens if encoding.offsets[i][1] > at
+                                               and encoding.offsets[i][0] < at + len(content)]
+                spans[k] = (tokens[0], tokens[-1] + 1, inside) if tokens else (0, 0, None)
+            else:
+                start, end = self._ids(messages[:k], True), self._ids(messages[: k + 1])
+                if ids[: len(start)] != start or ids[: len(end)] != end:
+                    self._refuse_prefix()
+                spans[k] = (len(start), len(end), None)
+        return spans
+
+    def _refuse_prefix(self) -> None:
+        raise ChatFormatError(
+            f"the chat template of {self.where} renders the start of a dialog as something other than a prefix of the "
+            "whole dialog, so the assistant's tokens cannot be located; use a template that renders each message "
+            "after the previous ones without changing them"
+        )
+
+
+def chat_format(tokenizer: Tokenizer, chat_template: str = "auto") -> ChatFormat:
+    """The chat format for ``tokenizer`` and a ``chat_template`` setting (see :data:`CHAT_TEMPLATES`).
+
+    ``auto``: Llama 3's format when the tokenizer has its special tokens, else the tokenizer's own
+    template. ``herd``: Llama 3's format. ``tokenizer``: the tokenizer's template. Any other value
+    is the path of a ``.jinja`` template file. Raises :class:`ChatFormatError` naming the fix.
+    """
+    if chat_template == "herd":
+        return Llama3Format(tokenizer)
+    if chat_template == "auto":
+        return Llama3Format(tokenizer) if tokenizer.llama3_format else TemplateFormat(tokenizer)
+    if chat_template == "tokenizer":
+        return TemplateFormat(tokenizer)
+    path = Path(str(chat_template)).expanduser()
+    if path.suffix != ".jinja" or not path.is_file():
+        raise ChatFormatError(
+            f"chat_template={chat_template!r}: expected one of {CHAT_TEMPLATES} or the path of an existing .jinja file"
+        )
+    return TemplateFormat(tokenizer, path.read_text(encoding="utf-8"), where=str(path))

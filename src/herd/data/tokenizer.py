@@ -1,8 +1,15 @@
-"""Byte-level BPE tokenizers in the Llama 3 layout, on top of Hugging Face ``tokenizers``.
+"""Tokenizers on top of Hugging Face ``tokenizers``: herd's own (Llama 3 layout) and any fast-tokenizer folder.
 
-A herd tokenizer is a folder with a ``tokenizer.json`` (the ``tokenizers`` format) and a
-``tokenizer_config.json`` (so that ``transformers.AutoTokenizer.from_pretrained`` loads it with
-bos/eos set). Real Llama 3 tokenizer folders, as published with the models, are read unchanged.
+A tokenizer is a folder with a ``tokenizer.json`` (the ``tokenizers`` format), a
+``tokenizer_config.json`` (bos/eos/pad and usually the chat template), and optionally
+``chat_template.jinja``, ``special_tokens_map.json`` and ``generation_config.json``. Any Hugging
+Face fast-tokenizer folder is read as it comes (Llama 2/3, SmolLM, TinyLlama, Mistral-style,
+...): the special roles are read from those files, never assumed. :meth:`Tokenizer.save`
+writes the files back byte for byte. A folder that holds only a SentencePiece
+``tokenizer.model`` is converted through ``transformers`` when it can be, else refused with the
+command that converts it.
+
+herd's own tokenizers (:func:`train_tokenizer`) use Llama 3's layout:
 
 Layout: ``n`` BPE ids first, then Llama 3.1's 256 special tokens in Llama's order, so that with
 ``n = 128000`` the ids are exactly Llama 3's::
@@ -15,7 +22,8 @@ Layout: ``n`` BPE ids first, then Llama 3.1's 256 special tokens in Llama's orde
 
 Text is always encoded with special-token strings treated as plain text (as Meta's reference
 tokenizer does), so a document that contains the characters ``<|eot_id|>`` cannot inject a
-control token. Special tokens enter a sequence only by id (see :mod:`herd.data.chat`).
+control token. Special tokens enter a sequence only by id, or from a chat template's own text
+(see :mod:`herd.data.chat`).
 """
 
 from __future__ import annotations
@@ -47,7 +55,8 @@ _NAMED_SPECIALS = (
     "<|python_tag|>",
 )
 
-# Names by which herd code asks for special tokens; the first five are required of any tokenizer.
+# Names by which herd code asks for special tokens; a tokenizer with the first five speaks Llama 3's
+# chat format (herd's default), and any other tokenizer uses its own chat template.
 SPECIAL_TOKEN_NAMES = {
     "begin_of_text": "<|begin_of_text|>",
     "end_of_text": "<|end_of_text|>",
@@ -71,6 +80,15 @@ LLAMA3_SPLIT_PATTERN = (
 
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
+TEMPLATE_FILE = "chat_template.jinja"
+SENTENCEPIECE_FILE = "tokenizer.model"
+GENERATION_CONFIG_FILE = "generation_config.json"
+# The files of a tokenizer folder that travel with it, unchanged (exports, prepared data).
+TOKENIZER_FILES = (TOKENIZER_FILE, CONFIG_FILE, TEMPLATE_FILE, "special_tokens_map.json")
+
+
+class TokenizerError(ValueError):
+    """A tokenizer folder or file that herd cannot use; the message names the file and the fix."""
 
 
 def llama3_special_tokens() -> list[str]:
@@ -92,37 +110,61 @@ class Tokenizer:
         source: str = "<memory>",
         config: dict[str, Any] | None = None,
         json_text: str | None = None,
+        files: dict[str, bytes] | None = None,
+        generation_config: dict[str, Any] | None = None,
     ) -> None:
         self._json = json_text if json_text is not None else backend.to_str()
         self.backend = backend
         self.backend.encode_special_tokens = True  # special strings in text stay text
         self.source = source
         self.config = config or {}
-        self.special_ids = _special_ids(backend, source)
+        self.files = dict(files or {})  # the folder's files as read (name -> bytes), written back unchanged
+        self.generation_config = generation_config or {}
+        self.special_ids = _special_ids(backend)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Tokenizer:
-        """Load a tokenizer folder (``tokenizer.json`` [+ ``tokenizer_config.json``]) or a tokenizer.json file."""
+        """Load a tokenizer folder (``tokenizer.json`` [+ ``tokenizer_config.json``, ...]) or a tokenizer.json file.
+
+        Raises FileNotFoundError when it is missing, and :class:`TokenizerError` naming the file and
+        the fix when it is unreadable.
+        """
         path = Path(path).expanduser()
         file = path / TOKENIZER_FILE if path.is_dir() else path
+        if path.is_dir() and not file.is_file() and (path / SENTENCEPIECE_FILE).is_file():
+            file = _convert_sentencepiece(path)
         if not file.is_file():
             raise FileNotFoundError(
-                f"tokenizer not found: {file} does not exist. Pass the folder of a herd or Llama 3 "
-                f"tokenizer (it holds {TOKENIZER_FILE}), or leave the tokenizer path empty to train one."
+                f"tokenizer not found: {file} does not exist. Pass a tokenizer folder (it holds "
+                f"{TOKENIZER_FILE}: a Hugging Face fast tokenizer, or one trained by herd.prepare), or leave the "
+                "tokenizer path empty to train one."
             )
-        config_file = file.parent / CONFIG_FILE
-        config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
-        json_text = file.read_text(encoding="utf-8")
-        return cls(tokenizers.Tokenizer.from_str(json_text), str(file), config, json_text)
+        folder = file.parent
+        files = {name: (folder / name).read_bytes() for name in TOKENIZER_FILES if (folder / name).is_file()}
+        config = _json_object(folder / CONFIG_FILE, files.get(CONFIG_FILE))
+        generation = folder / GENERATION_CONFIG_FILE
+        generation_config = _json_object(generation, generation.read_bytes() if generation.is_file() else None)
+        try:
+            json_text = files.get(TOKENIZER_FILE, file.read_bytes()).decode("utf-8")
+            backend = tokenizers.Tokenizer.from_str(json_text)
+        except (UnicodeDecodeError, Exception) as err:  # tokenizers raises a bare Exception on bad JSON
+            raise TokenizerError(
+                f"{file} is not a valid tokenizer.json ({str(err).splitlines()[0][:200]}); restore it from the model's "
+                "original files, or re-run herd.prepare to train a new tokenizer"
+            ) from None
+        return cls(backend, str(file), config, json_text, files, generation_config)
 
     def save(self, directory: str | os.PathLike[str]) -> Path:
-        """Write ``tokenizer.json`` and ``tokenizer_config.json`` into ``directory``; returns the folder."""
+        """Write the tokenizer's files into ``directory`` (those it was read from, byte for byte); returns the folder."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        (directory / TOKENIZER_FILE).write_text(self._json, encoding="utf-8")
-        config = self.config or _default_config()
-        text = json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
-        (directory / CONFIG_FILE).write_text(text, encoding="utf-8")
+        files = dict(self.files)
+        files[TOKENIZER_FILE] = files.get(TOKENIZER_FILE) or self._json.encode("utf-8")
+        if CONFIG_FILE not in files:
+            config = self.config or _default_config()
+            files[CONFIG_FILE] = (json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8")
+        for name, data in files.items():
+            (directory / name).write_bytes(data)
         return directory
 
     @property
@@ -139,14 +181,63 @@ class Tokenizer:
         return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
     @property
-    def bos_id(self) -> int:
-        """Id of ``<|begin_of_text|>``."""
-        return self.special_ids["begin_of_text"]
+    def llama3_format(self) -> bool:
+        """Whether the tokenizer has Llama 3's chat tokens (begin/end of text, headers, ``<|eot_id|>``)."""
+        return all(name in self.special_ids for name in _REQUIRED)
+
+    @property
+    def bos_id(self) -> int | None:
+        """Id of the token that starts a sequence: ``<|begin_of_text|>``, else the config's bos_token (may be None)."""
+        if "begin_of_text" in self.special_ids:
+            return self.special_ids["begin_of_text"]
+        return self._config_token_id("bos_token")
 
     @property
     def eos_id(self) -> int:
-        """Id of ``<|end_of_text|>`` (ends a pretraining document)."""
-        return self.special_ids["end_of_text"]
+        """Id of the token that ends a document (``<|end_of_text|>``, else the config's eos_token); pads rows too."""
+        if "end_of_text" in self.special_ids:
+            return self.special_ids["end_of_text"]
+        token_id = self._config_token_id("eos_token")
+        if token_id is None:
+            raise TokenizerError(
+                f"tokenizer {self.source} names no eos_token (in {CONFIG_FILE}) and has no <|end_of_text|>: herd "
+                "needs a token that ends a document; add \"eos_token\" to its tokenizer_config.json"
+            )
+        return token_id
+
+    @property
+    def pad_id(self) -> int:
+        """Id of the padding token: the config's pad_token, else :attr:`eos_id`."""
+        token_id = self._config_token_id("pad_token")
+        return self.eos_id if token_id is None else token_id
+
+    @property
+    def chat_template(self) -> str | None:
+        """The folder's chat template: ``chat_template.jinja``, else tokenizer_config.json's ``chat_template``."""
+        if TEMPLATE_FILE in self.files:
+            return self.files[TEMPLATE_FILE].decode("utf-8")
+        template = self.config.get("chat_template")
+        if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
+            named = {entry.get("name"): entry.get("template") for entry in template if isinstance(entry, dict)}
+            template = named.get("default")
+        return template if isinstance(template, str) else None
+
+    @property
+    def generation_eos_ids(self) -> tuple[int, ...]:
+        """The ids generation_config.json ends generation with (``eos_token_id``: an id or a list), if any."""
+        value = self.generation_config.get("eos_token_id")
+        values = value if isinstance(value, list) else [value]
+        return tuple(int(v) for v in values if isinstance(v, int) and 0 <= v < self.vocab_size)
+
+    def token_id(self, token: str) -> int | None:
+        """Id of a token string (None when the vocabulary has no such token)."""
+        return self.backend.token_to_id(token)
+
+    def _config_token_id(self, key: str) -> int | None:
+        token = self.config.get(key)
+        if isinstance(token, dict):  # an AddedToken as older files store it: {"content": ..., ...}
+            token = token.get("content")
+        return self.backend.token_to_id(token) if isinstance(token, str) else None
 
     def special_id(self, name: str) -> int:
         """Id of a special token by herd name (``"eot_id"``) or by string (``"<|eot_id|>"``)."""
@@ -155,6 +246,10 @@ class Tokenizer:
         if token_id is None:
             raise KeyError(f"tokenizer {self.source} has no special token {token!r}")
         return token_id
+
+    def with_bos(self, ids: Sequence[int]) -> list[int]:
+        """``ids`` after the bos token, when the tokenizer has one (some, like ChatML models', have none)."""
+        return list(ids) if self.bos_id is None else [self.bos_id, *ids]
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text``, without bos/eos; special-token strings in ``text`` are plain text."""
@@ -173,14 +268,33 @@ class Tokenizer:
         return self._json
 
     def to_transformers(self):
-        """This tokenizer as a ``transformers`` fast tokenizer, bos/eos set from the config."""
+        """This tokenizer as a ``transformers`` tokenizer (cached).
+
+        A folder on disk loads with ``AutoTokenizer`` (its own class, template and specials, as any
+        ``transformers`` user gets them); a tokenizer in memory becomes a ``PreTrainedTokenizerFast``
+        with bos/eos/pad and the chat template from its config.
+        """
+        if getattr(self, "_transformers", None) is not None:
+            return self._transformers
+        folder = Path(self.source).parent
+        if self.files and (folder / TOKENIZER_FILE).is_file():
+            from transformers import AutoTokenizer
+
+            self._transformers = AutoTokenizer.from_pretrained(str(folder))
+            return self._transformers
         from transformers import PreTrainedTokenizerFast
 
         config = self.config or _default_config()
         backend = tokenizers.Tokenizer.from_str(self._json)
-        keys = ("bos_token", "eos_token", "pad_token", "chat_template", "model_max_length")
+        keys = ("bos_token", "eos_token", "pad_token", "model_max_length")
         kwargs = {key: config[key] for key in keys if isinstance(config.get(key), (str, int))}
-        return PreTrainedTokenizerFast(tokenizer_object=backend, **kwargs)
+        self._transformers = PreTrainedTokenizerFast(tokenizer_object=backend, chat_template=self.chat_template, **kwargs)
+        return self._transformers
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.pop("_transformers", None)  # rebuilt on demand in the other process
+        return state
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 8192, min_frequency: int = 2) -> Tokenizer:
@@ -242,16 +356,50 @@ def _bos_post_processor(bos_id: int) -> processors.PostProcessor:
     )
 
 
-def _special_ids(backend: tokenizers.Tokenizer, source: str) -> dict[str, int]:
-    """Ids of the named special tokens present; raises if a required one is missing."""
+def _special_ids(backend: tokenizers.Tokenizer) -> dict[str, int]:
+    """Ids of herd's named special tokens (:data:`SPECIAL_TOKEN_NAMES`) that the vocabulary has."""
     ids = {name: backend.token_to_id(token) for name, token in SPECIAL_TOKEN_NAMES.items()}
-    missing = [SPECIAL_TOKEN_NAMES[name] for name in _REQUIRED if ids[name] is None]
-    if missing:
-        raise ValueError(
-            f"tokenizer {source} lacks the Llama 3 special tokens {missing}: herd needs a Llama 3 "
-            "style tokenizer (a real Llama 3 tokenizer folder, or one trained by herd.prepare)."
-        )
     return {name: token_id for name, token_id in ids.items() if token_id is not None}
+
+
+def _json_object(path: Path, data: bytes | None) -> dict[str, Any]:
+    """The JSON object in ``data`` (read from ``path``); {} when there is none; TokenizerError when it is not one."""
+    if data is None:
+        return {}
+    try:
+        value = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise TokenizerError(f"{path} is not valid JSON ({err}); restore it from the model's original files") from None
+    if not isinstance(value, dict):
+        raise TokenizerError(f"{path} must hold a JSON object, got {type(value).__name__}; restore it from the "
+                             "model's original files")
+    return value
+
+
+def _convert_sentencepiece(folder: Path) -> Path:
+    """A ``tokenizer.json`` converted (through transformers) from a folder holding only a SentencePiece model.
+
+    The converted files go to a temporary folder; the user's folder is not written to.
+    """
+    command = (f"python -c \"from transformers import AutoTokenizer; AutoTokenizer.from_pretrained('{folder}')"
+               f".save_pretrained('{folder}')\"")
+    try:
+        import tempfile
+
+        from transformers import AutoTokenizer
+
+        converted = AutoTokenizer.from_pretrained(str(folder))
+        if not getattr(converted, "is_fast", False):
+            raise ValueError("transformers gave a slow tokenizer")
+        target = Path(tempfile.mkdtemp(prefix="herd-tokenizer-"))  # the user's folder is left as it is
+        converted.save_pretrained(str(target))
+    except Exception as err:  # a missing sentencepiece/protobuf, an unknown tokenizer class, a damaged file
+        raise TokenizerError(
+            f"{folder} holds only a SentencePiece {SENTENCEPIECE_FILE}, and converting it failed "
+            f"({str(err).splitlines()[0][:200] if str(err) else type(err).__name__}). Convert it once with "
+            f"`pip install sentencepiece protobuf` and {command}, then point herd at the folder again"
+        ) from None
+    return target / TOKENIZER_FILE
 
 
 def _default_config() -> dict[str, Any]:
