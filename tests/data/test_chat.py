@@ -187,7 +187,7 @@ def test_a_tokenizer_without_template_or_llama3_tokens_is_refused_naming_the_fix
     del config["chat_template"]
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     tokenizer = Tokenizer.load(folder)
-    with pytest.raises(ChatFormatError, match="has no chat template .*set chat_template=<path of a .jinja"):
+    with pytest.raises(ChatFormatError, match="has no chat template .*lacks Llama 3.s special tokens too: set chat_template=<path of a .jinja"):
         chat_format(tokenizer)
     with pytest.raises(ChatFormatError, match="needs Llama 3's special tokens"):
         chat_format(tokenizer, "herd")

@@ -58,6 +58,10 @@ CHAT_TEMPLATES = ("auto", "herd", "tokenizer")
 class ChatFormatError(ValueError):
     """A tokenizer, template or dialog that no chat format can encode; the message says what to change."""
 
+
+class ChatTemplateError(ChatFormatError):
+    """A chat template that cannot serve training at all (not only one dialog): it needs another template."""
+
 ROLES = ("system", "user", "assistant", "ipython")
 
 # The same format as a Jinja chat template, saved in herd's tokenizer_config.json so that
@@ -247,11 +251,11 @@ class TemplateFormat(ChatFormat):
         self.template = template if template is not None else tokenizer.chat_template
         self.where = where or tokenizer.source
         if not self.template:
-            raise ChatFormatError(
-                f"tokenizer {tokenizer.source} has no chat template (none in tokenizer_config.json or "
-                "chat_template.jinja) and lacks Llama 3's special tokens: set chat_template=<path of a .jinja "
-                "template>, or use a tokenizer folder that has a template"
-            )
+            fix = ("use chat_template=herd (Llama 3's format: the tokenizer has its tokens) or chat_template=<path of "
+                   "a .jinja template>") if tokenizer.llama3_format else ("it lacks Llama 3's special tokens too: set "
+                   "chat_template=<path of a .jinja template>, or use a tokenizer folder that has a template")
+            raise ChatFormatError(f"tokenizer {tokenizer.source} has no chat template (none in tokenizer_config.json "
+                                  f"or chat_template.jinja); {fix}")
         self.hf = tokenizer.to_transformers()
         probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
         start = len(self._ids(probe[:1], True))
@@ -297,7 +301,7 @@ class TemplateFormat(ChatFormat):
         for k, (first, last, content) in spans.items():
             stop = next((i for i in range(first, last) if ids[i] in self.stop_ids), None)
             if stop is None:
-                raise ChatFormatError(f"the chat template of {self.where} does not close assistant message {k} with "
+                raise ChatTemplateError(f"the chat template of {self.where} does not close assistant message {k} with "
                                       f"one of the stop tokens {list(self.stop_ids)}")
             role[first : stop + 1] = [True] * (stop + 1 - first)
             for i in range(first, stop) if content is None else content:
@@ -348,7 +352,7 @@ class TemplateFormat(ChatFormat):
         return spans
 
     def _refuse_prefix(self) -> None:
-        raise ChatFormatError(
+        raise ChatTemplateError(
             f"the chat template of {self.where} renders the start of a dialog as something other than a prefix of the "
             "whole dialog, so the assistant's tokens cannot be located; use a template that renders each message "
             "after the previous ones without changing them"

@@ -9,6 +9,7 @@ import tarfile
 import pytest
 from omegaconf import OmegaConf
 
+from herd.data.chat import Llama3Format
 from herd.data.embedded.corpus import module_name, stdlib_dir, stdlib_files
 from herd.data.embedded.preferences import PreferenceExample, stdlib_preferences
 from herd.data.embedded.sft import module_definitions, reference_answer, stdlib_sft
@@ -193,7 +194,7 @@ def test_prepare_reads_stdlib_preferences_as_a_preference_source_held_out_by_mod
     assert entry["groups"] == {"train": len({r.group for r in rankings}) - len(held_out), "val": len(held_out)}
     for split in ("train", "val"):
         expected = sorted(
-            tuple(encode_ranking(tiny_tokenizer, r).ids.tolist())
+            tuple(encode_ranking(Llama3Format(tiny_tokenizer), r).ids.tolist())
             for r in rankings
             if (r.group in held_out) == (split == "val")
         )

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from herd.data.chat import encode_dialog
+from herd.data.chat import Llama3Format, encode_dialog
 from herd.data.inputs import BadInputError
 from herd.data.kinds import PrepareError
 from herd.data.kinds.preference import (
@@ -54,7 +54,7 @@ def _spans(values: np.ndarray) -> dict[int, np.ndarray]:
 
 def test_a_row_is_the_prompt_then_each_response_as_encode_dialog_adds_it(tiny_tokenizer):
     ranking = _ranking()
-    encoded = encode_ranking(tiny_tokenizer, ranking)
+    encoded = encode_ranking(Llama3Format(tiny_tokenizer), ranking)
     prompt = encode_dialog(tiny_tokenizer, PROMPT).ids
     assert tiny_tokenizer.decode(prompt) == (
         "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nAnswer in one word.<|eot_id|>"
@@ -262,7 +262,7 @@ def test_prepare_writes_each_ranking_once_whole_with_its_members(prepared, tiny_
     out, rankings = prepared
     entry = json.loads((out / "manifest.json").read_text())["sources"]["prefs"]
     fits, long = rankings[:-1], rankings[-1]
-    assert len(encode_ranking(tiny_tokenizer, long).ids) > 127
+    assert len(encode_ranking(Llama3Format(tiny_tokenizer), long).ids) > 127
     assert (entry["kind"], entry["layout"]) == (
         "preference", {"members": ["tokens", "document_ids", "loss_mask", "response_ids", "ranks"], "packing": "whole"},
     )  # fmt: skip
@@ -284,7 +284,7 @@ def test_prepare_writes_each_ranking_once_whole_with_its_members(prepared, tiny_
         assert row["response_ids"].dtype == row["ranks"].dtype == np.int16
     expected = []
     for ranking in fits:
-        e = encode_ranking(tiny_tokenizer, ranking)
+        e = encode_ranking(Llama3Format(tiny_tokenizer), ranking)
         expected.append(tuple(tuple(a.tolist()) for a in (e.ids, e.loss_mask.astype(np.uint8), e.response_ids, e.ranks)))
     assert sorted(found) == sorted(expected)  # each ranking once, whole, with its members
     assert entry["tokens"] == sum(len(e[0]) for e in expected)

@@ -25,19 +25,21 @@ optional booleans ``python_tag`` and ``eom``. A line that is not a usable dialog
 :data:`BAD_INPUT_REASONS`; dialog sources skip and count them by default (``on_bad_input``),
 and fail when more than ``max_bad_fraction`` of a source's lines are bad.
 
-Encoding (``chat_template``):
+Encoding (``chat_template``; see :func:`herd.data.chat.chat_format`):
 
-- ``herd`` (default): :func:`herd.data.chat.encode_dialog`, the plain Llama 3 format, whatever
-  the tokenizer's own template.
+- ``auto`` (default): the plain Llama 3 format (:func:`herd.data.chat.encode_dialog`) for a
+  tokenizer with Llama 3's special tokens, else the tokenizer's own chat template;
+- ``herd``: the plain Llama 3 format, whatever the tokenizer's own template;
 - ``tokenizer``: the chat template of the tokenizer folder (``chat_template`` in its
-  tokenizer_config.json, e.g. Llama 3.1 Instruct's, which adds a system preamble with a
-  knowledge-cutoff date), rendered by ``transformers``' ``apply_chat_template``, so that the ids
-  are those a server using the same template produces. The template renders special-token
-  strings written in message content as control tokens, as it does when serving.
+  tokenizer_config.json or ``chat_template.jinja``, e.g. Llama 3.1 Instruct's, which adds a
+  system preamble with a knowledge-cutoff date, or a ChatML model's), rendered by
+  ``transformers``' ``apply_chat_template``, so that the ids are those a server using the same
+  template produces;
+- the path of a ``.jinja`` file: that template.
 
-Either way the loss mask is true exactly on the tokens the assistant wrote: its content and the
-closing ``<|eot_id|>``/``<|eom_id|>`` (with ``tokenizer``: what each assistant message adds to
-the rendering after the header the template puts before it; see :class:`TemplateEncoder`).
+Special-token strings written in message content stay plain text in every format. The loss mask
+is true exactly on the tokens the assistant wrote: its content and its end-of-turn token
+(``<|eot_id|>``/``<|eom_id|>``, ``<|im_end|>``, ``</s>``, ...).
 
 Packing: dialogs are packed whole, several to a row of ``seq_len + 1`` tokens, first-fit
 (:class:`herd.data.packing.WholePacker`), each with its own document id, the row's tail padded
@@ -58,7 +60,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from herd.data.chat import ROLES, encode_dialog
+from herd.data.chat import CHAT_TEMPLATES, ROLES, ChatFormatError, ChatTemplateError, chat_format
 from herd.data.inputs import (
     BadInputError,
     OnBadInput,
@@ -76,7 +78,6 @@ if TYPE_CHECKING:
 
 STDLIB_SFT = "stdlib:sft"
 STDLIB_TRANSCRIPTS = "stdlib:transcripts"
-CHAT_TEMPLATES = ("herd", "tokenizer")
 TOO_LONG = ("drop", "truncate")
 # Why a line is not a usable dialog (BadInputError.reason); the first four are shared with text.
 BAD_INPUT_REASONS = (
@@ -287,90 +288,27 @@ def _transcript_dialogs(item: str) -> Iterator[Dialog]:
 # --- encoding -----------------------------------------------------------------------------------
 
 
-def herd_encoder(tokenizer: Tokenizer) -> Callable[[Dialog], EncodedDialog]:
-    """Encode with :func:`herd.data.chat.encode_dialog`; the mask is its assistant ``role_mask``."""
+def dialog_encoder(tokenizer: Tokenizer, chat_template: str = "auto") -> Callable[[Dialog], EncodedDialog]:
+    """The encoder of ``chat_template`` (see the module docstring): ids and the assistant's mask.
+
+    A format that cannot be used (no template, a missing .jinja file) is a PrepareError; a dialog
+    the format cannot encode is a bad input with reason ``template_error``.
+    """
+    try:
+        fmt = chat_format(tokenizer, chat_template)
+    except ChatFormatError as err:
+        raise PrepareError(f"chat_template: {err}") from None
 
     def encode(dialog: Dialog) -> EncodedDialog:
-        encoded = encode_dialog(tokenizer, dialog.messages)
+        try:
+            encoded = fmt.encode(dialog.messages)
+        except ChatTemplateError as err:
+            raise PrepareError(f"chat_template={chat_template}: {err}") from None
+        except ChatFormatError as err:
+            raise BadInputError(f"{dialog.id}: {err}; fix or remove the dialog", "template_error", dialog.id) from None
         return EncodedDialog(np.asarray(encoded.ids, np.uint32), np.asarray(encoded.role_mask, bool))
 
     return encode
-
-
-class TemplateEncoder:
-    """Encode with the tokenizer's own chat template (``transformers``' ``apply_chat_template``).
-
-    The ids are ``apply_chat_template(messages)``'s. For each assistant message ``k`` the mask
-    covers the tokens between the rendering of ``messages[:k]`` with the generation prompt (the
-    header the template puts before an assistant's content) and the rendering of
-    ``messages[:k+1]``: the content and its end-of-turn token. That needs every rendering of a
-    prefix of the dialog to be a prefix of the whole rendering; a template that rewrites earlier
-    turns (e.g. drops past reasoning) is refused with a PrepareError. A dialog the template
-    itself rejects, or that starts with an assistant message (there is no prefix to render
-    before it), is a bad input with reason ``template_error``.
-    """
-
-    def __init__(self, tokenizer: Tokenizer) -> None:
-        self.source = tokenizer.source
-        if not isinstance(tokenizer.config.get("chat_template"), str):
-            raise PrepareError(
-                f"chat_template=tokenizer, but the tokenizer ({tokenizer.source}) has no chat_template in its "
-                "tokenizer_config.json; set chat_template=herd, or point tokenizer.path at a folder with one"
-            )
-        self.hf = tokenizer.to_transformers()
-
-    def _render(self, messages: list[dict[str, Any]], where: str, generation: bool = False) -> list[int]:
-        from jinja2 import TemplateError
-
-        try:
-            ids = self.hf.apply_chat_template(
-                messages, tokenize=True, add_generation_prompt=generation, return_dict=False
-            )
-        except (TemplateError, ValueError, TypeError, KeyError) as err:
-            raise BadInputError(
-                f"{where}: the tokenizer's chat template cannot render this dialog ({err}); fix or remove the "
-                "line, or set chat_template=herd", "template_error", where,
-            ) from None  # fmt: skip
-        return [int(i) for i in ids]
-
-    def __call__(self, dialog: Dialog) -> EncodedDialog:
-        """The ids and assistant mask of ``dialog`` (see the class docstring)."""
-        messages = dialog.messages
-        ids = self._render(messages, dialog.id)
-        mask = np.zeros(len(ids), bool)
-        for k, message in enumerate(messages):
-            if message["role"] != "assistant":
-                continue
-            if k == 0:
-                raise BadInputError(
-                    f"{dialog.id}: with chat_template=tokenizer a dialog cannot start with an assistant "
-                    "message (the template renders no prefix before it); start with a system or user "
-                    "message, or set chat_template=herd", "template_error", dialog.id,
-                )  # fmt: skip
-            start = self._render(messages[:k], dialog.id, generation=True)
-            end = self._render(messages[: k + 1], dialog.id)
-            for prefix, what in (
-                (start, f"{k} messages and the generation prompt"),
-                (end, f"{k + 1} messages"),
-            ):
-                if ids[: len(prefix)] != prefix:
-                    raise PrepareError(
-                        f"chat_template=tokenizer: the chat template of {self.source} renders the first {what} "
-                        f"of dialog {dialog.id} as something other than a prefix of the whole dialog, so the "
-                        "assistant's tokens cannot be located; use chat_template=herd, or a template that "
-                        "renders each message after the previous ones without changing them"
-                    )
-            mask[len(start) : len(end)] = True
-        return EncodedDialog(np.asarray(ids, np.uint32), mask)
-
-
-def dialog_encoder(tokenizer: Tokenizer, chat_template: str = "herd") -> Callable[[Dialog], EncodedDialog]:
-    """The encoder of ``chat_template`` (``herd`` or ``tokenizer``; see the module docstring)."""
-    if chat_template == "herd":
-        return herd_encoder(tokenizer)
-    if chat_template == "tokenizer":
-        return TemplateEncoder(tokenizer)
-    raise PrepareError(f"chat_template must be one of {CHAT_TEMPLATES}, got {chat_template!r}")
 
 
 # --- the kind -----------------------------------------------------------------------------------
@@ -380,13 +318,17 @@ class DialogKind:
     """Dialogs packed whole with a loss mask; see the module docstring."""
 
     name = "dialog"
-    options: Mapping[str, Any] = {"glob": "**/*.jsonl", "chat_template": "herd", "too_long": "drop"}
+    options: Mapping[str, Any] = {"glob": "**/*.jsonl", "chat_template": "auto", "too_long": "drop"}
     on_bad_input = "skip"
     max_bad_fraction = 0.1
 
     def check(self, spec: SourceSpec) -> None:
-        """Refuse an unknown chat_template or too_long."""
-        for key, allowed in (("chat_template", CHAT_TEMPLATES), ("too_long", TOO_LONG)):
+        """Refuse an unknown chat_template (not a name nor a .jinja path) or too_long."""
+        template = str(spec.options["chat_template"])
+        if template not in CHAT_TEMPLATES and not template.endswith(".jinja"):
+            raise PrepareError(f"sources.{spec.name}.chat_template must be one of {CHAT_TEMPLATES} or the path of a "
+                               f".jinja file, got {template!r}")
+        for key, allowed in (("too_long", TOO_LONG),):
             if spec.options[key] not in allowed:
                 raise PrepareError(
                     f"sources.{spec.name}.{key} must be one of {allowed}, got {spec.options[key]!r}"

@@ -30,14 +30,15 @@ A line that is not a usable ranking is a :class:`~herd.data.inputs.BadInputError
 them by default (``on_bad_input``), and fail when more than ``max_bad_fraction`` (0.1) of a
 source's lines are bad.
 
-Encoding (the Llama 3 format of :func:`herd.data.chat.encode_dialog`; the tokenizer's own chat
-template is not used for preferences). A ranking is laid out as ``[prompt][response 1]
-[response 2]...``, the prompt encoded once:
+Encoding: the source's chat format (``chat_template``, as for dialogs: see
+:func:`herd.data.chat.chat_format`; Llama 3's format by default for tokenizers that have its
+tokens). A ranking is laid out as ``[prompt][response 1][response 2]...``, the prompt encoded once:
 
-- the prompt is ``encode_dialog(prompt)``: ``<|begin_of_text|>`` and the prompt's turns;
-- each response is what ``encode_dialog(prompt + [response])`` adds after the prompt:
-  ``<|start_header_id|>assistant<|end_header_id|>\\n\\n`` + content + ``<|eot_id|>``, so a
-  response read after the prompt alone is exactly the dialog ``prompt + [response]``;
+- the prompt is the encoding of the prompt's turns (``<|begin_of_text|>`` and the turns);
+- each response is what encoding ``prompt + [response]`` adds after the prompt, through the
+  response's end-of-turn token (``<|start_header_id|>assistant<|end_header_id|>\\n\\n`` +
+  content + ``<|eot_id|>`` in Llama 3's format), so a response read after the prompt alone is
+  the dialog ``prompt + [response]`` up to its end of turn, where the reward model reads;
 - the responses are shuffled into a fixed order seeded by the ranking's id;
 - per-token members: ``loss_mask`` is true on each response's content (its assistant
   ``role_mask`` less the ``format_mask``: no header, no ``<|eot_id|>``); ``response_ids`` is 0
@@ -67,7 +68,7 @@ from urllib.parse import parse_qsl
 
 import numpy as np
 
-from herd.data.chat import encode_dialog
+from herd.data.chat import CHAT_TEMPLATES, ChatFormat, ChatFormatError, ChatTemplateError, chat_format
 from herd.data.embedded.preferences import STDLIB_PREFERENCES
 from herd.data.inputs import BadInputError, OnBadInput, folder_files, jsonl_records, raise_bad_input
 from herd.data.kinds import BadInputs, Job, PrepareError, SourceSpec, SplitBuffer, assign_split
@@ -76,7 +77,7 @@ from herd.data.packing import EXTRA_MEMBERS, WholePacker
 from herd.data.shards import LAYOUTS, SPLITS
 
 if TYPE_CHECKING:
-    from herd.data.tokenizer import Tokenizer
+    pass
 
 # Why a line is not a usable ranking (BadInputError.reason); the first four are shared with text.
 BAD_INPUT_REASONS = (
@@ -370,9 +371,12 @@ def response_order(ranking: Ranking) -> list[int]:
     return order
 
 
-def encode_ranking(tokenizer: Tokenizer, ranking: Ranking) -> EncodedRanking:
-    """The ranking's row span ``[prompt][response 1][response 2]...`` (see the module docstring)."""
-    prompt = encode_dialog(tokenizer, ranking.prompt).ids
+def encode_ranking(fmt: ChatFormat, ranking: Ranking) -> EncodedRanking:
+    """The ranking's row span ``[prompt][response 1][response 2]...`` (see the module docstring).
+
+    Raises :class:`~herd.data.chat.ChatFormatError` when the format cannot encode it.
+    """
+    prompt = fmt.encode(ranking.prompt).ids
     n = len(prompt)
     ids = [np.asarray(prompt, np.uint32)]
     masks = [np.zeros(n, bool)]
@@ -380,14 +384,14 @@ def encode_ranking(tokenizer: Tokenizer, ranking: Ranking) -> EncodedRanking:
     ranks = [np.full(n, -1, np.int16)]
     for k, index in enumerate(response_order(ranking), start=1):
         response = ranking.responses[index]
-        dialog = encode_dialog(tokenizer, [*ranking.prompt, response.message])
+        dialog = fmt.encode([*ranking.prompt, response.message])
         if dialog.ids[:n] != prompt:
-            raise RuntimeError(
-                f"ranking {ranking.id}: encoding the prompt and a response changed the prompt's ids"
-            )
-        piece = np.asarray(dialog.ids[n:], np.uint32)
+            raise ChatFormatError("encoding the prompt with a response changed the prompt's ids (the chat template "
+                                  "renders the prompt differently when an answer follows it)")
+        end = n + max(i for i, r in enumerate(dialog.role_mask[n:]) if r) + 1  # through the end-of-turn token
+        piece = np.asarray(dialog.ids[n:end], np.uint32)
         ids.append(piece)
-        masks.append(np.asarray(dialog.role_mask[n:], bool) & ~np.asarray(dialog.format_mask[n:], bool))
+        masks.append(np.asarray(dialog.role_mask[n:end], bool) & ~np.asarray(dialog.format_mask[n:end], bool))
         response_ids.append(np.full(len(piece), k, np.int16))
         ranks.append(np.full(len(piece), response.rank, np.int16))
     return EncodedRanking(*(np.concatenate(parts) for parts in (ids, masks, response_ids, ranks)))
@@ -400,12 +404,16 @@ class PreferenceKind:
     """Ranked responses sharing a prompt, packed whole; see the module docstring."""
 
     name = "preference"
-    options: Mapping[str, Any] = {"glob": "**/*.jsonl"}
+    options: Mapping[str, Any] = {"glob": "**/*.jsonl", "chat_template": "auto"}
     on_bad_input = "skip"
     max_bad_fraction = 0.1
 
     def check(self, spec: SourceSpec) -> None:
-        """The only option, glob, is a free-form pattern: nothing to check."""
+        """Refuse a chat_template that is not a name nor a .jinja path (glob is free-form)."""
+        template = str(spec.options["chat_template"])
+        if template not in CHAT_TEMPLATES and not template.endswith(".jinja"):
+            raise PrepareError(f"sources.{spec.name}.chat_template must be one of {CHAT_TEMPLATES} or the path of a "
+                               f".jinja file, got {template!r}")
 
     def rankings(self, spec: SourceSpec, on_bad_input: OnBadInput) -> Iterator[Ranking]:
         """The source's rankings in order; bad lines go to ``on_bad_input``."""
@@ -425,10 +433,20 @@ class PreferenceKind:
         counts = {split: {"responses": 0, "pairs": 0} for split in SPLITS}
         groups: dict[str, set[str]] = {split: set() for split in SPLITS}
         read = kept = too_long = 0
+        try:
+            fmt = chat_format(job.tokenizer, str(spec.options["chat_template"]))
+        except ChatFormatError as err:
+            raise PrepareError(f"sources.{spec.name}.chat_template: {err}") from None
         task = job.progress.add_task(f"encode {spec.name}", total=None)
         for ranking in self.rankings(spec, bad_inputs):
             read += 1
-            encoded = encode_ranking(job.tokenizer, ranking)
+            try:
+                encoded = encode_ranking(fmt, ranking)
+            except ChatTemplateError as err:
+                raise PrepareError(f"sources.{spec.name}.chat_template: {err}") from None
+            except ChatFormatError as err:
+                bad_inputs(BadInputError(f"{ranking.id}: {err}; fix or remove the line", "template_error", ranking.id))
+                continue
             if len(encoded.ids) > job.seq_len:
                 too_long += 1
                 continue
@@ -465,7 +483,8 @@ class PreferenceKind:
             "kind": self.name,
             "layout": LAYOUTS[self.name],
             "inputs": spec.inputs,
-            "chat_template": "herd",
+            "chat_template": spec.options["chat_template"],
+            "chat_format": fmt.name,
             "examples": kept,
             "responses": sum(s["responses"] for s in splits.values()),
             "pairs": sum(s["pairs"] for s in splits.values()),
