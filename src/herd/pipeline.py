@@ -82,6 +82,7 @@ import hydra
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
+from herd import cli
 from herd.paths import repo_root, resolve
 
 logger = logging.getLogger(__name__)
@@ -378,7 +379,7 @@ def _resolve_previous(name: str, first: Any) -> str:
     return str(view.plan.output_of(f"round{view.step.round - 1}/{name}", view))
 
 
-OmegaConf.register_new_resolver("herd_root", lambda: str(repo_root()), replace=True)
+cli.register_resolvers()  # ${herd_root:} in configs/pipeline.yaml
 OmegaConf.register_new_resolver("step", _resolve_step, replace=True)
 OmegaConf.register_new_resolver("previous", _resolve_previous, replace=True)
 OmegaConf.register_new_resolver("policy", lambda: _view("policy").plan.policy(_view("policy")), replace=True)
@@ -669,10 +670,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 def main(cfg: DictConfig) -> None:
     """Command-line entry: a config mistake exits with status 2, a failed step with status 1."""
     try:
-        run(cfg)
-    except PipelineError as err:
-        print(f"herd.pipeline: {err}", file=sys.stderr)
-        sys.exit(2)
+        with cli.user_errors("herd.pipeline", (PipelineError,)):
+            run(cfg)
     except StepFailed as err:
         logger.error("herd.pipeline: %s. Fix the cause and run the same command again: the finished steps are "
                      "skipped, and %s continues in its folder.", err, err.step.name)

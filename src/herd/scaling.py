@@ -55,6 +55,8 @@ from typing import Any
 
 import numpy as np
 
+from herd import cli
+
 RUN_FILE = "scaling_run.json"
 FIT_FILE = "scaling.json"
 PLOT_FILE = "scaling.png"
@@ -256,8 +258,9 @@ def ladder_settings(experiment: str, overrides: Sequence[str]) -> dict[str, Any]
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
-    import herd.train  # noqa: F401  (registers the resolvers the train config uses)
     from herd.presets import config_dir
+
+    cli.register_resolvers()  # the train config's ${herd_root:} and ${herd_run_id:}
 
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         cfg = compose("train", overrides=[f"experiment={experiment}", *overrides], return_hydra_config=True)
@@ -568,14 +571,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     fit = commands.add_parser("fit", help="fit and plot the runs of a ladder folder")
     fit.add_argument("dir", type=Path)
     args = parser.parse_args(argv)
-    try:
+    with cli.user_errors("herd.scaling", (FileNotFoundError, ValueError, RuntimeError)):
         if args.command == "fit":
             write_fit(args.dir)
         else:
             ladder(args.experiment, args.overrides, args.dir, args.dry_run)
-    except (FileNotFoundError, ValueError, RuntimeError) as err:
-        print(f"herd.scaling: {err}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":
