@@ -84,6 +84,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from herd import cli
 from herd.paths import repo_root, resolve
+from herd.scalars import flat_scalars, read_scalars
 
 logger = logging.getLogger(__name__)
 
@@ -551,10 +552,8 @@ def step_metrics(step: Step, records: Mapping[str, Mapping[str, Any]]) -> dict[s
     if step.tool == "train":
         return training_metrics(step.dir / "tensorboard")
     if step.tool == "rejection_sample":
-        from herd.rejection_sample import scalars
-
         stats = json.loads((step.output / "stats.json").read_text())
-        return scalars({k: v for k, v in stats.items() if k != "options"})
+        return flat_scalars({k: v for k, v in stats.items() if k != "options"})
     if step.tool == "prepare":
         manifest = json.loads((step.output / "manifest.json").read_text())
         out = {}
@@ -571,19 +570,13 @@ def training_metrics(folder: Path) -> dict[str, float]:
     (``<tag>@start``: before training), from a run's TensorBoard events."""
     if not folder.is_dir():
         return {}
-    from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
-
-    logging.getLogger("tensorboard").setLevel(logging.WARNING)  # its directory watcher talks at INFO
-    events = EventAccumulator(str(folder), size_guidance={SCALARS: 0})
-    events.Reload()
     out = {}
-    for tag in events.Tags().get(SCALARS, []):
+    for tag, values in read_scalars(folder).items():
         if not (tag.startswith("val/") or tag == "train/loss"):
             continue
-        values = sorted(events.Scalars(tag), key=lambda e: (e.step, e.wall_time))
-        out[tag] = float(values[-1].value)
+        out[tag] = values[-1].value
         if tag.startswith("val/") and len(values) > 1:
-            out[f"{tag}@start"] = float(values[0].value)
+            out[f"{tag}@start"] = values[0].value
     return out
 
 

@@ -104,6 +104,7 @@ from herd.inference import (
 )
 from herd.paths import resolve
 from herd.presets import config_dir
+from herd.scalars import flat_scalars
 
 logger = logging.getLogger(__name__)
 
@@ -403,17 +404,6 @@ def _std(values: Sequence[float]) -> float | None:
     return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
 
 
-def scalars(summary: dict[str, Any]) -> dict[str, float]:
-    """The numbers of a summary as ``a/b`` keys (what TensorBoard and the pipeline summary show)."""
-    out: dict[str, float] = {}
-    for key, value in summary.items():
-        if isinstance(value, dict):
-            out |= {f"{key}/{k}": v for k, v in scalars(value).items()}
-        elif isinstance(value, int | float) and not isinstance(value, bool):
-            out[key] = float(value)
-    return out
-
-
 # --- progress and logging -----------------------------------------------------------------------
 
 
@@ -470,7 +460,7 @@ class Scalars:
         """Write every number of ``summary`` at ``step``."""
         if self.writer is None:
             return
-        for key, value in scalars(summary).items():
+        for key, value in flat_scalars(summary).items():
             self.writer.add_scalar(f"{TAG}/{key}", value, step)
         self.writer.flush()
 

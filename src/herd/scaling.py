@@ -56,6 +56,7 @@ from typing import Any
 import numpy as np
 
 from herd import cli
+from herd.scalars import read_scalars
 
 RUN_FILE = "scaling_run.json"
 FIT_FILE = "scaling.json"
@@ -197,15 +198,10 @@ def final_val_loss(run_dir: str | Path) -> float | None:
             values = [float(row["val/loss"]) for row in csv.DictReader(file) if row.get("val/loss")]
         if values:
             return values[-1]
-    events = sorted(run_dir.glob("**/events.out.tfevents.*"))
-    if events:
-        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-        for event_dir in sorted({e.parent for e in events}):
-            accumulator = EventAccumulator(str(event_dir))
-            accumulator.Reload()
-            if "val/loss" in accumulator.Tags().get("scalars", []):
-                return float(accumulator.Scalars("val/loss")[-1].value)
+    for event_dir in sorted({e.parent for e in run_dir.glob("**/events.out.tfevents.*")}):
+        values = read_scalars(event_dir).get("val/loss")
+        if values:
+            return values[-1].value
     return None
 
 
