@@ -43,13 +43,14 @@ from herd.data.loaders.packed import PackedDataModule
 from herd.data.manifest import Manifest
 from herd.data.tokenizer import Tokenizer
 from herd.evaluation import mcq as mcq_module
-from herd.evaluation.batching import Progress, rows_per_batch
+from herd.evaluation.batching import rows_per_batch
 from herd.evaluation.needle import NeedleResult, collect_haystack, needle_accuracy
 from herd.evaluation.perplexity import source_perplexities
 from herd.evaluation.results import Results, compare_table, load_results
 from herd.evaluation.reward import load_pairs, pairs_from_items, reward_accuracy
 from herd.inference import load_model, load_reward_model, load_tokenizer
 from herd.interop import hf
+from herd.logs import Progress
 from herd.model.quantize import check_quantize
 from herd.paths import resolve, resolve_location
 from herd.presets import config_dir

@@ -72,7 +72,6 @@ import logging
 import math
 import os
 import random
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -102,6 +101,7 @@ from herd.inference import (
     load_tokenizer,
     score_dialogs,
 )
+from herd.logs import Progress
 from herd.paths import resolve
 from herd.presets import config_dir
 from herd.scalars import flat_scalars
@@ -281,12 +281,12 @@ def generate_answers(model, tokenizer: Tokenizer, prompts: Sequence[Prompt], *, 
     fitting = [i for i, ids in enumerate(encoded) if len(ids) < model.config.max_seq_len]
     answers = decode_answers(model, tokenizer, [encoded[i] for i in fitting], max_new_tokens,
                              stop_ids=chat_stop_ids(tokenizer), num_samples=num_samples, batch_size=batch_size,
-                             on_batch=None if progress is None else progress.advance, temperature=temperature,
+                             on_batch=None if progress is None else progress.update, temperature=temperature,
                              top_p=top_p, top_k=top_k, generator=generator)
     for i, samples in zip(fitting, answers, strict=True):
         out[i] = [Sample(answer.text.strip(), answer.finished) for answer in samples]
     if progress is not None and len(fitting) < len(prompts):
-        progress.advance(len(prompts) - len(fitting), 0)
+        progress.update(len(prompts) - len(fitting))
     return out
 
 
@@ -404,46 +404,7 @@ def _std(values: Sequence[float]) -> float | None:
     return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
 
 
-# --- progress and logging -----------------------------------------------------------------------
-
-
-class Progress:
-    """A rich progress bar on a terminal; elsewhere (logs, pipelines) a line every ``every_seconds``."""
-
-    def __init__(self, description: str, total: int, enabled: bool, every_seconds: float = 30.0) -> None:
-        self.description, self.total, self.done, self.tokens = description, total, 0, 0
-        self.enabled, self.every_seconds = enabled, every_seconds
-        self.start = self.last_line = time.monotonic()
-        self.bar = None
-        if enabled and sys.stdout.isatty():
-            from rich.progress import BarColumn, MofNCompleteColumn, TimeElapsedColumn, TimeRemainingColumn
-            from rich.progress import Progress as RichProgress
-
-            self.bar = RichProgress("{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                                    TimeRemainingColumn())
-            self.task = self.bar.add_task(description, total=total)
-            self.bar.start()
-
-    def advance(self, prompts: int, tokens: int) -> None:
-        """``prompts`` more done (and ``tokens`` more generated)."""
-        self.done, self.tokens = self.done + prompts, self.tokens + tokens
-        if not self.enabled:
-            return
-        if self.bar is not None:
-            self.bar.update(self.task, advance=prompts)
-            return
-        now = time.monotonic()
-        if now - self.last_line >= self.every_seconds or self.done >= self.total:
-            self.last_line = now
-            rate = f", {self.tokens / (now - self.start):,.0f} tok/s" if self.tokens else ""
-            logger.info("%s: %d/%d prompts (%.0f s%s)", self.description, self.done, self.total, now - self.start,
-                        rate)
-
-    def close(self) -> float:
-        """Stop the bar; the seconds since the start."""
-        if self.bar is not None:
-            self.bar.stop()
-        return time.monotonic() - self.start
+# --- TensorBoard -----------------------------------------------------------------------
 
 
 class Scalars:
@@ -603,7 +564,8 @@ def _sample(cfg: DictConfig, mine: list[Result], rank: int) -> tuple[dict[str, f
     loaded = load(str(cfg.policy), cfg.tokenizer, str(cfg.dtype), _device(str(cfg.device)))
     device = loaded.model.tok_embeddings.weight.device
     generator = torch.Generator(device=device).manual_seed(int(cfg.seed) + rank)
-    progress = Progress("sampling", len(mine), bool(cfg.progress) and rank == 0)
+    progress = Progress("sampling", len(mine), "prompts", 30.0, enabled=bool(cfg.progress) and rank == 0, bar=True,
+                        logger=logger)
     answers = generate_answers(
         loaded.model, loaded.tokenizer, [r.prompt for r in mine], num_samples=int(cfg.num_samples),
         max_new_tokens=int(cfg.max_new_tokens), temperature=float(cfg.temperature), top_p=float(cfg.top_p),
@@ -627,14 +589,15 @@ def _score(cfg: DictConfig, mine: list[Result], scorer: Scorer | None, board: Sc
     max_len = None
     if scorer is None:
         scorer, max_len = _reward_scorer(cfg, tokenizer)
-    progress = Progress("scoring", len(mine), bool(cfg.progress) and rank == 0)
+    progress = Progress("scoring", len(mine), "prompts", 30.0, enabled=bool(cfg.progress) and rank == 0, bar=True,
+                        logger=logger)
     tally = Tally()
 
     def on_chunk(chunk: Sequence[Result]) -> None:
         for result in chunk:
             tally.add(select(result, float(cfg.min_margin), bool(cfg.keep_unfinished)))
         board.log(tally.summary(), tally.prompts)
-        progress.advance(len(chunk), 0)
+        progress.update(len(chunk))
 
     per_call = max(1, int(cfg.score_batch_size) * 4 // int(cfg.num_samples))
     score_results(mine, scorer, tokenizer, max_len, per_call, on_chunk)
