@@ -15,7 +15,8 @@ from hydra import compose, initialize_config_dir
 from herd.chat import ChatSession, converse
 from herd.data.chat import encode_dialog
 from herd.data.tokenizer import train_tokenizer
-from herd.generate import chat_stop_ids, encode_prompt, format_outputs, load, run
+from herd.generate import encode_prompt, format_outputs, run
+from herd.inference import chat_stop_ids, load
 from herd.interop import hf
 from herd.model import ModelConfig, Transformer
 from herd.presets import config_dir

@@ -17,6 +17,7 @@ from hydra import compose, initialize_config_dir
 from herd.data.kinds.dialog import jsonl_dialogs
 from herd.data.kinds.preference import jsonl_rankings
 from herd.data.tokenizer import Tokenizer, train_tokenizer
+from herd.inference import score_dialogs
 from herd.interop import hf
 from herd.model import ModelConfig, RewardModel, Transformer
 from herd.presets import config_dir
@@ -30,7 +31,6 @@ from herd.rejection_sample import (
     select,
     take,
 )
-from herd.score import score_dialogs
 
 PROMPTS = [
     {"messages": [{"role": "user", "content": "What does textwrap.dedent do?"},

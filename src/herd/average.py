@@ -31,7 +31,6 @@ import logging
 import math
 import os
 import shutil
-import sys
 from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -44,6 +43,8 @@ from omegaconf import DictConfig, ListConfig
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from herd.cli import user_errors
+from herd.dtypes import DTYPES
 from herd.interop import hf
 from herd.paths import resolve
 from herd.presets import config_dir
@@ -53,7 +54,7 @@ logger = logging.getLogger(__name__)
 AVERAGE_FILE = "average.json"
 # config.json keys that say how a directory was written, not what network it holds.
 IGNORED_CONFIG_KEYS = frozenset({"transformers_version", "dtype", "torch_dtype", "_name_or_path"})
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+AVERAGE_DTYPES = ("fp32", "bf16", "fp16")  # names of herd.dtypes.DTYPES
 
 
 class AverageError(ValueError):
@@ -321,8 +322,9 @@ def run(cfg: DictConfig) -> Path:
     models = cfg.models
     if isinstance(models, str) or not isinstance(models, ListConfig | list | tuple):
         raise AverageError("models must be a list of model directories: 'models=[dir_a,dir_b]'")
-    if cfg.dtype is not None and cfg.dtype not in DTYPES:
-        raise AverageError(f"dtype={cfg.dtype!r}: use one of {sorted(DTYPES)}, or null to keep the stored dtypes")
+    if cfg.dtype is not None and cfg.dtype not in AVERAGE_DTYPES:
+        raise AverageError(f"dtype={cfg.dtype!r}: use one of {sorted(AVERAGE_DTYPES)}, or null to keep the stored "
+                           "dtypes")
     if not float(cfg.max_shard_gb) > 0:
         raise AverageError(f"max_shard_gb={cfg.max_shard_gb}: give a positive size in GiB")
     weights = list(cfg.weights) if cfg.weights is not None else None
@@ -339,11 +341,8 @@ def run(cfg: DictConfig) -> Path:
 def main(cfg: DictConfig) -> None:
     """Command-line entry; mistakes in the options or the models exit with status 2 and one message."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
+    with user_errors("herd.average", (AverageError, OSError)):
         run(cfg)
-    except (AverageError, OSError) as err:
-        print(f"herd.average: {err}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -22,9 +22,10 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
+from herd.cli import user_errors
 from herd.data.chat import encode_dialog
 from herd.data.tokenizer import Tokenizer
-from herd.generate import USER_ERRORS, chat_stop_ids, load, user_error
+from herd.inference import chat_messages, chat_stop_ids, load
 from herd.model import Transformer, stream
 from herd.model.generate import check_sampling
 from herd.presets import config_dir
@@ -57,11 +58,7 @@ class ChatSession:
 
     def messages(self, user: str) -> list[dict[str, Any]]:
         """The dialog whose answer comes next: system message, every exchange, then ``user``."""
-        messages = [{"role": "system", "content": self.system}] if self.system else []
-        for question, answer in self.history:
-            messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
-        messages.append({"role": "user", "content": user})
-        return messages
+        return chat_messages(user, self.system, self.history)
 
     def prompt_ids(self, user: str) -> list[int]:
         """Token ids of :meth:`messages` with the assistant's header, forgetting the oldest
@@ -147,14 +144,11 @@ def _write(text: str) -> None:
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="chat")
 def main(cfg: DictConfig) -> None:
     """Command-line entry: load the model, then chat until the input ends; user errors exit with status 2."""
-    try:
+    with user_errors("herd.chat"):
         loaded = load(str(cfg.model_dir), cfg.tokenizer, str(cfg.dtype), str(cfg.device), cfg.get("quantize"))
         session = ChatSession(loaded.model, loaded.tokenizer, system=cfg.system, max_new_tokens=int(cfg.max_new_tokens),
                               temperature=float(cfg.temperature), top_p=float(cfg.top_p), top_k=int(cfg.top_k),
                               seed=int(cfg.seed))
-    except USER_ERRORS as err:
-        print(f"herd.chat: {user_error('herd.chat', err)}", file=sys.stderr)
-        sys.exit(2)
     try:
         converse(session, input_lines(), _write, streaming=bool(cfg.stream))
     except KeyboardInterrupt:

@@ -38,17 +38,20 @@ import torch
 from omegaconf import DictConfig
 
 from herd import logs
+from herd.cli import user_errors
 from herd.data.loaders.packed import PackedDataModule
 from herd.data.manifest import Manifest
 from herd.data.tokenizer import Tokenizer
 from herd.evaluation import mcq as mcq_module
-from herd.evaluation.batching import Progress, rows_per_batch
+from herd.evaluation.batching import rows_per_batch
 from herd.evaluation.needle import NeedleResult, collect_haystack, needle_accuracy
 from herd.evaluation.perplexity import source_perplexities
 from herd.evaluation.results import Results, compare_table, load_results
 from herd.evaluation.reward import load_pairs, pairs_from_items, reward_accuracy
+from herd.inference import load_model, load_reward_model, load_tokenizer
 from herd.interop import hf
-from herd.model.quantize import check_quantize, quantize
+from herd.logs import Progress
+from herd.model.quantize import check_quantize
 from herd.paths import resolve, resolve_location
 from herd.presets import config_dir
 
@@ -72,15 +75,14 @@ class Evaluation:
     def model(self) -> torch.nn.Module:
         """The model in float32 (bf16 runs use autocast), on ``device``, in eval mode."""
         if self._model is None:
-            model = hf.load(self.model_dir, dtype=torch.float32, device=self.cfg.device).eval()
-            self._model = quantize(model, self.cfg.get("quantize"))
+            self._model = load_model(self.model_dir, "fp32", self.cfg.device, self.cfg.get("quantize"))
         return self._model
 
     @property
     def tokenizer(self) -> Tokenizer:
         """``tokenizer``, or the tokenizer saved in ``model_dir``."""
         if self._tokenizer is None:
-            self._tokenizer = Tokenizer.load(self.cfg.tokenizer or self.model_dir)
+            self._tokenizer = load_tokenizer(self.model_dir, self.cfg.tokenizer)
         return self._tokenizer
 
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -211,13 +213,11 @@ def reward_accuracy_task(run: Evaluation, results: Results) -> dict[str, float] 
     if not directory:
         reason = "no reward model given: set reward_model=<a reward model directory (stage=reward's export)>"
         return _skipped(results, "reward_accuracy", reason)
-    try:
-        from herd.interop.hf import load_reward_model
-    except ImportError:
+    if not hasattr(hf, "load_reward_model"):
         return _skipped(results, "reward_accuracy", "this herd cannot load reward models yet "
                                                     "(herd.interop.hf.load_reward_model is missing)")
     directory = resolve(directory)
-    reward_model = load_reward_model(directory, dtype=torch.float32, device=run.cfg.device).eval()
+    reward_model = load_reward_model(directory, "fp32", run.cfg.device)
     tokenizer = Tokenizer.load(directory) if (directory / "tokenizer.json").is_file() else run.tokenizer
     pairs_source = str(run.cfg.reward_accuracy.pairs)
     if pairs_source == mcq_module.STDLIB_ITEMS:
@@ -279,11 +279,8 @@ def write_outputs(output_dir: Path, cfg: DictConfig, results: Results, details: 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="evaluate")
 def main(cfg: DictConfig) -> None:
     """Command-line entry; errors name the file or key and exit with status 2."""
-    try:
+    with user_errors("herd.evaluate", (FileNotFoundError, ValueError)):
         results, details = evaluate(cfg)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"herd.evaluate: {err}", file=sys.stderr)
-        sys.exit(2)
     print(report(cfg, results, details))
     output_dir = Path(hydra.core.hydra_config.HydraConfig.get().runtime.output_dir)
     path = write_outputs(output_dir, cfg, results, details)
@@ -301,11 +298,8 @@ def cli(argv: Sequence[str] | None = None) -> None:
     """``--compare a.json b.json ...`` prints the comparison table; anything else is Hydra's command line."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "--compare":
-        try:
+        with user_errors("herd.evaluate", (FileNotFoundError, ValueError), prefix="herd.evaluate --compare"):
             print(compare(argv[1:]))
-        except (FileNotFoundError, ValueError) as err:
-            print(f"herd.evaluate --compare: {err}", file=sys.stderr)
-            sys.exit(2)
         return
     main()
 

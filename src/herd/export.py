@@ -17,7 +17,6 @@ them: a folder carries no signature to tell them apart, and the restricted reade
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +25,11 @@ import torch
 from omegaconf import DictConfig
 
 from herd.callbacks import checkpoint_io
+from herd.cli import user_errors
+from herd.dtypes import FP32_BF16_OR_NULL, torch_dtype
 from herd.interop import hf
 from herd.model import ModelConfig, Transformer
 from herd.presets import config_dir
-from herd.stages.parallelize import DTYPES
 from herd.stages.reward import VALUE_HEAD_KEY
 
 MODEL_PREFIX = "model."
@@ -90,21 +90,17 @@ def export(checkpoint: str | Path, output: str | Path, tokenizer: str | None = N
     missing = sorted(set(model.state_dict()) - set(state))
     if missing:
         raise ValueError(f"{checkpoint} lacks model tensors {missing[:8]}")
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype={dtype!r}: use fp32, bf16 or null (as trained)")
+    out_dtype = torch_dtype(dtype, FP32_BF16_OR_NULL, hint="use fp32, bf16 or null (as trained)")
     if head is not None:
-        return hf.save_reward_model(model, head, output, tokenizer=tokenizer, dtype=DTYPES[dtype], state_dict=state)
-    return hf.save(model, output, tokenizer=tokenizer, dtype=DTYPES[dtype], state_dict=state)
+        return hf.save_reward_model(model, head, output, tokenizer=tokenizer, dtype=out_dtype, state_dict=state)
+    return hf.save(model, output, tokenizer=tokenizer, dtype=out_dtype, state_dict=state)
 
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="export")
 def main(cfg: DictConfig) -> None:
     """Command-line entry; errors name the file and exit with status 2."""
-    try:
+    with user_errors("herd.export", (FileNotFoundError, ValueError)):
         out = export(cfg.checkpoint, cfg.output, cfg.tokenizer, cfg.dtype)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"herd.export: {err}", file=sys.stderr)
-        sys.exit(2)
     print(f"herd.export: wrote {out}")
 
 

@@ -20,7 +20,6 @@ status 2.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import IO
@@ -31,6 +30,7 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.text import Text
 
+from herd.cli import user_errors
 from herd.data.manifest import Manifest, ManifestError
 from herd.data.packing import IGNORE_INDEX, PAD_DOCUMENT_ID, Rechunker
 from herd.data.shards import SPLITS, ShardError, read_shard
@@ -210,11 +210,8 @@ def main(cfg: DictConfig) -> None:
 
     A bad value prints one line, ``herd.inspect: <message>``, and exits with status 2.
     """
-    try:
+    with user_errors("herd.inspect", (ValueError, OSError, ManifestError, ShardError)):
         inspect(cfg)
-    except (ValueError, OSError, ManifestError, ShardError) as err:
-        print(f"herd.inspect: {err}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -7,11 +7,17 @@ progress lines and the final summary are kept with the run.
 
 :func:`filter_reviewed_warnings` silences the warnings that Lightning and torch print on every
 run and that herd has checked do not apply to it; the list lives here, in one place.
+
+:class:`Progress` shows how far a long job (an evaluation task, rejection sampling) has come, as
+plain lines or a rich bar; :func:`clock` writes its durations (and those of the training lines).
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import sys
+import time
 import warnings
 
 from lightning.pytorch.utilities import rank_zero_only
@@ -76,3 +82,76 @@ def warning(logger: logging.Logger, message: str) -> None:
     """Log a warning on the global rank 0 only."""
     if rank_zero_only.rank == 0:
         logger.warning(message)
+
+
+def clock(seconds: float) -> str:
+    """A duration as ``m:ss`` or ``h:mm:ss`` (``?`` when it is not finite)."""
+    if not math.isfinite(seconds):
+        return "?"
+    minutes, seconds = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes}:{seconds:02d}"
+
+
+class Progress:
+    """Progress of a long job in plain lines, at most one every ``every_seconds``, and a last one
+    from :meth:`close`::
+
+        mcq: 1,200/3,600 choices (33%) | elapsed 0:12 | ETA 0:24
+        sampling: 64/256 prompts (25%) | 2,410 tok/s | elapsed 1:02 | ETA 3:06
+
+    The lines go through ``logger`` (the ``herd`` logger by default; see :func:`info`: console and
+    the run's log file, global rank 0 only). ``bar=True`` shows a rich progress bar instead when
+    stdout is a terminal; ``enabled=False`` only counts. :meth:`update` counts work done (and
+    tokens generated, for the rate); :meth:`close` returns the seconds since the start.
+    """
+
+    def __init__(self, task: str, total: int, unit: str, every_seconds: float = 10.0, *, enabled: bool = True,
+                 bar: bool = False, logger: logging.Logger | None = None) -> None:
+        self.task, self.total, self.unit, self.every_seconds = task, max(0, int(total)), unit, every_seconds
+        self.enabled, self.logger = enabled, logger or get_logger(__name__)
+        self.done = self.tokens = 0
+        self.start = self.last = time.perf_counter()
+        self.bar = None
+        if enabled and bar and sys.stdout.isatty():
+            from rich.progress import BarColumn, MofNCompleteColumn, TimeElapsedColumn, TimeRemainingColumn
+            from rich.progress import Progress as RichProgress
+
+            self.bar = RichProgress("{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                                    TimeRemainingColumn())
+            self.bar_task = self.bar.add_task(task, total=self.total)
+            self.bar.start()
+
+    def update(self, amount: int = 1, tokens: int = 0) -> None:
+        """Count ``amount`` more units (and ``tokens`` more tokens); a line if ``every_seconds`` have passed."""
+        self.done, self.tokens = self.done + amount, self.tokens + tokens
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.update(self.bar_task, advance=amount)
+            return
+        now = time.perf_counter()
+        if now - self.last >= self.every_seconds:
+            self.last = now
+            info(self.logger, self.line(now))
+
+    def close(self) -> float:
+        """Stop the bar, or print the final line (how long it took); the seconds since the start."""
+        now = time.perf_counter()
+        if self.bar is not None:
+            self.bar.stop()
+        elif self.enabled:
+            info(self.logger, self.line(now, final=True))
+        return now - self.start
+
+    def line(self, now: float, final: bool = False) -> str:
+        """The progress line at time ``now`` (``time.perf_counter``)."""
+        elapsed = now - self.start
+        share = self.done / self.total if self.total else 1.0
+        parts = [f"{self.task}: {self.done:,}/{self.total:,} {self.unit} ({share:.0%})"]
+        if self.tokens:
+            parts.append(f"{self.tokens / max(elapsed, 1e-9):,.0f} tok/s")
+        parts.append(f"elapsed {clock(elapsed)}")
+        if not final and 0 < share < 1:
+            parts.append(f"ETA {clock(elapsed / share - elapsed)}")
+        return " | ".join(parts)

@@ -65,13 +65,8 @@ import contextvars
 import json
 import logging
 import math
-import os
-import resource
 import shutil
-import signal
-import subprocess
 import sys
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -82,7 +77,10 @@ import hydra
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
+from herd import cli
+from herd.commands import read_record, run_logged, write_record
 from herd.paths import repo_root, resolve
+from herd.scalars import flat_scalars, read_scalars
 
 logger = logging.getLogger(__name__)
 
@@ -378,7 +376,7 @@ def _resolve_previous(name: str, first: Any) -> str:
     return str(view.plan.output_of(f"round{view.step.round - 1}/{name}", view))
 
 
-OmegaConf.register_new_resolver("herd_root", lambda: str(repo_root()), replace=True)
+cli.register_resolvers()  # ${herd_root:} in configs/pipeline.yaml
 OmegaConf.register_new_resolver("step", _resolve_step, replace=True)
 OmegaConf.register_new_resolver("previous", _resolve_previous, replace=True)
 OmegaConf.register_new_resolver("policy", lambda: _view("policy").plan.policy(_view("policy")), replace=True)
@@ -391,17 +389,7 @@ OmegaConf.register_new_resolver("dir", lambda: str(_view("dir").step.dir), repla
 
 def read_step(step: Step) -> dict[str, Any]:
     """The step's ``step.json`` ({} when there is none)."""
-    try:
-        return json.loads((step.dir / STEP_FILE).read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def _write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(data, indent=2) + "\n")
-    temporary.replace(path)
+    return read_record(step.dir / STEP_FILE)
 
 
 def _command_key(command: Sequence[str]) -> list[str]:
@@ -454,19 +442,18 @@ class Runner:
         logger.info("herd.pipeline: %s: %s\n  %s", step.name, how, " ".join(step.command))
         record = {"name": step.name, "tool": step.tool, "command": _command_key(step.command), "status": "running",
                   "started": datetime.now().isoformat(timespec="seconds"), "output": str(step.output)}
-        _write_json(step.dir / STEP_FILE, record)
-        started, cpu_before = time.monotonic(), _children_cpu_seconds()
-        status = _execute(step.command, step.dir / STEP_LOG)
-        seconds, cpu_seconds = time.monotonic() - started, _children_cpu_seconds() - cpu_before
+        write_record(step.dir / STEP_FILE, record)
+        finished = run_logged(step.command, step.dir / STEP_LOG, cwd=repo_root())
+        status, seconds, cpu_seconds = finished.status, finished.seconds, finished.cpu_seconds
         if status == 0 and not TOOLS[step.tool].complete(step.output):
             logger.error("herd.pipeline: %s exited 0 but its output %s is not complete", step.name, step.output)
             status = 1
         record |= {"seconds": round(seconds, 1), "cpu_seconds": round(cpu_seconds, 1), "exit_status": status}
         if status != 0:
-            _write_json(step.dir / STEP_FILE, record | {"status": "failed"})
+            write_record(step.dir / STEP_FILE, record | {"status": "failed"})
             raise StepFailed(step, status)
         record |= {"status": "finished", "metrics": step_metrics(step, self.records)}
-        _write_json(step.dir / STEP_FILE, record)
+        write_record(step.dir / STEP_FILE, record)
         logger.info("herd.pipeline: %s finished in %.0f s -> %s", step.name, seconds, step.output)
         return record
 
@@ -481,14 +468,8 @@ class Runner:
                    "start": self.plan.cfg.get("start"), "status": status, "failed_step": failed,
                    "started": self.started, "updated": datetime.now().isoformat(timespec="seconds"),
                    "rounds": report(self.plan, self.records), "steps": steps}
-        _write_json(self.plan.run_dir / SUMMARY_FILE, summary)
+        write_record(self.plan.run_dir / SUMMARY_FILE, summary)
         return summary
-
-
-def _children_cpu_seconds() -> float:
-    """CPU seconds (user + system) of this process's finished child processes, their own children included."""
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
 
 
 def _empty(folder: Path, keep: set[str] = frozenset()) -> None:
@@ -500,39 +481,6 @@ def _empty(folder: Path, keep: set[str] = frozenset()) -> None:
             shutil.rmtree(child)
         else:
             child.unlink()
-
-
-def _execute(command: Sequence[str], log_file: Path) -> int:
-    """Run ``command`` from the repository root, its output to the console and to ``log_file``.
-
-    SIGTERM or Ctrl-C stops the command too (it gets SIGTERM, then SIGKILL after 30 s).
-    """
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    with open(log_file, "a", encoding="utf-8") as log:
-        log.write(f"# {datetime.now().isoformat(timespec='seconds')}: {' '.join(command)}\n")
-        process = subprocess.Popen(list(command), cwd=repo_root(), env=env, stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT, text=True, errors="replace", bufsize=1)
-        previous = signal.signal(signal.SIGTERM, _raise_interrupt)
-        try:
-            assert process.stdout is not None
-            for line in process.stdout:
-                sys.stdout.write(line)
-                log.write(line)
-            return process.wait()
-        except BaseException:
-            process.terminate()
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-            raise
-        finally:
-            signal.signal(signal.SIGTERM, previous)
-            sys.stdout.flush()
-
-
-def _raise_interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
 
 
 # --- metrics and the report ---------------------------------------------------------------------
@@ -550,10 +498,8 @@ def step_metrics(step: Step, records: Mapping[str, Mapping[str, Any]]) -> dict[s
     if step.tool == "train":
         return training_metrics(step.dir / "tensorboard")
     if step.tool == "rejection_sample":
-        from herd.rejection_sample import scalars
-
         stats = json.loads((step.output / "stats.json").read_text())
-        return scalars({k: v for k, v in stats.items() if k != "options"})
+        return flat_scalars({k: v for k, v in stats.items() if k != "options"})
     if step.tool == "prepare":
         manifest = json.loads((step.output / "manifest.json").read_text())
         out = {}
@@ -570,19 +516,13 @@ def training_metrics(folder: Path) -> dict[str, float]:
     (``<tag>@start``: before training), from a run's TensorBoard events."""
     if not folder.is_dir():
         return {}
-    from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
-
-    logging.getLogger("tensorboard").setLevel(logging.WARNING)  # its directory watcher talks at INFO
-    events = EventAccumulator(str(folder), size_guidance={SCALARS: 0})
-    events.Reload()
     out = {}
-    for tag in events.Tags().get(SCALARS, []):
+    for tag, values in read_scalars(folder).items():
         if not (tag.startswith("val/") or tag == "train/loss"):
             continue
-        values = sorted(events.Scalars(tag), key=lambda e: (e.step, e.wall_time))
-        out[tag] = float(values[-1].value)
+        out[tag] = values[-1].value
         if tag.startswith("val/") and len(values) > 1:
-            out[f"{tag}@start"] = float(values[0].value)
+            out[f"{tag}@start"] = values[0].value
     return out
 
 
@@ -669,10 +609,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 def main(cfg: DictConfig) -> None:
     """Command-line entry: a config mistake exits with status 2, a failed step with status 1."""
     try:
-        run(cfg)
-    except PipelineError as err:
-        print(f"herd.pipeline: {err}", file=sys.stderr)
-        sys.exit(2)
+        with cli.user_errors("herd.pipeline", (PipelineError,)):
+            run(cfg)
     except StepFailed as err:
         logger.error("herd.pipeline: %s. Fix the cause and run the same command again: the finished steps are "
                      "skipped, and %s continues in its folder.", err, err.step.name)

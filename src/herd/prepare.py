@@ -46,7 +46,6 @@ import logging
 import os
 import re
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
@@ -59,6 +58,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from herd.cli import user_errors
 from herd.data.inputs import BadInputError
 from herd.data.kinds import (
     ON_BAD_INPUT,
@@ -403,11 +403,9 @@ def main(cfg: DictConfig) -> None:
 
     A bad config value or input prints one line, ``herd: <message>``, and exits with status 2.
     """
-    try:
+    # ValueError and OSError: how herd's data path reports bad values and inputs
+    with user_errors("herd.prepare", (ValueError, OSError), prefix="herd"):
         prepare(cfg)
-    except (ValueError, OSError) as err:  # how herd's data path reports bad values and inputs
-        print(f"herd: {err}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

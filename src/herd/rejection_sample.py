@@ -17,7 +17,7 @@ How it runs, on each rank:
    one KV cache (:func:`herd.model.generate`, ``num_samples=K``). Prompts are batched by length.
 2. **Score.** The policy is freed and the reward model scores every usable answer as the dialog
    ``prompt + [answer]``, ``score_batch_size`` dialogs per forward pass, sorted by length
-   (:func:`herd.score.score_dialogs`).
+   (:func:`herd.inference.score_dialogs`).
 3. **Select.** A prompt keeps its highest-reward answer (the first one on a tie). Candidates are
    the usable answers: non-empty text, within the reward model's context, and finished with an
    end-of-turn token (unless ``keep_unfinished=true``; an answer cut at ``max_new_tokens`` would
@@ -72,7 +72,6 @@ import logging
 import math
 import os
 import random
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -86,14 +85,26 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 from omegaconf.errors import MissingMandatoryValue
 
+from herd.cli import user_errors
 from herd.data.chat import encode_dialog
 from herd.data.inputs import BadInputError, jsonl_records
 from herd.data.kinds import assign_split
 from herd.data.kinds.dialog import STDLIB_SFT, checked_messages, sft_options
 from herd.data.tokenizer import Tokenizer
+from herd.dtypes import FP32_BF16
 from herd.evaluation.answers import token_f1
+from herd.inference import (
+    chat_stop_ids,
+    decode_answers,
+    load,
+    load_reward_model,
+    load_tokenizer,
+    score_dialogs,
+)
+from herd.logs import Progress
 from herd.paths import resolve
 from herd.presets import config_dir
+from herd.scalars import flat_scalars
 
 logger = logging.getLogger(__name__)
 
@@ -265,28 +276,17 @@ def generate_answers(model, tokenizer: Tokenizer, prompts: Sequence[Prompt], *, 
 
     Prompts are sorted by length and decoded ``batch_size`` at a time, each prefilled once.
     """
-    from herd.generate import answer_text, chat_stop_ids
-    from herd.model import generate
-
-    stop_ids = chat_stop_ids(tokenizer)
     encoded = [encode_dialog(tokenizer, p.messages, add_generation_prompt=True).ids for p in prompts]
     out: list[list[Sample] | None] = [None] * len(prompts)
     fitting = [i for i, ids in enumerate(encoded) if len(ids) < model.config.max_seq_len]
-    order = sorted(fitting, key=lambda i: len(encoded[i]))
-    device = model.tok_embeddings.weight.device
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
-        rows = generate(model, [torch.tensor(encoded[i], device=device) for i in chunk], max_new_tokens,
-                        temperature=temperature, top_p=top_p, top_k=top_k, stop_ids=stop_ids,
-                        num_samples=num_samples, generator=generator)
-        for position, i in enumerate(chunk):
-            new = rows[position * num_samples : (position + 1) * num_samples]
-            out[i] = [Sample(answer_text(tokenizer, ids, stop_ids).strip(), bool(ids) and ids[-1] in stop_ids)
-                      for ids in new]
-        if progress is not None:
-            progress.advance(len(chunk), sum(len(r) for r in rows))
+    answers = decode_answers(model, tokenizer, [encoded[i] for i in fitting], max_new_tokens,
+                             stop_ids=chat_stop_ids(tokenizer), num_samples=num_samples, batch_size=batch_size,
+                             on_batch=None if progress is None else progress.update, temperature=temperature,
+                             top_p=top_p, top_k=top_k, generator=generator)
+    for i, samples in zip(fitting, answers, strict=True):
+        out[i] = [Sample(answer.text.strip(), answer.finished) for answer in samples]
     if progress is not None and len(fitting) < len(prompts):
-        progress.advance(len(prompts) - len(fitting), 0)
+        progress.update(len(prompts) - len(fitting))
     return out
 
 
@@ -404,57 +404,7 @@ def _std(values: Sequence[float]) -> float | None:
     return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
 
 
-def scalars(summary: dict[str, Any]) -> dict[str, float]:
-    """The numbers of a summary as ``a/b`` keys (what TensorBoard and the pipeline summary show)."""
-    out: dict[str, float] = {}
-    for key, value in summary.items():
-        if isinstance(value, dict):
-            out |= {f"{key}/{k}": v for k, v in scalars(value).items()}
-        elif isinstance(value, int | float) and not isinstance(value, bool):
-            out[key] = float(value)
-    return out
-
-
-# --- progress and logging -----------------------------------------------------------------------
-
-
-class Progress:
-    """A rich progress bar on a terminal; elsewhere (logs, pipelines) a line every ``every_seconds``."""
-
-    def __init__(self, description: str, total: int, enabled: bool, every_seconds: float = 30.0) -> None:
-        self.description, self.total, self.done, self.tokens = description, total, 0, 0
-        self.enabled, self.every_seconds = enabled, every_seconds
-        self.start = self.last_line = time.monotonic()
-        self.bar = None
-        if enabled and sys.stdout.isatty():
-            from rich.progress import BarColumn, MofNCompleteColumn, TimeElapsedColumn, TimeRemainingColumn
-            from rich.progress import Progress as RichProgress
-
-            self.bar = RichProgress("{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                                    TimeRemainingColumn())
-            self.task = self.bar.add_task(description, total=total)
-            self.bar.start()
-
-    def advance(self, prompts: int, tokens: int) -> None:
-        """``prompts`` more done (and ``tokens`` more generated)."""
-        self.done, self.tokens = self.done + prompts, self.tokens + tokens
-        if not self.enabled:
-            return
-        if self.bar is not None:
-            self.bar.update(self.task, advance=prompts)
-            return
-        now = time.monotonic()
-        if now - self.last_line >= self.every_seconds or self.done >= self.total:
-            self.last_line = now
-            rate = f", {self.tokens / (now - self.start):,.0f} tok/s" if self.tokens else ""
-            logger.info("%s: %d/%d prompts (%.0f s%s)", self.description, self.done, self.total, now - self.start,
-                        rate)
-
-    def close(self) -> float:
-        """Stop the bar; the seconds since the start."""
-        if self.bar is not None:
-            self.bar.stop()
-        return time.monotonic() - self.start
+# --- TensorBoard -----------------------------------------------------------------------
 
 
 class Scalars:
@@ -471,7 +421,7 @@ class Scalars:
         """Write every number of ``summary`` at ``step``."""
         if self.writer is None:
             return
-        for key, value in scalars(summary).items():
+        for key, value in flat_scalars(summary).items():
             self.writer.add_scalar(f"{TAG}/{key}", value, step)
         self.writer.flush()
 
@@ -524,7 +474,7 @@ def check_options(cfg: DictConfig) -> None:
     if cfg.max_prompts is not None and cfg.max_prompts < 1 or cfg.offset < 0:
         raise RejectionSampleError(f"max_prompts={cfg.max_prompts}, offset={cfg.offset}: max_prompts must be "
                                    "positive (or null: all) and offset >= 0")
-    if cfg.dtype not in ("fp32", "bf16"):
+    if cfg.dtype not in FP32_BF16:
         raise RejectionSampleError(f"dtype={cfg.dtype!r}: use fp32 or bf16")
     if cfg.temperature == 0 and cfg.num_samples > 1:
         logger.warning("temperature=0 (greedy) with num_samples=%d: every sample of a prompt is the same answer",
@@ -611,12 +561,11 @@ def _check_kept(summary: dict[str, Any], min_kept: int, cfg: DictConfig) -> None
 
 def _sample(cfg: DictConfig, mine: list[Result], rank: int) -> tuple[dict[str, float], int]:
     """Generate this rank's samples with the policy, then free it."""
-    from herd.generate import load
-
     loaded = load(str(cfg.policy), cfg.tokenizer, str(cfg.dtype), _device(str(cfg.device)))
     device = loaded.model.tok_embeddings.weight.device
     generator = torch.Generator(device=device).manual_seed(int(cfg.seed) + rank)
-    progress = Progress("sampling", len(mine), bool(cfg.progress) and rank == 0)
+    progress = Progress("sampling", len(mine), "prompts", 30.0, enabled=bool(cfg.progress) and rank == 0, bar=True,
+                        logger=logger)
     answers = generate_answers(
         loaded.model, loaded.tokenizer, [r.prompt for r in mine], num_samples=int(cfg.num_samples),
         max_new_tokens=int(cfg.max_new_tokens), temperature=float(cfg.temperature), top_p=float(cfg.top_p),
@@ -636,18 +585,19 @@ def _sample(cfg: DictConfig, mine: list[Result], rank: int) -> tuple[dict[str, f
 
 def _score(cfg: DictConfig, mine: list[Result], scorer: Scorer | None, board: Scalars, rank: int) -> float:
     """Score and select this rank's results; running figures go to TensorBoard (rank 0)."""
-    tokenizer = Tokenizer.load(resolve(str(cfg.tokenizer or cfg.policy)))
+    tokenizer = load_tokenizer(str(cfg.policy), cfg.tokenizer)
     max_len = None
     if scorer is None:
         scorer, max_len = _reward_scorer(cfg, tokenizer)
-    progress = Progress("scoring", len(mine), bool(cfg.progress) and rank == 0)
+    progress = Progress("scoring", len(mine), "prompts", 30.0, enabled=bool(cfg.progress) and rank == 0, bar=True,
+                        logger=logger)
     tally = Tally()
 
     def on_chunk(chunk: Sequence[Result]) -> None:
         for result in chunk:
             tally.add(select(result, float(cfg.min_margin), bool(cfg.keep_unfinished)))
         board.log(tally.summary(), tally.prompts)
-        progress.advance(len(chunk), 0)
+        progress.update(len(chunk))
 
     per_call = max(1, int(cfg.score_batch_size) * 4 // int(cfg.num_samples))
     score_results(mine, scorer, tokenizer, max_len, per_call, on_chunk)
@@ -656,9 +606,6 @@ def _score(cfg: DictConfig, mine: list[Result], scorer: Scorer | None, board: Sc
 
 def _reward_scorer(cfg: DictConfig, tokenizer: Tokenizer) -> tuple[Scorer, int]:
     """A scorer that runs the reward model, and its context length; its tokenizer must be the policy's."""
-    from herd.interop import hf
-    from herd.score import DTYPES, score_dialogs
-
     path = resolve(str(cfg.reward_model))
     if (path / "tokenizer.json").is_file():
         fingerprint = Tokenizer.load(path).fingerprint
@@ -668,7 +615,7 @@ def _reward_scorer(cfg: DictConfig, tokenizer: Tokenizer) -> tuple[Scorer, int]:
                                        "tokens; train the reward model from the policy's family")
     else:
         logger.warning("%s has no tokenizer.json: herd cannot check that it shares the policy's tokenizer", path)
-    model = hf.load_reward_model(path, dtype=DTYPES[str(cfg.dtype)], device=_device(str(cfg.device))).eval()
+    model = load_reward_model(path, str(cfg.dtype), _device(str(cfg.device)))
     batch_size = int(cfg.score_batch_size)
     return (lambda dialogs: score_dialogs(model, tokenizer, dialogs, batch_size)), model.config.max_seq_len
 
@@ -756,12 +703,8 @@ USER_ERRORS = (RejectionSampleError, OSError, ValueError, MissingMandatoryValue)
 def main(cfg: DictConfig) -> None:
     """Command-line entry; user errors exit with status 2 and one message."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
+    with user_errors("herd.rejection_sample", USER_ERRORS):
         summary = run(cfg)
-    except USER_ERRORS as err:
-        message = f"{err.full_key} is required" if isinstance(err, MissingMandatoryValue) else str(err)
-        print(f"herd.rejection_sample: {message}", file=sys.stderr)
-        sys.exit(2)
     if summary is not None:
         print(f"herd.rejection_sample: {resolve(str(cfg.output_dir))}\n{describe(summary)}")
 

@@ -41,9 +41,7 @@ import argparse
 import csv
 import json
 import math
-import os
 import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -55,7 +53,12 @@ from typing import Any
 
 import numpy as np
 
+from herd import cli
+from herd.commands import read_record, run_logged, write_record
+from herd.scalars import read_scalars
+
 RUN_FILE = "scaling_run.json"
+TRAIN_LOG = "herd.train.out"  # a rung's console output
 FIT_FILE = "scaling.json"
 PLOT_FILE = "scaling.png"
 
@@ -195,15 +198,10 @@ def final_val_loss(run_dir: str | Path) -> float | None:
             values = [float(row["val/loss"]) for row in csv.DictReader(file) if row.get("val/loss")]
         if values:
             return values[-1]
-    events = sorted(run_dir.glob("**/events.out.tfevents.*"))
-    if events:
-        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-        for event_dir in sorted({e.parent for e in events}):
-            accumulator = EventAccumulator(str(event_dir))
-            accumulator.Reload()
-            if "val/loss" in accumulator.Tags().get("scalars", []):
-                return float(accumulator.Scalars("val/loss")[-1].value)
+    for event_dir in sorted({e.parent for e in run_dir.glob("**/events.out.tfevents.*")}):
+        values = read_scalars(event_dir).get("val/loss")
+        if values:
+            return values[-1].value
     return None
 
 
@@ -256,8 +254,9 @@ def ladder_settings(experiment: str, overrides: Sequence[str]) -> dict[str, Any]
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
-    import herd.train  # noqa: F401  (registers the resolvers the train config uses)
     from herd.presets import config_dir
+
+    cli.register_resolvers()  # the train config's ${herd_root:} and ${herd_run_id:}
 
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         cfg = compose("train", overrides=[f"experiment={experiment}", *overrides], return_hydra_config=True)
@@ -333,11 +332,10 @@ def train_rung(rung: Rung, directory: Path, experiment: str, overrides: Sequence
     """
     run_dir = directory / rung.name
     record_file = run_dir / RUN_FILE
-    if record_file.is_file():
-        record = json.loads(record_file.read_text())
-        if record.get("val_loss") is not None:
-            print(f"herd.scaling: {rung.name} finished before (val/loss {record['val_loss']:.4f}); skipped", flush=True)
-            return record
+    record = read_record(record_file)
+    if record.get("val_loss") is not None:
+        print(f"herd.scaling: {rung.name} finished before (val/loss {record['val_loss']:.4f}); skipped", flush=True)
+        return record
     warmup = warmup_steps(rung.steps, warmup_fraction, max_warmup_steps)
     command = run_command(rung, experiment, overrides, run_dir, warmup)
     print(f"herd.scaling: {rung.name}: {rung.params:,} parameters, {rung.flops_per_token / 1e6:.2f} MFLOPs/token, "
@@ -349,18 +347,16 @@ def train_rung(rung: Rung, directory: Path, experiment: str, overrides: Sequence
         run_dir.rename(run_dir.with_name(f"{run_dir.name}.incomplete-{datetime.now():%Y%m%d-%H%M%S}"))
     run_dir.mkdir(parents=True)
     record = rung.record() | {"command": command}
-    record_file.write_text(json.dumps(record, indent=2) + "\n")
-    start = time.perf_counter()
-    with (run_dir / "herd.train.out").open("w") as out:
-        env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
-        finished = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, env=env)
-    record["seconds"] = round(time.perf_counter() - start, 1)
-    if finished.returncode != 0:
-        raise RuntimeError(f"{rung.name} failed (exit {finished.returncode}); see {run_dir / 'herd.train.out'}")
+    write_record(record_file, record)
+    log_file = run_dir / TRAIN_LOG
+    finished = run_logged(command, log_file, echo=False, env={"OMP_NUM_THREADS": str(threads)} if threads else None)
+    record["seconds"] = round(finished.seconds, 1)
+    if finished.status != 0:
+        raise RuntimeError(f"{rung.name} failed (exit {finished.status}); see {log_file}")
     record["val_loss"] = final_val_loss(run_dir)
     if record["val_loss"] is None:
-        raise RuntimeError(f"{rung.name} finished without a val/loss; see {run_dir / 'herd.train.out'}")
-    record_file.write_text(json.dumps(record, indent=2) + "\n")
+        raise RuntimeError(f"{rung.name} finished without a val/loss; see {log_file}")
+    write_record(record_file, record)
     print(f"herd.scaling: {rung.name}: val/loss {record['val_loss']:.4f} in {record['seconds']:.0f} s", flush=True)
     return record
 
@@ -568,14 +564,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     fit = commands.add_parser("fit", help="fit and plot the runs of a ladder folder")
     fit.add_argument("dir", type=Path)
     args = parser.parse_args(argv)
-    try:
+    with cli.user_errors("herd.scaling", (FileNotFoundError, ValueError, RuntimeError)):
         if args.command == "fit":
             write_fit(args.dir)
         else:
             ladder(args.experiment, args.overrides, args.dir, args.dry_run)
-    except (FileNotFoundError, ValueError, RuntimeError) as err:
-        print(f"herd.scaling: {err}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

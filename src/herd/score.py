@@ -17,68 +17,32 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from collections import Counter
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import hydra
-import torch
 from omegaconf import DictConfig
 
+from herd.cli import user_errors
 from herd.data.chat import encode_dialog
 from herd.data.inputs import BadInputError
 from herd.data.kinds.dialog import jsonl_dialogs
-from herd.data.tokenizer import Tokenizer
-from herd.interop import hf
-from herd.model import RewardModel
+from herd.dtypes import FP32_BF16, torch_dtype
+from herd.inference import load_reward_model, load_tokenizer, score_dialogs
 from herd.paths import resolve
 from herd.presets import config_dir
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 logger = logging.getLogger(__name__)
-
-
-@torch.no_grad()
-def score_dialogs(
-    model: RewardModel, tokenizer: Tokenizer, dialogs: Sequence[Sequence[dict[str, Any]]], batch_size: int = 16
-) -> list[float]:
-    """The reward of each dialog (lists of messages ending with the assistant's), in order.
-
-    Dialogs are sorted by length and scored ``batch_size`` at a time, right-padded; the reward is
-    read at each dialog's last token. A dialog longer than the model's context raises ValueError.
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
-    encoded = [encode_dialog(tokenizer, messages).ids for messages in dialogs]
-    limit = model.config.max_seq_len
-    for index, ids in enumerate(encoded):
-        if len(ids) > limit:
-            raise ValueError(f"dialog {index} has {len(ids)} tokens, more than the model's context of {limit}")
-    device = model.head.weight.device
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
-    rewards = [0.0] * len(encoded)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
-        lengths = torch.tensor([len(encoded[i]) for i in chunk])
-        tokens = torch.full((len(chunk), int(lengths.max())), tokenizer.eos_id, dtype=torch.long)
-        for row, i in enumerate(chunk):
-            tokens[row, : len(encoded[i])] = torch.tensor(encoded[i])
-        for i, reward in zip(chunk, model.score(tokens.to(device), lengths).tolist(), strict=True):
-            rewards[i] = reward
-    return rewards
 
 
 def score_file(cfg: DictConfig) -> tuple[Path, int, dict[str, int]]:
     """Score ``cfg.input`` with ``cfg.model_dir``; returns (output file, lines scored, skips per reason)."""
-    if cfg.dtype not in DTYPES:
-        raise ValueError(f"dtype={cfg.dtype!r}: use fp32 or bf16")
-    model_dir, source = resolve(cfg.model_dir), resolve(cfg.input)
+    torch_dtype(cfg.dtype, FP32_BF16)
+    source = resolve(cfg.input)
     if not source.is_file():
         raise FileNotFoundError(f"input={source} is not a file; give a jsonl file of dialogs")
-    model = hf.load_reward_model(model_dir, dtype=DTYPES[cfg.dtype], device=cfg.device).eval()
-    tokenizer = Tokenizer.load(resolve(cfg.tokenizer) if cfg.tokenizer else model_dir)
+    model = load_reward_model(cfg.model_dir, cfg.dtype, cfg.device)
+    tokenizer = load_tokenizer(cfg.model_dir, cfg.tokenizer)
     skipped: Counter[str] = Counter()
 
     def skip(error: BadInputError) -> None:
@@ -113,11 +77,8 @@ def score_file(cfg: DictConfig) -> tuple[Path, int, dict[str, int]]:
 def main(cfg: DictConfig) -> None:
     """Command-line entry; errors name the file and exit with status 2."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
+    with user_errors("herd.score", (FileNotFoundError, ValueError)):
         out, count, skipped = score_file(cfg)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"herd.score: {err}", file=sys.stderr)
-        sys.exit(2)
     note = f"; skipped {sum(skipped.values())} ({', '.join(f'{k}: {v}' for k, v in skipped.items())})" if skipped else ""
     print(f"herd.score: scored {count} dialogs into {out}{note}")
 

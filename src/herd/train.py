@@ -13,10 +13,9 @@ wraps it for the command line::
 from __future__ import annotations
 
 import math
-import os
-import sys
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from herd import logs
+from herd import cli, logs
 from herd.callbacks.checkpoint_io import (
     AtomicCheckpointIO,
     check_dcp_metadata,
@@ -42,30 +41,13 @@ from herd.data.shards import ShardError
 from herd.data.tokenizer import Tokenizer
 from herd.interop.hf import CheckpointError
 from herd.model import ModelConfig
-from herd.paths import repo_root
 from herd.presets import config_dir
 from herd.stages.base import NonFiniteError, all_finite
 
 logger = logs.get_logger(__name__)
 
 
-def run_id() -> str:
-    """Names a run folder; the same on every rank and node of one launch.
-
-    A SLURM job id or a torchrun rendezvous id (``--rdzv-id``) when there is one, ``HERD_RUN_ID``
-    if set, else the start time (single-node launches: Lightning passes the folder to its ranks).
-    """
-    if os.environ.get("HERD_RUN_ID"):
-        return os.environ["HERD_RUN_ID"]
-    if os.environ.get("SLURM_JOB_ID"):
-        return f"slurm-{os.environ['SLURM_JOB_ID']}"
-    if os.environ.get("TORCHELASTIC_RUN_ID", "none") != "none":
-        return f"torchrun-{os.environ['TORCHELASTIC_RUN_ID']}"
-    return datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-
-
-OmegaConf.register_new_resolver("herd_root", lambda: str(repo_root()), replace=True)
-OmegaConf.register_new_resolver("herd_run_id", run_id, replace=True)
+cli.register_resolvers()
 
 
 class ConfigError(ValueError):
@@ -432,26 +414,22 @@ FAILED_FILE = "FAILED"
 def main(cfg: DictConfig) -> None:
     """Command-line entry. A user error prints one clear message and exits with status 2; a run stopped
     by a non-finite loss exits with status 1. Either way the run folder is marked ``FAILED``."""
-    try:
+    on_error = partial(_mark_failed, cfg)
+    with (cli.user_errors("herd.train", USER_ERRORS, prefix="herd", on_error=on_error),
+          cli.user_errors("herd.train", (NonFiniteError,), prefix="herd", status=1, on_error=on_error)):
         train(cfg)
-    except USER_ERRORS as err:
-        _fail(cfg, err, status=2)
-    except NonFiniteError as err:
-        _fail(cfg, err, status=1)
 
 
 USER_ERRORS = (ConfigError, FileNotFoundError, CheckpointError, ManifestError, ShardError)
 
 
-def _fail(cfg: DictConfig, err: Exception, status: int) -> None:
-    message = f"herd: {err}"
+def _mark_failed(cfg: DictConfig, message: str) -> None:
+    """Keep a failed run's message in train.log and in its folder's ``FAILED`` file."""
     logger.error(message, extra={logs.FILE_ONLY: True})  # train.log; the console gets it on stderr
-    print(message, file=sys.stderr)
     if _is_rank_zero():
         output_dir = Path(cfg.paths.output_dir)
         if output_dir.is_dir():
             (output_dir / FAILED_FILE).write_text(message + "\n")
-    sys.exit(status)
 
 
 if __name__ == "__main__":

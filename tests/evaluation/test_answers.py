@@ -6,8 +6,8 @@ import json
 
 import pytest
 
+from herd.data.kinds import assign_split
 from herd.evaluation.answers import held_out_dialogs, token_f1
-from herd.prepare import assign_split
 
 
 def test_token_f1_matches_a_hand_count():

@@ -8,7 +8,7 @@ import math
 import pytest
 
 import herd
-from herd.evaluation.batching import Progress, bytes_per_token, rows_per_batch
+from herd.evaluation.batching import bytes_per_token, rows_per_batch
 from herd.evaluation.results import ROW_KEYS, SCHEMA, Results, compare_table, load_results
 from herd.model import ModelConfig
 
@@ -84,10 +84,3 @@ def test_batch_rows_follow_the_documented_memory_rule():
     assert rows_per_batch(config, 512, free_bytes=free, fraction=1.0, max_rows=16) == 16
     assert rows_per_batch(config, 512, free_bytes=10, max_rows=16) == 1
 
-
-def test_progress_lines_count_and_estimate():
-    progress = Progress("mcq", 400, "choices", every_seconds=1e9)
-    progress.update(100)
-    line = progress.line(progress.start + 10.0)
-    assert line == "mcq: 100/400 choices (25%) | elapsed 0:10 | ETA 0:30"
-    assert "ETA" not in progress.line(progress.start + 10.0, final=True)

@@ -13,7 +13,6 @@ run's ``train.log``.
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 from typing import Any
@@ -125,10 +124,10 @@ class LineProgress(ProgressBar):
         if self._tokens_since_last:
             parts.append(f"{self._tokens_since_last / seconds:,.0f} tok/s")
         elapsed = now - self._start_time
-        parts.append(f"elapsed {_clock(elapsed)}")
+        parts.append(f"elapsed {logs.clock(elapsed)}")
         done = step - (self._start_step or 0)
         if total and done > 0:
-            parts.append(f"ETA {_clock(elapsed / done * (total - step))}")
+            parts.append(f"ETA {logs.clock(elapsed / done * (total - step))}")
         return " | ".join(parts)
 
     def on_validation_end(self, trainer, pl_module) -> None:
@@ -141,12 +140,3 @@ class LineProgress(ProgressBar):
 
     def get_metrics(self, trainer, pl_module) -> dict[str, Any]:
         return {}
-
-
-def _clock(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    seconds = int(seconds)
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"

@@ -1,4 +1,4 @@
-"""Batch sizes that fit in memory, and progress lines for long evaluations.
+"""Batch sizes that fit in memory for evaluation forward passes.
 
 The rule for batch sizes (:func:`rows_per_batch`) is deliberately simple: an evaluation forward
 pass (no gradients) holds, per token, about
@@ -19,14 +19,10 @@ task's ``batch_size`` to override it.
 from __future__ import annotations
 
 import os
-import time
 
 import torch
 
-from herd import logs
 from herd.model import ModelConfig
-
-logger = logs.get_logger(__name__)
 
 # Assumed free memory when the platform does not say (a CPU without sysconf's available pages).
 FALLBACK_FREE_BYTES = 4 * 1024**3
@@ -62,45 +58,3 @@ def rows_per_batch(
     free = free_memory_bytes(device) if free_bytes is None else free_bytes
     rows = int(fraction * free) // max(1, seq_len * bytes_per_token(config))
     return max(1, min(max_rows, rows))
-
-
-class Progress:
-    """Plain progress lines for a long evaluation, at most one every ``every_seconds``::
-
-        mcq: 1,200/3,600 sequences (33%) | elapsed 0:12 | ETA 0:24
-
-    The lines go through the ``herd`` logger (console and the run's log file). ``update`` counts
-    work done; ``close`` prints the final line.
-    """
-
-    def __init__(self, task: str, total: int, unit: str, every_seconds: float = 10.0) -> None:
-        self.task, self.total, self.unit, self.every_seconds = task, max(0, int(total)), unit, every_seconds
-        self.done = 0
-        self.start = self.last = time.perf_counter()
-
-    def update(self, amount: int = 1) -> None:
-        """Count ``amount`` more units; print a line if ``every_seconds`` have passed since the last."""
-        self.done += amount
-        now = time.perf_counter()
-        if now - self.last >= self.every_seconds:
-            self.last = now
-            logs.info(logger, self.line(now))
-
-    def close(self) -> None:
-        """Print the final line (how long it took)."""
-        logs.info(logger, self.line(time.perf_counter(), final=True))
-
-    def line(self, now: float, final: bool = False) -> str:
-        """The progress line at time ``now`` (``time.perf_counter``)."""
-        elapsed = now - self.start
-        share = self.done / self.total if self.total else 1.0
-        text = f"{self.task}: {self.done:,}/{self.total:,} {self.unit} ({share:.0%}) | elapsed {_clock(elapsed)}"
-        if not final and 0 < share < 1:
-            text += f" | ETA {_clock(elapsed / share - elapsed)}"
-        return text
-
-
-def _clock(seconds: float) -> str:
-    minutes, seconds = divmod(int(round(seconds)), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes}:{seconds:02d}"

@@ -52,7 +52,7 @@ import torch
 from herd.data.embedded.corpus import module_name, stdlib_dir, stdlib_files
 from herd.data.embedded.sft import module_definitions
 from herd.data.kinds import assign_split
-from herd.evaluation.batching import Progress
+from herd.logs import Progress
 
 NORMALISATIONS = ("raw", "per_token", "per_char")
 AXES = ("order", "format", "labels")

@@ -22,7 +22,7 @@ import torch
 
 from herd.data.loaders.packed import PackedDataModule
 from herd.data.manifest import Manifest
-from herd.evaluation.batching import Progress
+from herd.logs import Progress
 from herd.paths import resolve_location
 from herd.stages.pretrain import next_token_scores
 

@@ -14,6 +14,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
+from herd.dtypes import FP32_BF16_OR_NULL, torch_dtype
 from herd.model import Transformer
 
 
@@ -54,14 +55,8 @@ def _is_wrapped(block: nn.Module) -> bool:
 
 # ------------------------------------------------------------------------------- FSDP2 and TP
 
-DTYPES = {None: None, "fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-          "bfloat16": torch.bfloat16}
-
-
 def _dtype(name: str | None, key: str) -> torch.dtype | None:
-    if name not in DTYPES:
-        raise ValueError(f"stage.fsdp.{key}={name!r}: use bf16, fp32 or null")
-    return DTYPES[name]
+    return torch_dtype(name, FP32_BF16_OR_NULL, f"stage.fsdp.{key}", "use bf16, fp32 or null")
 
 
 def apply_fsdp(
