@@ -16,7 +16,7 @@ from herd.chat import ChatSession, converse
 from herd.data.chat import encode_dialog
 from herd.data.tokenizer import train_tokenizer
 from herd.generate import encode_prompt, format_outputs, run
-from herd.inference import chat_stop_ids, load
+from herd.inference import load
 from herd.interop import hf
 from herd.model import ModelConfig, Transformer
 from herd.presets import config_dir
@@ -47,12 +47,13 @@ def command(module: str, *args: str, stdin: str | None = None) -> subprocess.Com
 
 
 def test_chat_prompts_are_user_messages_and_raw_prompts_follow_bos(model_dir):
-    tok = load(str(model_dir)).tokenizer
+    loaded = load(str(model_dir))
+    tok = loaded.tokenizer
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
-    assert encode_prompt(tok, "Hi", chat=True, system="Be brief.") == encode_dialog(
+    assert encode_prompt(loaded, "Hi", chat=True, system="Be brief.") == encode_dialog(
         tok, messages, add_generation_prompt=True).ids
-    assert encode_prompt(tok, "def f(x):", chat=False) == [tok.bos_id, *tok.encode("def f(x):")]
-    assert set(chat_stop_ids(tok)) >= {tok.special_id("eot_id"), tok.special_id("eom_id")}
+    assert encode_prompt(loaded, "def f(x):", chat=False) == [tok.bos_id, *tok.encode("def f(x):")]
+    assert set(loaded.chat.stop_ids) >= {tok.special_id("eot_id"), tok.special_id("eom_id")}
 
 
 def test_every_prompt_and_sample_is_generated_in_one_run(model_dir):
@@ -108,7 +109,7 @@ def test_fp8_rowwise_quantization_in_generate_and_chat(fp8_model_dir):
     texts = run(compose_generate(f"model_dir={fp8_model_dir}", "prompt=[Hello,Hi]", "max_new_tokens=5",
                                  "temperature=0", "quantize=fp8_rowwise", "dtype=bf16"))
     assert len(texts) == 2
-    session = ChatSession(loaded.model, loaded.tokenizer, max_new_tokens=4, temperature=0)
+    session = ChatSession(loaded.model, loaded.chat, max_new_tokens=4, temperature=0)
     assert isinstance("".join(session.reply("Hello")), str) and len(session.history) == 1
     with pytest.raises(ValueError, match="quantize='fp4' is not a quantization method"):
         load(str(fp8_model_dir), quantize="fp4")
@@ -132,7 +133,7 @@ def test_a_model_directory_without_a_tokenizer_is_refused(tmp_path):
 
 def test_the_second_turn_prompt_holds_the_first_exchange(model_dir):
     loaded = load(str(model_dir))
-    session = ChatSession(loaded.model, loaded.tokenizer, system="Be brief.", max_new_tokens=8, temperature=0)
+    session = ChatSession(loaded.model, loaded.chat, system="Be brief.", max_new_tokens=8, temperature=0)
     first = "".join(session.reply("What is a tuple?"))
     assert session.history == [("What is a tuple?", first.strip())]
     messages = session.messages("And a list?")
@@ -144,7 +145,7 @@ def test_the_second_turn_prompt_holds_the_first_exchange(model_dir):
 
 def test_converse_answers_each_line_until_exit_and_reset_forgets(model_dir):
     loaded = load(str(model_dir))
-    session = ChatSession(loaded.model, loaded.tokenizer, max_new_tokens=4, temperature=0)
+    session = ChatSession(loaded.model, loaded.chat, max_new_tokens=4, temperature=0)
     written: list[str] = []
     converse(session, ["Hi\n", "\n", "Again\n", "/reset\n", "Third\n", "/exit\n", "Never answered\n"], written.append)
     assert [question for question, _ in session.history] == ["Third"]
@@ -154,7 +155,7 @@ def test_converse_answers_each_line_until_exit_and_reset_forgets(model_dir):
 def test_old_exchanges_are_forgotten_when_the_dialog_outgrows_the_context(model_dir):
     loaded = load(str(model_dir))
     room = loaded.model.config.max_seq_len - 160  # leaves 160 positions for the prompt
-    session = ChatSession(loaded.model, loaded.tokenizer, max_new_tokens=room, temperature=0)
+    session = ChatSession(loaded.model, loaded.chat, max_new_tokens=room, temperature=0)
     session.history = [(f"question {i}", f"answer {i}") for i in range(6)]
     ids = session.prompt_ids("last question")
     assert len(ids) + room <= loaded.model.config.max_seq_len

@@ -14,6 +14,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
+from herd.data.chat import Llama3Format
 from herd.data.kinds.dialog import jsonl_dialogs
 from herd.data.kinds.preference import jsonl_rankings
 from herd.data.tokenizer import Tokenizer, train_tokenizer
@@ -156,7 +157,7 @@ def test_a_reward_model_directory_scores_the_answers(setup, tmp_path):
     model, tokenizer = hf.load_reward_model(setup["root"] / "reward"), Tokenizer.load(setup["policy"])
     for line in _lines(tmp_path / "samples.jsonl"):
         usable = [s for s in line["samples"] if s["unusable"] is None]
-        expected = score_dialogs(model, tokenizer, [[*line["messages"], {"role": "assistant", "content": s["content"]}]
+        expected = score_dialogs(model, Llama3Format(tokenizer), [[*line["messages"], {"role": "assistant", "content": s["content"]}]
                                                     for s in usable])
         assert [s["reward"] for s in usable] == pytest.approx(expected, abs=1e-5)
     assert any((tmp_path / "tensorboard").glob("events.out.tfevents.*"))

@@ -1,4 +1,4 @@
-"""Chat with an exported model in the terminal, in the Llama 3 dialog format.
+"""Chat with an exported model in the terminal, in its chat format (Llama 3's, or the tokenizer's template).
 
     python -m herd.chat model_dir=<exported model>
     python -m herd.chat model_dir=<exported model> system='You answer in one sentence.' temperature=0
@@ -23,9 +23,8 @@ import torch
 from omegaconf import DictConfig
 
 from herd.cli import user_errors
-from herd.data.chat import encode_dialog
-from herd.data.tokenizer import Tokenizer
-from herd.inference import chat_messages, chat_stop_ids, load
+from herd.data.chat import ChatFormat
+from herd.inference import chat_messages, load
 from herd.model import Transformer, stream
 from herd.model.generate import check_sampling
 from herd.presets import config_dir
@@ -39,7 +38,7 @@ class ChatSession:
     def __init__(
         self,
         model: Transformer,
-        tokenizer: Tokenizer,
+        chat: ChatFormat,
         *,
         system: str | None = None,
         max_new_tokens: int = 256,
@@ -49,10 +48,10 @@ class ChatSession:
         seed: int = 0,
     ) -> None:
         check_sampling(max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k)
-        self.model, self.tokenizer, self.system = model, tokenizer, system
+        self.model, self.chat, self.tokenizer, self.system = model, chat, chat.tokenizer, system
         self.max_new_tokens = max_new_tokens
         self.sampling = {"temperature": temperature, "top_p": top_p, "top_k": top_k}
-        self.stop_ids = chat_stop_ids(tokenizer)
+        self.stop_ids = list(chat.stop_ids)
         self.generator = torch.Generator(model.tok_embeddings.weight.device).manual_seed(seed)
         self.history: list[tuple[str, str]] = []  # (user message, answer) per exchange, oldest first
 
@@ -65,7 +64,7 @@ class ChatSession:
         exchanges while the prompt and ``max_new_tokens`` do not fit the model's context."""
         context = self.model.config.max_seq_len
         while True:
-            ids = encode_dialog(self.tokenizer, self.messages(user), add_generation_prompt=True).ids
+            ids = self.chat.prompt_ids(self.messages(user))
             if len(ids) + self.max_new_tokens <= context or not self.history:
                 break
             self.history.pop(0)
@@ -145,8 +144,9 @@ def _write(text: str) -> None:
 def main(cfg: DictConfig) -> None:
     """Command-line entry: load the model, then chat until the input ends; user errors exit with status 2."""
     with user_errors("herd.chat"):
-        loaded = load(str(cfg.model_dir), cfg.tokenizer, str(cfg.dtype), str(cfg.device), cfg.get("quantize"))
-        session = ChatSession(loaded.model, loaded.tokenizer, system=cfg.system, max_new_tokens=int(cfg.max_new_tokens),
+        loaded = load(str(cfg.model_dir), cfg.tokenizer, str(cfg.dtype), str(cfg.device), cfg.get("quantize"),
+                      str(cfg.get("chat_template", "auto")))
+        session = ChatSession(loaded.model, loaded.chat, system=cfg.system, max_new_tokens=int(cfg.max_new_tokens),
                               temperature=float(cfg.temperature), top_p=float(cfg.top_p), top_k=int(cfg.top_k),
                               seed=int(cfg.seed))
     try:

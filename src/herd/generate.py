@@ -5,10 +5,11 @@
     python -m herd.generate model_dir=<exported model> prompt='def read_config(path):' chat=false
     python -m herd.generate model_dir=<exported model> prompt='Name a colour' num_samples=4 temperature=1.0
 
-``chat=true`` (the default) sends each prompt as a user message in the Llama 3 chat format
-(after ``system``, if given) and prints the assistant's answer; it stops at ``<|eot_id|>`` or
-``<|eom_id|>``. ``chat=false`` continues the raw text (``<|begin_of_text|>`` + text) until
-``<|end_of_text|>`` and prints the text with its continuation. All prompts and samples are
+``chat=true`` (the default) sends each prompt as a user message in the model's chat format
+(``chat_template``: Llama 3's for a tokenizer with its tokens, else the tokenizer's own template;
+after ``system``, if given) and prints the assistant's answer; it stops at the format's end-of-turn
+tokens (``<|eot_id|>``, ``<|im_end|>``, ...). ``chat=false`` continues the raw text (after the bos
+token, when the tokenizer has one) until the eos token and prints the text with its continuation. All prompts and samples are
 decoded in one batch (see ``configs/generate.yaml`` for every option). Mistakes in the options
 or the model directory are reported as ``herd.generate: <message>`` with exit status 2.
 """
@@ -21,9 +22,7 @@ import hydra
 from omegaconf import DictConfig, ListConfig
 
 from herd.cli import user_errors
-from herd.data.chat import encode_dialog
-from herd.data.tokenizer import Tokenizer
-from herd.inference import chat_messages, chat_stop_ids, decode_answers, load
+from herd.inference import Loaded, chat_messages, decode_answers, load
 from herd.presets import config_dir
 
 
@@ -35,20 +34,21 @@ def prompt_list(prompt) -> list[str]:
     return [str(p) for p in prompts]
 
 
-def encode_prompt(tokenizer: Tokenizer, text: str, chat: bool, system: str | None = None) -> list[int]:
-    """Token ids of one prompt: a user message (chat) or ``<|begin_of_text|>`` + text."""
+def encode_prompt(loaded: Loaded, text: str, chat: bool, system: str | None = None) -> list[int]:
+    """Token ids of one prompt: a user message in the chat format (chat), or the bos token (if any) + text."""
     if not chat:
-        return [tokenizer.bos_id, *tokenizer.encode(text)]
-    return encode_dialog(tokenizer, chat_messages(text, system), add_generation_prompt=True).ids
+        return loaded.tokenizer.with_bos(loaded.tokenizer.encode(text))
+    return loaded.chat.prompt_ids(chat_messages(text, system))
 
 
 def run(cfg: DictConfig) -> list[str]:
     """Load, encode, decode every prompt and sample in one batch; the output texts, prompt-major."""
     prompts = prompt_list(cfg.prompt)
-    loaded = load(str(cfg.model_dir), cfg.tokenizer, str(cfg.dtype), str(cfg.device), cfg.get("quantize"))
+    loaded = load(str(cfg.model_dir), cfg.tokenizer, str(cfg.dtype), str(cfg.device), cfg.get("quantize"),
+                  str(cfg.get("chat_template", "auto")))
     tok, chat = loaded.tokenizer, bool(cfg.chat)
-    stop_ids = chat_stop_ids(tok) if chat else [tok.eos_id]
-    ids = [encode_prompt(tok, text, chat, cfg.system) for text in prompts]
+    stop_ids = list(loaded.chat.stop_ids) if chat else [tok.eos_id]
+    ids = [encode_prompt(loaded, text, chat, cfg.system) for text in prompts]
     answers = decode_answers(loaded.model, tok, ids, int(cfg.max_new_tokens), stop_ids=stop_ids,
                              num_samples=int(cfg.num_samples), temperature=float(cfg.temperature),
                              top_p=float(cfg.top_p), top_k=int(cfg.top_k), seed=int(cfg.seed),

@@ -5,8 +5,9 @@ What ``herd.generate``, ``herd.chat``, ``herd.score``, ``herd.evaluate`` and
 
 - :func:`load` (a policy and its tokenizer, checked against each other), :func:`load_model`,
   :func:`load_reward_model`, :func:`load_tokenizer`;
-- :func:`chat_messages`, :func:`chat_stop_ids` and :func:`decode_answers`: prompts answered in
-  batches (K samples of each from one prefill), each answer without its stop token;
+- :func:`chat_messages` and :func:`decode_answers`: prompts answered in batches (K samples of each
+  from one prefill), each answer without its stop token; the prompts' ids and the stop ids come
+  from the tokenizer's chat format (:attr:`Loaded.chat`, :func:`herd.data.chat.chat_format`);
 - :func:`score_dialogs`: a reward model's score of each dialog, in batches of similar length.
 """
 
@@ -19,7 +20,7 @@ from typing import Any
 
 import torch
 
-from herd.data.chat import encode_dialog
+from herd.data.chat import ChatFormat, chat_format
 from herd.data.tokenizer import Tokenizer
 from herd.dtypes import FP32_BF16, torch_dtype
 from herd.evaluation.reward import rewards
@@ -35,14 +36,22 @@ Messages = list[dict[str, Any]]
 
 @dataclass
 class Loaded:
-    """A model ready for decoding and its tokenizer."""
+    """A model ready for decoding, its tokenizer, and the ``chat_template`` setting of its chat format."""
 
     model: Transformer
     tokenizer: Tokenizer
+    chat_template: str = "auto"
+
+    @property
+    def chat(self) -> ChatFormat:
+        """The tokenizer's chat format (built when first asked: a base model without a template needs none)."""
+        if getattr(self, "_chat", None) is None:
+            self._chat = chat_format(self.tokenizer, self.chat_template)
+        return self._chat
 
 
 def load(model_dir: str, tokenizer: str | None = None, dtype: str = "fp32", device: str = "cpu",
-         quantize: str | None = None) -> Loaded:
+         quantize: str | None = None, chat_template: str = "auto") -> Loaded:
     """Load an exported model in ``dtype`` (fp32 or bf16) and its tokenizer (``model_dir``'s by default).
 
     ``quantize="fp8_rowwise"`` then quantizes the feed-forward layers of every block but the first
@@ -59,7 +68,7 @@ def load(model_dir: str, tokenizer: str | None = None, dtype: str = "fp32", devi
     if loaded_tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"tokenizer {tokenizer_path(model_path, tokenizer)} has {loaded_tokenizer.vocab_size} ids "
                          f"but the model only {model.config.vocab_size}: use the tokenizer the model was trained with")
-    return Loaded(model, loaded_tokenizer)
+    return Loaded(model, loaded_tokenizer, str(chat_template))
 
 
 def load_model(model_dir: str | Path, dtype: str = "fp32", device: str = "cpu",
@@ -98,12 +107,6 @@ def chat_messages(user: str, system: str | None = None, history: Sequence[tuple[
         messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
     messages.append({"role": "user", "content": user})
     return messages
-
-
-def chat_stop_ids(tokenizer: Tokenizer) -> list[int]:
-    """Tokens that end an assistant turn: ``<|eot_id|>``, ``<|eom_id|>`` (and ``<|end_of_text|>``)."""
-    names = ("eot_id", "eom_id", "end_of_text")
-    return [tokenizer.special_ids[name] for name in names if name in tokenizer.special_ids]
 
 
 def answer_text(tokenizer: Tokenizer, new_tokens: Sequence[int], stop_ids: Sequence[int]) -> str:
@@ -165,16 +168,17 @@ def decode_answers(
 
 @torch.no_grad()
 def score_dialogs(
-    model: RewardModel, tokenizer: Tokenizer, dialogs: Sequence[Messages], batch_size: int = 16
+    model: RewardModel, chat: ChatFormat, dialogs: Sequence[Messages], batch_size: int = 16
 ) -> list[float]:
     """The reward of each dialog (lists of messages ending with the assistant's), in order.
 
     Dialogs are sorted by length and scored ``batch_size`` at a time, right-padded; the reward is
-    read at each dialog's last token. A dialog longer than the model's context raises ValueError.
+    read at the end-of-turn token of each dialog's last message (:meth:`ChatFormat.response_ids`).
+    A dialog longer than the model's context raises ValueError.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
-    encoded = [encode_dialog(tokenizer, messages).ids for messages in dialogs]
+    encoded = [chat.response_ids(messages) for messages in dialogs]
     limit = model.config.max_seq_len
     for index, ids in enumerate(encoded):
         if len(ids) > limit:

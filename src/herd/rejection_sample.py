@@ -86,7 +86,7 @@ from omegaconf import DictConfig
 from omegaconf.errors import MissingMandatoryValue
 
 from herd.cli import user_errors
-from herd.data.chat import encode_dialog
+from herd.data.chat import ChatFormat, chat_format
 from herd.data.inputs import BadInputError, jsonl_records
 from herd.data.kinds import assign_split
 from herd.data.kinds.dialog import STDLIB_SFT, checked_messages, sft_options
@@ -94,7 +94,6 @@ from herd.data.tokenizer import Tokenizer
 from herd.dtypes import FP32_BF16
 from herd.evaluation.answers import token_f1
 from herd.inference import (
-    chat_stop_ids,
     decode_answers,
     load,
     load_reward_model,
@@ -269,18 +268,18 @@ def select(result: Result, min_margin: float = 0.0, keep_unfinished: bool = Fals
     return result
 
 
-def generate_answers(model, tokenizer: Tokenizer, prompts: Sequence[Prompt], *, num_samples: int,
+def generate_answers(model, chat: ChatFormat, prompts: Sequence[Prompt], *, num_samples: int,
                      max_new_tokens: int, temperature: float, top_p: float, top_k: int, batch_size: int,
                      generator: torch.Generator | None, progress: Progress | None = None) -> list[list[Sample] | None]:
     """K samples of each prompt (None for a prompt that leaves no room to answer in the context).
 
     Prompts are sorted by length and decoded ``batch_size`` at a time, each prefilled once.
     """
-    encoded = [encode_dialog(tokenizer, p.messages, add_generation_prompt=True).ids for p in prompts]
+    encoded = [chat.prompt_ids(p.messages) for p in prompts]
     out: list[list[Sample] | None] = [None] * len(prompts)
     fitting = [i for i, ids in enumerate(encoded) if len(ids) < model.config.max_seq_len]
-    answers = decode_answers(model, tokenizer, [encoded[i] for i in fitting], max_new_tokens,
-                             stop_ids=chat_stop_ids(tokenizer), num_samples=num_samples, batch_size=batch_size,
+    answers = decode_answers(model, chat.tokenizer, [encoded[i] for i in fitting], max_new_tokens,
+                             stop_ids=chat.stop_ids, num_samples=num_samples, batch_size=batch_size,
                              on_batch=None if progress is None else progress.update, temperature=temperature,
                              top_p=top_p, top_k=top_k, generator=generator)
     for i, samples in zip(fitting, answers, strict=True):
@@ -290,7 +289,7 @@ def generate_answers(model, tokenizer: Tokenizer, prompts: Sequence[Prompt], *, 
     return out
 
 
-def score_results(results: Sequence[Result], scorer: Scorer, tokenizer: Tokenizer, max_len: int | None,
+def score_results(results: Sequence[Result], scorer: Scorer, chat: ChatFormat, max_len: int | None,
                   chunk_prompts: int, on_chunk: Callable[[Sequence[Result]], None] | None = None) -> None:
     """Fill in each usable sample's reward, ``chunk_prompts`` prompts per call of ``scorer``."""
     for start in range(0, len(results), chunk_prompts):
@@ -298,7 +297,7 @@ def score_results(results: Sequence[Result], scorer: Scorer, tokenizer: Tokenize
         dialogs, targets = [], []
         for result in chunk:
             for sample in result.samples:
-                dialog = _usable_dialog(result, sample, tokenizer, max_len)
+                dialog = _usable_dialog(result, sample, chat, max_len)
                 if dialog is not None:
                     dialogs.append(dialog)
                     targets.append(sample)
@@ -308,7 +307,7 @@ def score_results(results: Sequence[Result], scorer: Scorer, tokenizer: Tokenize
             on_chunk(chunk)
 
 
-def _usable_dialog(result: Result, sample: Sample, tokenizer: Tokenizer, max_len: int | None) -> Messages | None:
+def _usable_dialog(result: Result, sample: Sample, chat: ChatFormat, max_len: int | None) -> Messages | None:
     """The dialog to score, or None (with ``sample.unusable`` set) for an answer that cannot be kept."""
     dialog = [*result.prompt.messages, {"role": "assistant", "content": sample.text}]
     try:
@@ -316,7 +315,7 @@ def _usable_dialog(result: Result, sample: Sample, tokenizer: Tokenizer, max_len
     except BadInputError as err:
         sample.unusable = "empty" if err.reason == "empty_content" else err.reason
         return None
-    if max_len is not None and len(encode_dialog(tokenizer, dialog).ids) > max_len:
+    if max_len is not None and len(chat.response_ids(dialog)) > max_len:
         sample.unusable = "too_long"
         return None
     return dialog
@@ -561,13 +560,14 @@ def _check_kept(summary: dict[str, Any], min_kept: int, cfg: DictConfig) -> None
 
 def _sample(cfg: DictConfig, mine: list[Result], rank: int) -> tuple[dict[str, float], int]:
     """Generate this rank's samples with the policy, then free it."""
-    loaded = load(str(cfg.policy), cfg.tokenizer, str(cfg.dtype), _device(str(cfg.device)))
+    loaded = load(str(cfg.policy), cfg.tokenizer, str(cfg.dtype), _device(str(cfg.device)),
+                  chat_template=str(cfg.get("chat_template", "auto")))
     device = loaded.model.tok_embeddings.weight.device
     generator = torch.Generator(device=device).manual_seed(int(cfg.seed) + rank)
     progress = Progress("sampling", len(mine), "prompts", 30.0, enabled=bool(cfg.progress) and rank == 0, bar=True,
                         logger=logger)
     answers = generate_answers(
-        loaded.model, loaded.tokenizer, [r.prompt for r in mine], num_samples=int(cfg.num_samples),
+        loaded.model, loaded.chat, [r.prompt for r in mine], num_samples=int(cfg.num_samples),
         max_new_tokens=int(cfg.max_new_tokens), temperature=float(cfg.temperature), top_p=float(cfg.top_p),
         top_k=int(cfg.top_k), batch_size=int(cfg.batch_size), generator=generator, progress=progress)
     for result, samples in zip(mine, answers, strict=True):
@@ -586,9 +586,10 @@ def _sample(cfg: DictConfig, mine: list[Result], rank: int) -> tuple[dict[str, f
 def _score(cfg: DictConfig, mine: list[Result], scorer: Scorer | None, board: Scalars, rank: int) -> float:
     """Score and select this rank's results; running figures go to TensorBoard (rank 0)."""
     tokenizer = load_tokenizer(str(cfg.policy), cfg.tokenizer)
+    chat = chat_format(tokenizer, str(cfg.get("chat_template", "auto")))
     max_len = None
     if scorer is None:
-        scorer, max_len = _reward_scorer(cfg, tokenizer)
+        scorer, max_len = _reward_scorer(cfg, chat)
     progress = Progress("scoring", len(mine), "prompts", 30.0, enabled=bool(cfg.progress) and rank == 0, bar=True,
                         logger=logger)
     tally = Tally()
@@ -600,12 +601,13 @@ def _score(cfg: DictConfig, mine: list[Result], scorer: Scorer | None, board: Sc
         progress.update(len(chunk))
 
     per_call = max(1, int(cfg.score_batch_size) * 4 // int(cfg.num_samples))
-    score_results(mine, scorer, tokenizer, max_len, per_call, on_chunk)
+    score_results(mine, scorer, chat, max_len, per_call, on_chunk)
     return progress.close()
 
 
-def _reward_scorer(cfg: DictConfig, tokenizer: Tokenizer) -> tuple[Scorer, int]:
+def _reward_scorer(cfg: DictConfig, chat: ChatFormat) -> tuple[Scorer, int]:
     """A scorer that runs the reward model, and its context length; its tokenizer must be the policy's."""
+    tokenizer = chat.tokenizer
     path = resolve(str(cfg.reward_model))
     if (path / "tokenizer.json").is_file():
         fingerprint = Tokenizer.load(path).fingerprint
@@ -617,7 +619,7 @@ def _reward_scorer(cfg: DictConfig, tokenizer: Tokenizer) -> tuple[Scorer, int]:
         logger.warning("%s has no tokenizer.json: herd cannot check that it shares the policy's tokenizer", path)
     model = load_reward_model(path, str(cfg.dtype), _device(str(cfg.device)))
     batch_size = int(cfg.score_batch_size)
-    return (lambda dialogs: score_dialogs(model, tokenizer, dialogs, batch_size)), model.config.max_seq_len
+    return (lambda dialogs: score_dialogs(model, chat, dialogs, batch_size)), model.config.max_seq_len
 
 
 def _read_part(file: Path) -> Iterator[Result]:

@@ -5,7 +5,8 @@
 
 Each input line is a dialog in the format ``herd.prepare`` reads (``{"messages": [...]}``, or
 ``{"prompt": ..., "completion": ...}``) that ends with an assistant message. It is encoded in the
-Llama 3 chat format, so it ends with that message's ``<|eot_id|>``, where the reward is read.
+model's chat format (``chat_template``), through that message's end-of-turn token (``<|eot_id|>``,
+``<|im_end|>``, ...), where the reward is read.
 Dialogs are scored in batches of similar length; each output line is ``{"id": "<file>:<line>",
 "reward": r, "messages": [...]}``, in input order. Lines that are not usable dialogs, or longer
 than the model's context, are skipped and counted, each named by file and line in the log.
@@ -24,7 +25,7 @@ import hydra
 from omegaconf import DictConfig
 
 from herd.cli import user_errors
-from herd.data.chat import encode_dialog
+from herd.data.chat import chat_format
 from herd.data.inputs import BadInputError
 from herd.data.kinds.dialog import jsonl_dialogs
 from herd.dtypes import FP32_BF16, torch_dtype
@@ -43,6 +44,7 @@ def score_file(cfg: DictConfig) -> tuple[Path, int, dict[str, int]]:
         raise FileNotFoundError(f"input={source} is not a file; give a jsonl file of dialogs")
     model = load_reward_model(cfg.model_dir, cfg.dtype, cfg.device)
     tokenizer = load_tokenizer(cfg.model_dir, cfg.tokenizer)
+    chat = chat_format(tokenizer, str(cfg.get("chat_template", "auto")))
     skipped: Counter[str] = Counter()
 
     def skip(error: BadInputError) -> None:
@@ -56,7 +58,7 @@ def score_file(cfg: DictConfig) -> tuple[Path, int, dict[str, int]]:
             skip(BadInputError(f"{dialog.id}: the dialog does not end with an assistant message, so it has no "
                                "response to score", "no_response", dialog.id))
             continue
-        length = len(encode_dialog(tokenizer, dialog.messages).ids)
+        length = len(chat.response_ids(dialog.messages))
         if length > model.config.max_seq_len:
             skip(BadInputError(f"{dialog.id}: {length} tokens, longer than the model's context of "
                                f"{model.config.max_seq_len}", "too_long", dialog.id))
@@ -64,7 +66,7 @@ def score_file(cfg: DictConfig) -> tuple[Path, int, dict[str, int]]:
         dialogs.append(dialog)
     if not dialogs:
         raise ValueError(f"{source} holds no dialog to score (skipped: {dict(skipped)})")
-    rewards = score_dialogs(model, tokenizer, [d.messages for d in dialogs], int(cfg.batch_size))
+    rewards = score_dialogs(model, chat, [d.messages for d in dialogs], int(cfg.batch_size))
     out = resolve(cfg.output) if cfg.output else source.with_name(source.stem + ".rewards.jsonl")
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w", encoding="utf-8") as f:

@@ -202,6 +202,18 @@ class ChatFormat:
         """The ids a model continues to answer ``messages``: the dialog and the assistant's header."""
         return self.encode(messages, add_generation_prompt=True).ids
 
+    def response_ids(self, messages: Sequence[Mapping[str, Any]]) -> list[int]:
+        """The ids of a dialog that ends with an assistant message, through that message's end-of-turn token.
+
+        This is what a reward model scores: its head reads the last of these ids, the
+        :attr:`response_end_id` (the template's text after it, such as ChatML's newline, is left out).
+        """
+        if not messages or messages[-1].get("role") != "assistant":
+            raise ChatFormatError("a scored dialog must end with the assistant's message")
+        encoded = self.encode(messages)
+        last = max(i for i, in_role in enumerate(encoded.role_mask) if in_role)
+        return encoded.ids[: last + 1]
+
     def describe(self) -> str:
         """One line for logs: the format and its stop tokens."""
         stops = ", ".join(self.tokenizer.decode([i]) for i in self.stop_ids)
