@@ -39,6 +39,7 @@ from omegaconf import DictConfig
 
 from herd import logs
 from herd.cli import user_errors
+from herd.data.chat import chat_format
 from herd.data.loaders.packed import PackedDataModule
 from herd.data.manifest import Manifest
 from herd.data.tokenizer import Tokenizer
@@ -49,7 +50,6 @@ from herd.evaluation.perplexity import source_perplexities
 from herd.evaluation.results import Results, compare_table, load_results
 from herd.evaluation.reward import load_pairs, pairs_from_items, reward_accuracy
 from herd.inference import load_model, load_reward_model, load_tokenizer
-from herd.interop import hf
 from herd.logs import Progress
 from herd.model.quantize import check_quantize
 from herd.paths import resolve, resolve_location
@@ -150,7 +150,7 @@ def needle_task(run: Evaluation, results: Results) -> NeedleResult:
     lengths = [int(n) for n in cfg.lengths]
     data = PackedDataModule(str(resolve(cfg.data_dir)), seq_len=max(lengths), batch_size=1, num_workers=0,
                             expected_vocab_size=model.config.vocab_size)  # refuses another tokenizer's data
-    drop = [tokenizer.bos_id, tokenizer.eos_id]
+    drop = [i for i in (tokenizer.bos_id, tokenizer.eos_id) if i is not None]
     haystack = collect_haystack(data.val_dataloader(), 2 * max(lengths), drop,
                                 skip_rows_with=tokenizer.encode(" pass key"))
     found = needle_accuracy(model, tokenizer, haystack, lengths, list(cfg.depths), int(cfg.trials), int(cfg.seed))
@@ -207,15 +207,12 @@ def mcq_task(run: Evaluation, results: Results) -> mcq_module.MCQResult:
 
 
 def reward_accuracy_task(run: Evaluation, results: Results) -> dict[str, float] | None:
-    """Preference accuracy of ``reward_model``; skipped (with the reason in results.json) without one,
-    or when this herd has no reward model loader."""
+    """Preference accuracy of ``reward_model`` (in its tokenizer's chat format); skipped, with the reason in
+    results.json, without one."""
     directory = run.cfg.get("reward_model")
     if not directory:
         reason = "no reward model given: set reward_model=<a reward model directory (stage=reward's export)>"
         return _skipped(results, "reward_accuracy", reason)
-    if not hasattr(hf, "load_reward_model"):
-        return _skipped(results, "reward_accuracy", "this herd cannot load reward models yet "
-                                                    "(herd.interop.hf.load_reward_model is missing)")
     directory = resolve(directory)
     reward_model = load_reward_model(directory, "fp32", run.cfg.device)
     tokenizer = Tokenizer.load(directory) if (directory / "tokenizer.json").is_file() else run.tokenizer
@@ -224,7 +221,8 @@ def reward_accuracy_task(run: Evaluation, results: Results) -> dict[str, float] 
         pairs = pairs_from_items(mcq_items(run)[1])
     else:
         pairs = load_pairs(resolve(pairs_source))
-    accuracy, margin, n = reward_accuracy(reward_model, tokenizer, pairs, batch_size=8)
+    chat = chat_format(tokenizer, str(run.cfg.get("chat_template", "auto")))
+    accuracy, margin, n = reward_accuracy(reward_model, chat, pairs, batch_size=8)
     results.add("reward_accuracy", "accuracy", accuracy, n)
     results.add("reward_accuracy", "margin", margin, n)
     return {"accuracy": accuracy, "margin": margin, "n": n}

@@ -12,6 +12,7 @@ import lightning as L
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from herd import logs
+from herd.data.chat import ChatFormat, chat_format
 from herd.data.tokenizer import Tokenizer
 from herd.evaluation.answers import HeldOut, answer_f1, held_out_dialogs
 
@@ -21,19 +22,21 @@ logger = logs.get_logger(__name__)
 class AnswerSamples(L.Callback):
     """See the module docstring. ``dialogs``: ``stdlib:sft`` or a jsonl of held-out dialogs.
 
+    ``chat_template`` picks the chat format of the questions (see :func:`herd.data.chat.chat_format`).
     ``val_fraction`` must be the one the data was prepared with (None: read from the data's manifest),
     so that the questions come from the modules held out of training.
     """
 
     def __init__(self, dialogs: str = "stdlib:sft", count: int = 32, show: int = 4, max_new_tokens: int = 64,
-                 batch_size: int = 16, val_fraction: float | None = None, tokenizer: str | None = None) -> None:
+                 batch_size: int = 16, val_fraction: float | None = None, tokenizer: str | None = None,
+                 chat_template: str = "auto") -> None:
         if count < 1 or show < 0 or max_new_tokens < 1 or batch_size < 1:
             raise ValueError("callbacks.answers: count, max_new_tokens and batch_size must be >= 1, show >= 0")
         self.dialogs, self.count, self.show = dialogs, count, show
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
-        self.val_fraction, self.tokenizer_path = val_fraction, tokenizer
+        self.val_fraction, self.tokenizer_path, self.chat_template = val_fraction, tokenizer, chat_template
         self._held_out: list[HeldOut] | None = None
-        self._tokenizer: Tokenizer | None = None
+        self._chat: ChatFormat | None = None
         self.last_f1: float | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -51,11 +54,11 @@ class AnswerSamples(L.Callback):
             return
         if self._held_out is None:
             self._held_out = held_out_dialogs(self.dialogs, self.count, self.val_fraction)
-            self._tokenizer = Tokenizer.load(self.tokenizer_path)
+            self._chat = chat_format(Tokenizer.load(self.tokenizer_path), self.chat_template)
         if not self._held_out:
             return
         # every rank answers (a sharded model needs all of them for each forward pass)
-        f1, answers = answer_f1(pl_module.model, self._tokenizer, self._held_out, self.max_new_tokens,
+        f1, answers = answer_f1(pl_module.model, self._chat, self._held_out, self.max_new_tokens,
                                 self.batch_size)
         self.last_f1 = f1
         pl_module.log("val/answer_f1", f1, sync_dist=False)

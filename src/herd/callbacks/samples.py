@@ -64,7 +64,7 @@ class TextSamples(L.Callback):
         device = next(model.parameters()).device
         texts = []
         try:
-            prompts = [torch.tensor([tok.bos_id, *tok.encode(prompt)], device=device) for prompt in self.prompts]
+            prompts = [torch.tensor(tok.with_bos(tok.encode(prompt)), device=device) for prompt in self.prompts]
             outputs = generate(model, prompts, self.max_new_tokens, stop_ids=[tok.eos_id])  # one batch
             for prompt, new_tokens in zip(self.prompts, outputs, strict=True):
                 continuation = tok.decode(new_tokens)

@@ -296,7 +296,7 @@ class ContextSchedule(BatchRamp):
         lengths = self.needle.lengths or [2**k for k in range(8, 20) if 2**k <= up_to]
         lengths = [n for n in lengths if n <= up_to] or [up_to]
         padding = datamodule.manifest.data.get("padding", {}).get("token_id")
-        drop = [tokenizer.bos_id, tokenizer.eos_id] + ([padding] if padding is not None else [])
+        drop = [i for i in (tokenizer.bos_id, tokenizer.eos_id, padding) if i is not None]
         haystack = collect_haystack(datamodule.val_dataloader(), max(lengths) * 2, drop,
                                     skip_rows_with=tokenizer.encode(" pass key"))
         with trainer.precision_plugin.forward_context():

@@ -73,11 +73,14 @@ class PackedRows:
     extras: Mapping[str, np.ndarray] = field(default_factory=dict)
 
 
-def with_boundaries(ids: Sequence[int] | np.ndarray, bos_id: int, eos_id: int) -> np.ndarray:
-    """``[bos] + ids + [eos]`` as uint32."""
-    out = np.empty(len(ids) + 2, dtype=np.uint32)
-    out[0], out[-1] = bos_id, eos_id
-    out[1:-1] = ids
+def with_boundaries(ids: Sequence[int] | np.ndarray, bos_id: int | None, eos_id: int) -> np.ndarray:
+    """``[bos] + ids + [eos]`` as uint32 (``ids + [eos]`` for a tokenizer without a bos token)."""
+    start = 0 if bos_id is None else 1
+    out = np.empty(len(ids) + start + 1, dtype=np.uint32)
+    if bos_id is not None:
+        out[0] = bos_id
+    out[-1] = eos_id
+    out[start:-1] = ids
     return out
 
 

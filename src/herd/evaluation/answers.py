@@ -18,9 +18,12 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from herd.data.chat import ChatFormat
 
 _WORD = re.compile(r"\w+")
 
@@ -85,20 +88,19 @@ def held_out_dialogs(source: str = "stdlib:sft", count: int = 32, val_fraction: 
 
 
 @torch.no_grad()
-def answer(model, tokenizer, prompts: Sequence[Sequence[dict[str, Any]]], max_new_tokens: int = 64,
+def answer(model, chat: ChatFormat, prompts: Sequence[Sequence[dict[str, Any]]], max_new_tokens: int = 64,
            batch_size: int = 16) -> list[str]:
-    """Greedy answers of ``model`` to dialogs ending with a user message, in the Llama 3 chat format."""
-    from herd.data.chat import encode_dialog
+    """Greedy answers of ``model`` to dialogs ending with a user message, in the chat format ``chat``."""
     from herd.model import generate
 
-    stop_ids = [tokenizer.special_id("eot_id"), tokenizer.special_id("eom_id")]
+    tokenizer, stop_ids = chat.tokenizer, list(chat.stop_ids)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     answers: list[str] = []
     try:
         for start in range(0, len(prompts), batch_size):
-            batch = [encode_dialog(tokenizer, p, add_generation_prompt=True).ids for p in prompts[start:start + batch_size]]
+            batch = [chat.prompt_ids(p) for p in prompts[start:start + batch_size]]
             outputs = generate(model, [torch.tensor(ids, device=device) for ids in batch], max_new_tokens,
                                stop_ids=stop_ids)
             for new in outputs:
@@ -109,9 +111,9 @@ def answer(model, tokenizer, prompts: Sequence[Sequence[dict[str, Any]]], max_ne
     return answers
 
 
-def answer_f1(model, tokenizer, held_out: Sequence[HeldOut], max_new_tokens: int = 64,
+def answer_f1(model, chat: ChatFormat, held_out: Sequence[HeldOut], max_new_tokens: int = 64,
               batch_size: int = 16) -> tuple[float, list[str]]:
     """Mean token F1 of the model's greedy answers against the references, and the answers."""
-    answers = answer(model, tokenizer, [h.prompt for h in held_out], max_new_tokens, batch_size)
+    answers = answer(model, chat, [h.prompt for h in held_out], max_new_tokens, batch_size)
     scores = [token_f1(a, h.reference) for a, h in zip(answers, held_out, strict=True)]
     return (sum(scores) / len(scores) if scores else 0.0), answers

@@ -471,7 +471,7 @@ def evaluate_mcq(
         for item in items:
             shown = variant.apply(item)
             prompt, continuations = render(shown, variant.format, variant.labels)
-            context = (tokenizer.bos_id, *tokenizer.encode(prompt))
+            context = tuple(tokenizer.with_bos(tokenizer.encode(prompt)))
             choices = []
             for text in continuations:
                 key = (context, tuple(tokenizer.encode(text)))

@@ -107,7 +107,7 @@ def needle_accuracy(
                     start = rng.randrange(0, len(haystack) - filler + 1)
                     text = list(haystack[start : start + filler])
                     cut = round(depth * filler)
-                    row = [tokenizer.bos_id, *text[:cut], *needle, *text[cut:], *question, *answer]
+                    row = tokenizer.with_bos([*text[:cut], *needle, *text[cut:], *question, *answer])
                     hits += bool(_retrieved(model, torch.tensor([row]), len(answer)))
                 accuracy[i, j] = hits / trials
     finally:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from herd.data.chat import encode_dialog
+from herd.data.chat import ChatFormat
 from herd.evaluation.mcq import Item
 
 
@@ -85,15 +85,18 @@ def rewards(reward_model: torch.nn.Module, rows: Sequence[Sequence[int]], batch_
     return out
 
 
-def reward_accuracy(reward_model: torch.nn.Module, tokenizer, pairs: Sequence[Pair],
+def reward_accuracy(reward_model: torch.nn.Module, chat: ChatFormat, pairs: Sequence[Pair],
                     batch_size: int = 8) -> tuple[float, float, int]:
-    """(accuracy, mean margin reward(chosen) - reward(rejected), number of pairs)."""
+    """(accuracy, mean margin reward(chosen) - reward(rejected), number of pairs).
+
+    Each answer is scored as the dialog (the prompt as a user message, the answer) in the chat
+    format ``chat``, read at the answer's end-of-turn token.
+    """
     if not pairs:
         raise ValueError("no preference pairs to evaluate")
 
     def encoded(prompt: str, response: str) -> list[int]:
-        return encode_dialog(tokenizer, [{"role": "user", "content": prompt},
-                                         {"role": "assistant", "content": response}]).ids
+        return chat.response_ids([{"role": "user", "content": prompt}, {"role": "assistant", "content": response}])
 
     chosen = rewards(reward_model, [encoded(p.prompt, p.chosen) for p in pairs], batch_size)
     rejected = rewards(reward_model, [encoded(p.prompt, p.rejected) for p in pairs], batch_size)
