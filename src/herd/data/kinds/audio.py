@@ -120,7 +120,8 @@ def speech_token_ids(tokenizer: Tokenizer) -> tuple[int, int]:
         return tokenizer.special_id("speech_start"), tokenizer.special_id("speech_end")
     except KeyError as err:
         raise PrepareError(f"{err.args[0]}: speech examples need the Llama 3 reserved special tokens 10 and 11 "
-                           "(a Llama 3 tokenizer, or one trained by herd.prepare)") from None
+                           "and Llama 3's chat format (a Llama 3 tokenizer, or one trained by herd.prepare); herd "
+                           "does not add tokens to other tokenizers for the speech adapter") from None
 
 
 def encode_example(tokenizer: Tokenizer, prompt: str, transcript: str) -> tuple[np.ndarray, np.ndarray]:
@@ -129,10 +130,11 @@ def encode_example(tokenizer: Tokenizer, prompt: str, transcript: str) -> tuple[
     The dialog is encoded by :func:`herd.data.chat.encode_dialog`; the two speech tokens go at the
     end of the user's message, before its ``<|eot_id|>``. The mask is the assistant's role mask.
     """
+    speech_ids = speech_token_ids(tokenizer)  # refuses a tokenizer without Llama 3's reserved tokens first
     dialog = encode_dialog(tokenizer, [{"role": "user", "content": prompt},
                                        {"role": "assistant", "content": transcript}])
     user_end = dialog.ids.index(tokenizer.special_id("eot_id"))
-    ids = [*dialog.ids[:user_end], *speech_token_ids(tokenizer), *dialog.ids[user_end:]]
+    ids = [*dialog.ids[:user_end], *speech_ids, *dialog.ids[user_end:]]
     mask = [*dialog.role_mask[:user_end], False, False, *dialog.role_mask[user_end:]]
     return np.asarray(ids, np.uint32), np.asarray(mask, bool)
 

@@ -118,7 +118,7 @@ def encode_example(tokenizer: Tokenizer, image_id: int, prompt: str, caption: st
     """
     encoding = tokenizer.backend.encode(prompt + caption, add_special_tokens=False)
     in_caption = [end > len(prompt) for _, end in encoding.offsets]
-    ids = [image_id, tokenizer.bos_id, *encoding.ids, tokenizer.eos_id]
+    ids = [image_id, *tokenizer.with_bos(encoding.ids), tokenizer.eos_id]
     return np.asarray(ids, np.uint32), np.asarray([False, False, *in_caption, True], bool)
 
 
