@@ -203,16 +203,23 @@ class ChatFormat:
         return self.encode(messages, add_generation_prompt=True).ids
 
     def response_ids(self, messages: Sequence[Mapping[str, Any]]) -> list[int]:
-        """The ids of a dialog that ends with an assistant message, through that message's end-of-turn token.
+        """The ids a reward model scores for a dialog that ends with an assistant message.
 
-        This is what a reward model scores: its head reads the last of these ids, the
-        :attr:`response_end_id` (the template's text after it, such as ChatML's newline, is left out).
+        The dialog through the answer's end-of-turn token (the template's text after it, such as
+        ChatML's newline, is left out), less trailing padding ids: the reward head reads the last of
+        these ids, as ``transformers``' ``LlamaForSequenceClassification`` reads the last token that
+        is not its ``pad_token_id`` (herd's exports write the tokenizer's pad id there). So with
+        Llama 3's format the reward is read at ``<|eot_id|>``; where the pad token is the end-of-turn
+        token itself (ChatML models whose pad is ``<|im_end|>``), at the answer's last token.
         """
         if not messages or messages[-1].get("role") != "assistant":
             raise ChatFormatError("a scored dialog must end with the assistant's message")
         encoded = self.encode(messages)
-        last = max(i for i, in_role in enumerate(encoded.role_mask) if in_role)
-        return encoded.ids[: last + 1]
+        end = max(i for i, in_role in enumerate(encoded.role_mask) if in_role) + 1
+        pad = self.tokenizer.pad_id
+        while end > 1 and encoded.ids[end - 1] == pad:
+            end -= 1
+        return encoded.ids[:end]
 
     def describe(self) -> str:
         """One line for logs: the format and its stop tokens."""

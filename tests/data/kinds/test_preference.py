@@ -358,3 +358,30 @@ def test_bad_lines_are_counted_and_the_limit_holds(tiny_tokenizer, tmp_path):
         prepare(_config(tmp_path / "long", {"prefs": {"input": str(_jsonl(tmp_path / "long.jsonl", _records(0))),
                                                       "kind": "preference"}},
                         tokenizer={"path": str(folder)}))  # fmt: skip
+
+
+@pytest.mark.parametrize("style", ["chatml", "llama2", "llama3"])
+def test_scored_tokens_are_each_answers_content_only_in_every_chat_format(style, tmp_path):
+    """DPO's log-probs cover the answers' content: no header, no end-of-turn, no template text."""
+    from helpers.tokenizers import style_folder
+    from herd.data.chat import chat_format
+    from herd.data.kinds.preference import Ranking, Response
+    from herd.data.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.load(style_folder(style, tmp_path / style))
+    fmt = chat_format(tokenizer)
+    prompt = [{"role": "user", "content": "What is the capital of France?"}]
+    answers = ["Paris is the capital.", "It is Nice, I think."]
+    ranking = Ranking("r", prompt, [Response({"role": "assistant", "content": a}, rank) for rank, a in enumerate(answers)])
+    encoded = encode_ranking(fmt, ranking)
+    n = len(fmt.encode(prompt).ids)
+    assert encoded.ids[:n].tolist() == fmt.encode(prompt).ids and not encoded.loss_mask[:n].any()
+    for k in (1, 2):
+        piece = encoded.response_ids == k
+        content = encoded.ids[piece & encoded.loss_mask].tolist()
+        answer = answers[encoded.ranks[piece][0]]
+        assert tokenizer.decode(content).strip() == answer
+        assert not set(content) & set(fmt.stop_ids) and tokenizer.bos_id not in content
+        # the piece is what the dialog prompt + answer adds after the prompt, through where the reward reads
+        dialog = [*prompt, {"role": "assistant", "content": answer}]
+        assert encoded.ids[piece].tolist() == fmt.response_ids(dialog)[n:]

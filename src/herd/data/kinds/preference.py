@@ -37,8 +37,9 @@ tokens). A ranking is laid out as ``[prompt][response 1][response 2]...``, the p
 - the prompt is the encoding of the prompt's turns (``<|begin_of_text|>`` and the turns);
 - each response is what encoding ``prompt + [response]`` adds after the prompt, through the
   response's end-of-turn token (``<|start_header_id|>assistant<|end_header_id|>\\n\\n`` +
-  content + ``<|eot_id|>`` in Llama 3's format), so a response read after the prompt alone is
-  the dialog ``prompt + [response]`` up to its end of turn, where the reward model reads;
+  content + ``<|eot_id|>`` in Llama 3's format), less trailing padding ids: the ids
+  :meth:`herd.data.chat.ChatFormat.response_ids` gives, whose last token is where the reward model
+  reads, in training as when scoring;
 - the responses are shuffled into a fixed order seeded by the ranking's id;
 - per-token members: ``loss_mask`` is true on each response's content (its assistant
   ``role_mask`` less the ``format_mask``: no header, no ``<|eot_id|>``); ``response_ids`` is 0
@@ -384,11 +385,12 @@ def encode_ranking(fmt: ChatFormat, ranking: Ranking) -> EncodedRanking:
     ranks = [np.full(n, -1, np.int16)]
     for k, index in enumerate(response_order(ranking), start=1):
         response = ranking.responses[index]
-        dialog = fmt.encode([*ranking.prompt, response.message])
+        messages = [*ranking.prompt, response.message]
+        dialog = fmt.encode(messages)
         if dialog.ids[:n] != prompt:
             raise ChatFormatError("encoding the prompt with a response changed the prompt's ids (the chat template "
                                   "renders the prompt differently when an answer follows it)")
-        end = n + max(i for i, r in enumerate(dialog.role_mask[n:]) if r) + 1  # through the end-of-turn token
+        end = len(fmt.response_ids(messages))  # where the reward model reads, as it does when scoring
         piece = np.asarray(dialog.ids[n:end], np.uint32)
         ids.append(piece)
         masks.append(np.asarray(dialog.role_mask[n:end], bool) & ~np.asarray(dialog.format_mask[n:end], bool))
