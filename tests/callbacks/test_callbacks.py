@@ -2,36 +2,15 @@
 
 from __future__ import annotations
 
-import lightning as L
 import pytest
 import torch
 
+from helpers.fitting import Recorder, fit
 from helpers.training import compose_train
 from herd.callbacks.averaging import CheckpointAveraging
 from herd.callbacks.checkpoint_io import AtomicCheckpointIO
 from herd.callbacks.schedules import BatchRamp
 from herd.train import build
-
-
-class Recorder(L.Callback):
-    """Remembers each training batch's shape, the LR, and the weights after every optimizer step."""
-
-    def __init__(self):
-        self.shapes, self.lrs, self.weights = [], [], {}
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.shapes.append(tuple(batch["tokens"].shape))
-        self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
-        self.weights[trainer.global_step] = {n: p.detach().clone() for n, p in pl_module.model.named_parameters()}
-
-
-def fit(cfg, *extra_callbacks):
-    objects = build(cfg)
-    trainer = objects["trainer"]
-    trainer.callbacks.extend(extra_callbacks)
-    trainer.fit(objects["stage"], datamodule=objects["datamodule"])
-    return objects
-
 
 RAMP = ("callbacks.batch_ramp={_target_: herd.callbacks.schedules.BatchRamp, stages: ["
         "{after_tokens: 0, batch_size: 8, seq_len: 64}, {after_tokens: 2048, batch_size: 4, seq_len: 128}, "

@@ -6,13 +6,13 @@ import json
 
 import pytest
 import torch
-from test_hf import write_word_level_tokenizer
 from transformers import MllamaConfig, MllamaForConditionalGeneration
 from transformers.models.mllama.processing_mllama import (
     convert_sparse_cross_attention_mask_to_dense,
     get_cross_attention_token_mask,
 )
 
+from helpers.synthetic import write_word_level_tokenizer
 from herd.interop import hf, mllama
 from herd.interop.hf import CheckpointError
 from herd.model import ModelConfig, Transformer
