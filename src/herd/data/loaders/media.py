@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from herd.constants import IGNORE_INDEX
 from herd.data.inputs import BadInputError
 from herd.data.kinds.media import ExampleRow, read_example_shard
 from herd.data.manifest import Manifest, ManifestError
@@ -40,7 +41,6 @@ from herd.data.shards import ShardError, ShardInfo
 from herd.paths import resolve_location
 
 logger = logging.getLogger(__name__)
-IGNORE_INDEX = -100
 ON_CORRUPT = ("error", "skip")
 _LOGGED_SKIPS = 10
 
