@@ -29,14 +29,6 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from herd import logs
-from herd.callbacks.checkpoint_io import (
-    AtomicCheckpointIO,
-    check_dcp_metadata,
-    checkpoint_is_complete,
-    checkpoint_metadata,
-    recoverable_checkpoint,
-    remove_stale_temporaries,
-)
 from herd.data.manifest import ManifestError
 from herd.data.shards import ShardError
 from herd.data.tokenizer import Tokenizer
@@ -45,6 +37,14 @@ from herd.model import ModelConfig
 from herd.paths import repo_root
 from herd.presets import config_dir
 from herd.stages.base import NonFiniteError, all_finite
+from herd.stages.checkpoint_io import (
+    AtomicCheckpointIO,
+    check_dcp_metadata,
+    checkpoint_is_complete,
+    checkpoint_metadata,
+    recoverable_checkpoint,
+    remove_stale_temporaries,
+)
 
 logger = logs.get_logger(__name__)
 
