@@ -54,7 +54,7 @@ def held_out_dialogs(source: str = "stdlib:sft", count: int = 32, val_fraction: 
     """The first ``count`` held-out questions of ``source``: ``stdlib:sft`` (its val modules) or a jsonl file."""
     if source == "stdlib:sft" or source.startswith("stdlib:sft?"):
         from herd.data.embedded.sft import reference_answer, stdlib_sft
-        from herd.prepare import assign_split
+        from herd.data.kinds import assign_split
 
         out = []
         for dialog in stdlib_sft():
