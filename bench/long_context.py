@@ -18,8 +18,8 @@ import torch
 
 from common import PeakRSS
 from herd.model import ModelConfig, Transformer
+from herd.model.loss import next_token_loss
 from herd.stages.parallelize import apply_activation_checkpointing
-from herd.stages.pretrain import next_token_loss
 
 VARIANTS = {"naive": (None, "none"), "chunked": ("chunk", "none"), "checkpointed": (None, "full"),
             "chunked+checkpointed": ("chunk", "full")}

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
+import stat
 import subprocess
 import sys
 import textwrap
@@ -70,6 +72,21 @@ def test_reward_models_average_with_their_heads_and_into_shards(models, tmp_path
     model = hf.load_reward_model(out)
     torch.testing.assert_close(model.head.weight, ((heads[0] + heads[1]) / 2).to(torch.bfloat16))
     assert hf.is_reward_model(out) and model.head.weight.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("max_shard_bytes", [None, 40_000], ids=["single", "sharded"])
+def test_averaged_files_all_get_the_umask_mode_as_exports_do(models, tmp_path, max_shard_bytes):
+    previous = os.umask(0o027)
+    try:
+        kwargs = {} if max_shard_bytes is None else {"max_shard_bytes": max_shard_bytes}
+        out = average([models["policy0"], models["policy1"]], tmp_path / "mean", **kwargs)
+    finally:
+        os.umask(previous)
+    modes = {file.name: oct(stat.S_IMODE(file.stat().st_mode)) for file in out.iterdir()}
+    weights = [name for name in modes if name.endswith(".safetensors")]
+    assert len(weights) == len(hf.weight_files(out)) and (len(weights) > 1) is (max_shard_bytes is not None)
+    assert {"config.json", "tokenizer.json", "average.json"} <= set(modes)
+    assert modes == dict.fromkeys(modes, oct(0o640))
 
 
 def test_weights_are_normalised_or_refused():

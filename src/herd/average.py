@@ -21,7 +21,8 @@ shard, one float32 accumulator and one input tensor at a time, well under two mo
 The output holds the first model's ``config.json`` and tokenizer files, and ``average.json``
 (the models and the normalised weights). It is written into a temporary folder beside ``output``
 and renamed into place when complete, so an interrupted run never leaves a directory that looks
-like a model. An existing ``output`` is refused unless ``overwrite=true``.
+like a model. An existing ``output`` is refused unless ``overwrite=true``. Its files get the mode
+the process's umask gives, as exports do (:mod:`herd.interop.modeldir`).
 """
 
 from __future__ import annotations
@@ -41,11 +42,10 @@ import hydra
 import torch
 from omegaconf import DictConfig, ListConfig
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from herd.cli import user_errors
 from herd.dtypes import DTYPES
-from herd.interop import hf
+from herd.interop import hf, modeldir
 from herd.paths import resolve
 from herd.presets import config_dir
 
@@ -99,8 +99,8 @@ def read_model_dir(path: str | Path) -> ModelDir:
         raise AverageError(f"{config_file} is not valid JSON: {err}") from None
     tensors: dict[str, TensorInfo] = {}
     try:
-        files = hf.weight_files(path)
-    except hf.CheckpointError as err:
+        files = modeldir.weight_files(path)
+    except modeldir.CheckpointError as err:
         raise AverageError(str(err)) from None
     for file in files:
         with safe_open(str(file), framework="pt") as handle:
@@ -151,7 +151,7 @@ def check_compatible(models: Sequence[ModelDir]) -> None:
 def _check_shapes(first: ModelDir, other: ModelDir, pair: str) -> None:
     try:
         a, b = hf.config_from_hf(first.config, str(first.path)), hf.config_from_hf(other.config, str(other.path))
-    except hf.CheckpointError as err:
+    except modeldir.CheckpointError as err:
         raise AverageError(str(err)) from None
     if a.vocab_size != b.vocab_size:
         raise AverageError(f"different vocabularies: vocab_size {a.vocab_size} vs {b.vocab_size} ({pair})")
@@ -240,20 +240,19 @@ def _write_weights(members: Sequence[ModelDir], shares: Sequence[float], out: Pa
     first = members[0]
     out_dtypes = {name: _out_dtype(info, dtype) for name, info in first.tensors.items()}
     shards = _plan_shards(first.tensors, out_dtypes, max_shard_bytes)
-    names = [hf.SAFETENSORS_FILE] if len(shards) == 1 else [
-        f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+    names = [modeldir.SAFETENSORS_FILE] if len(shards) == 1 else [
+        modeldir.shard_file_name(i, len(shards)) for i in range(1, len(shards) + 1)]
     with ExitStack() as stack:
         handles = [{file: stack.enter_context(safe_open(str(file), framework="pt"))
                     for file in dict.fromkeys(info.file for info in m.tensors.values())} for m in members]
         for shard, file_name in zip(shards, names, strict=True):
             tensors = {name: _mean_tensor(name, members, handles, shares, out_dtypes[name]) for name in shard}
-            save_file(tensors, str(out / file_name), metadata={"format": "pt"})
+            modeldir.save_safetensors(tensors, out / file_name)
             del tensors
     if len(shards) > 1:
         total = sum(math.prod(first.tensors[n].shape) * out_dtypes[n].itemsize for n in first.tensors)
         weight_map = {name: file_name for shard, file_name in zip(shards, names, strict=True) for name in shard}
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (out / hf.SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        modeldir.write_index(out, weight_map, total)
 
 
 def _out_dtype(info: TensorInfo, dtype: torch.dtype | None) -> torch.dtype:
@@ -310,7 +309,7 @@ def _write_metadata(members: Sequence[ModelDir], shares: Sequence[float], out: P
         config["dtype"] = str(dtype).removeprefix("torch.")
         config.pop("torch_dtype", None)
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    for name in hf.TOKENIZER_FILES:
+    for name in modeldir.TOKENIZER_FILES:
         if (first.path / name).is_file():
             shutil.copyfile(first.path / name, out / name)
     record = {"models": [str(m.path) for m in members], "weights": list(shares)}

@@ -10,7 +10,7 @@ Works on both kinds of checkpoint Lightning writes:
 
 Nothing in a checkpoint runs code while it is read: files and ``meta.pt`` load with
 ``weights_only=True``, and a folder's ``.metadata`` (a pickle) goes through herd's restricted
-unpickler (see ``herd.callbacks.checkpoint_io``), so a crafted folder is refused with an error that
+unpickler (see ``herd.stages.checkpoint_io``), so a crafted folder is refused with an error that
 names the file instead of being trusted. herd reads folders it did not write rather than refusing
 them: a folder carries no signature to tell them apart, and the restricted reader makes that safe.
 """
@@ -24,12 +24,12 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from herd.callbacks import checkpoint_io
 from herd.cli import user_errors
 from herd.dtypes import FP32_BF16_OR_NULL, torch_dtype
 from herd.interop import hf
 from herd.model import ModelConfig, Transformer
 from herd.presets import config_dir
+from herd.stages import checkpoint_io
 from herd.stages.reward import VALUE_HEAD_KEY
 
 MODEL_PREFIX = "model."

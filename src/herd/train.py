@@ -28,14 +28,6 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from herd import cli, logs
-from herd.callbacks.checkpoint_io import (
-    AtomicCheckpointIO,
-    check_dcp_metadata,
-    checkpoint_is_complete,
-    checkpoint_metadata,
-    recoverable_checkpoint,
-    remove_stale_temporaries,
-)
 from herd.data.manifest import ManifestError
 from herd.data.shards import ShardError
 from herd.data.tokenizer import Tokenizer
@@ -43,6 +35,14 @@ from herd.interop.hf import CheckpointError
 from herd.model import ModelConfig
 from herd.presets import config_dir
 from herd.stages.base import NonFiniteError, all_finite
+from herd.stages.checkpoint_io import (
+    AtomicCheckpointIO,
+    check_dcp_metadata,
+    checkpoint_is_complete,
+    checkpoint_metadata,
+    recoverable_checkpoint,
+    remove_stale_temporaries,
+)
 
 logger = logs.get_logger(__name__)
 

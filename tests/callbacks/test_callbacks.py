@@ -2,36 +2,14 @@
 
 from __future__ import annotations
 
-import lightning as L
 import pytest
 import torch
 
+from helpers.fitting import Recorder, fit
 from helpers.training import compose_train
 from herd.callbacks.averaging import CheckpointAveraging
-from herd.callbacks.checkpoint_io import AtomicCheckpointIO
 from herd.callbacks.schedules import BatchRamp
 from herd.train import build
-
-
-class Recorder(L.Callback):
-    """Remembers each training batch's shape, the LR, and the weights after every optimizer step."""
-
-    def __init__(self):
-        self.shapes, self.lrs, self.weights = [], [], {}
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.shapes.append(tuple(batch["tokens"].shape))
-        self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
-        self.weights[trainer.global_step] = {n: p.detach().clone() for n, p in pl_module.model.named_parameters()}
-
-
-def fit(cfg, *extra_callbacks):
-    objects = build(cfg)
-    trainer = objects["trainer"]
-    trainer.callbacks.extend(extra_callbacks)
-    trainer.fit(objects["stage"], datamodule=objects["datamodule"])
-    return objects
-
 
 RAMP = ("callbacks.batch_ramp={_target_: herd.callbacks.schedules.BatchRamp, stages: ["
         "{after_tokens: 0, batch_size: 8, seq_len: 64}, {after_tokens: 2048, batch_size: 4, seq_len: 128}, "
@@ -84,23 +62,6 @@ def test_throughput_logs_tokens_per_second_and_mfu(tmp_path, prepared_corpus):
     flops = objects["stage"].model_config.flops_per_token(64)
     assert tokens_per_s > 0
     assert float(metrics["train/mfu"]) == pytest.approx(flops * tokens_per_s / 1e12, rel=1e-4)
-
-
-def test_atomic_checkpoint_survives_a_write_that_dies_midway(tmp_path, monkeypatch):
-    io = AtomicCheckpointIO()
-    target = tmp_path / "last.ckpt"
-    io.save_checkpoint({"step": torch.tensor(1)}, target)
-
-    def dying_save(obj, f, *args, **kwargs):
-        f.write(b"partial bytes of a checkpoint")
-        raise KeyboardInterrupt("killed while writing")
-
-    monkeypatch.setattr(torch, "save", dying_save)
-    with pytest.raises(KeyboardInterrupt):
-        io.save_checkpoint({"step": torch.tensor(2)}, target)
-    monkeypatch.undo()
-    assert io.load_checkpoint(target)["step"].item() == 1
-    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
 
 
 def test_the_cpu_peak_is_measured_once_per_machine_and_cached(tmp_path, monkeypatch):

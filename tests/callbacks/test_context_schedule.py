@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import lightning as L
 import pytest
-from test_callbacks import Recorder, fit
 
+from helpers.fitting import Recorder, fit
 from helpers.training import compose_train
 from herd.callbacks.schedules import ContextSchedule
 

@@ -192,3 +192,14 @@ def test_extras_are_cut_across_rows_when_rows_are_re_cut():
     assert sample.extras["ranks"].tolist() == [0, 1, 2, 3, 4]
     with pytest.raises(ValueError, match=r"rows with the extras \['ranks'\] and \[\] cannot be mixed"):
         chunker.add(tokens, np.zeros(10, np.int32), 2)
+
+
+def test_packing_and_its_ignore_index_import_without_torch():
+    """The prepare side's light users read herd.data.packing (and IGNORE_INDEX) without paying for torch."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from herd.data.packing import IGNORE_INDEX; from herd.data import IGNORE_INDEX as again; "
+            "print(IGNORE_INDEX, again, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["-100", "-100", "False"]

@@ -72,7 +72,7 @@ def _kill_while_writing_shards(n: int) -> None:
 
 
 def _kill_at_publish(n: int) -> None:
-    from herd.callbacks import checkpoint_io
+    from herd.stages import checkpoint_io
 
     publishes, publish = _counter(n), checkpoint_io.publish_checkpoint
 

@@ -1,4 +1,4 @@
-"""Helpers for the data tests: tiny corpora and synthetic prepared datasets."""
+"""Helpers for the tests: tiny corpora, synthetic prepared datasets and tokenizer folders."""
 
 from __future__ import annotations
 
@@ -186,3 +186,17 @@ def damage_first_media(folder: Path, source: str, suffix: str) -> dict:
             shard["sha256"] = None
     (folder / "manifest.json").write_text(json.dumps(manifest))
     return manifest
+
+
+def write_word_level_tokenizer(folder, n_ids: int, config: dict | None = None):
+    """A tokenizer folder of ``n_ids`` ids (the last two are bos/eos), with an optional tokenizer_config.json."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    folder.mkdir(parents=True)
+    vocab = {f"t{i}": i for i in range(n_ids - 2)} | {"<|begin_of_text|>": n_ids - 2, "<|end_of_text|>": n_ids - 1}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(folder / "tokenizer.json"))
+    if config is not None:
+        (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return tok

@@ -97,3 +97,16 @@ def save_random_model(folder: Path, tokenizer: Path, seed: int = 3) -> Path:
                          tie_embeddings=True, rope_theta=500000.0)
     torch.manual_seed(seed)
     return hf.save(Transformer(config), folder, tokenizer=tokenizer)
+
+
+def two_document_batch(vocab_size: int = 97):
+    """A (2, 40) batch of random tokens in two documents (25 + 15 tokens), targets the next token of the
+    same document: the last token of each document predicts nothing (-100)."""
+    import torch
+
+    tokens = torch.randint(0, vocab_size, (2, 40))
+    document_ids = torch.cat([torch.zeros(2, 25, dtype=torch.long), torch.ones(2, 15, dtype=torch.long)], dim=1)
+    targets = torch.roll(tokens, -1, dims=1)
+    targets[:, 24] = IGNORE  # the last token of a document predicts nothing
+    targets[:, -1] = IGNORE
+    return {"tokens": tokens, "document_ids": document_ids, "targets": targets}

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
+from helpers.synthetic import write_word_level_tokenizer
 from herd.interop import hf
 from herd.model import ModelConfig, Transformer
 
@@ -111,20 +112,6 @@ def test_save_copies_a_tokenizer_directory_and_records_bos_eos(tmp_path, small_c
     assert (out / "tokenizer.json").is_file()
     config = json.loads((out / "config.json").read_text())
     assert config["bos_token_id"] == 90 and config["eos_token_id"] == 91
-
-
-def write_word_level_tokenizer(folder, n_ids: int, config: dict | None = None):
-    """A tokenizer folder of ``n_ids`` ids (the last two are bos/eos), with an optional tokenizer_config.json."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    folder.mkdir(parents=True)
-    vocab = {f"t{i}": i for i in range(n_ids - 2)} | {"<|begin_of_text|>": n_ids - 2, "<|end_of_text|>": n_ids - 1}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.save(str(folder / "tokenizer.json"))
-    if config is not None:
-        (folder / "tokenizer_config.json").write_text(json.dumps(config))
-    return tok
 
 
 def test_save_refuses_a_tokenizer_larger_than_the_vocabulary_before_writing(tmp_path, small_config):

@@ -6,13 +6,13 @@ import json
 
 import pytest
 import torch
-from test_hf import write_word_level_tokenizer
 from transformers import MllamaConfig, MllamaForConditionalGeneration
 from transformers.models.mllama.processing_mllama import (
     convert_sparse_cross_attention_mask_to_dense,
     get_cross_attention_token_mask,
 )
 
+from helpers.synthetic import write_word_level_tokenizer
 from herd.interop import hf, mllama
 from herd.interop.hf import CheckpointError
 from herd.model import ModelConfig, Transformer
@@ -271,8 +271,10 @@ def test_image_token_not_after_the_vocabulary_is_refused(tmp_path, pair):
         mllama.configs_from_hf(config)
 
 
-def test_hf_module_exports_load_and_save(tmp_path, pair):
+def test_vision_directories_are_mllama_s_and_the_llama_reader_refuses_them(tmp_path, pair):
     _, model, path = pair
-    loaded = hf.load_vision(path)
+    loaded = mllama.load_vision(path)
     assert isinstance(loaded, VisionLanguageModel)
-    assert (hf.save_vision(loaded, tmp_path / "again") / "config.json").is_file()
+    assert (mllama.save_vision(loaded, tmp_path / "again") / "config.json").is_file()
+    with pytest.raises(CheckpointError, match="model_type is 'mllama'"):
+        hf.load(path)

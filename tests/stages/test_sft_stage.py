@@ -10,7 +10,7 @@ from herd.data.chat import encode_dialog
 from herd.data.packing import IGNORE_INDEX, next_token_targets
 from herd.data.tokenizer import train_tokenizer
 from herd.model import ModelConfig, Transformer
-from herd.stages.pretrain import next_token_loss
+from herd.model.loss import next_token_loss
 from herd.stages.sft import SFTStage
 
 DIALOGS = [

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from herd.callbacks.checkpoint_io import checkpoint_is_complete, checkpoint_metadata, remove_stale_temporaries
+from herd.stages.checkpoint_io import checkpoint_is_complete, checkpoint_metadata, remove_stale_temporaries
 
 LAUNCHER = Path(__file__).parents[1] / "helpers" / "kill_during_save.py"
 STEPS, EVERY = 6, 2

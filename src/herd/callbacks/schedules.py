@@ -21,6 +21,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from herd import logs
 from herd.evaluation.needle import NeedleResult, collect_haystack, needle_accuracy
+from herd.model.loss import next_token_loss
 
 logger = logs.get_logger(__name__)
 
@@ -267,8 +268,6 @@ class ContextSchedule(BatchRamp):
 
     def short_context_loss(self, trainer: L.Trainer, pl_module: L.LightningModule) -> float:
         """Token-weighted val loss at the short (pretraining) length, over ``short_val_batches`` batches."""
-        from herd.stages.pretrain import next_token_loss
-
         datamodule = trainer.datamodule
         long_seq_len = datamodule.seq_len
         datamodule.set_seq_len(self.short_seq_len)

@@ -26,7 +26,7 @@ _EXPORTS = {
     "pack_documents": "herd.data.packing",
     "Rechunker": "herd.data.packing",
     "WholePacker": "herd.data.packing",
-    "IGNORE_INDEX": "herd.data.packing",
+    "IGNORE_INDEX": "herd.constants",
     "Manifest": "herd.data.manifest",
     "ManifestError": "herd.data.manifest",
     "ShardError": "herd.data.shards",

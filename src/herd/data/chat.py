@@ -37,6 +37,9 @@ Masks (one bool per token):
 - ``format_mask``: formatting tokens: ``<|begin_of_text|>``, every header (start/end header ids,
   the role name, the blank line) and every ``<|eot_id|>``/``<|eom_id|>``. DPO trains on
   ``role_mask & ~format_mask``, as the Llama 3 paper masks header and termination tokens.
+
+The same format as a Jinja template is :data:`herd.data.tokenizer.LLAMA3_CHAT_TEMPLATE`, which
+herd's tokenizers save in their ``tokenizer_config.json``.
 """
 
 from __future__ import annotations
@@ -63,21 +66,6 @@ class ChatTemplateError(ChatFormatError):
     """A chat template that cannot serve training at all (not only one dialog): it needs another template."""
 
 ROLES = ("system", "user", "assistant", "ipython")
-
-# The same format as a Jinja chat template, saved in herd's tokenizer_config.json so that
-# ``transformers``' ``apply_chat_template`` agrees with :func:`render_dialog`.
-LLAMA3_CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{% for message in messages %}"
-    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' }}"
-    "{% if message.get('python_tag', false) %}{{ '<|python_tag|>' }}{% endif %}"
-    "{{ message['content'] | trim }}"
-    "{% if message.get('eom', message.get('python_tag', false)) %}{{ '<|eom_id|>' }}"
-    "{% else %}{{ '<|eot_id|>' }}{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
-)
-
 
 @dataclass(frozen=True)
 class EncodedDialog:

@@ -30,8 +30,9 @@ from typing import Generic, TypeVar
 
 import numpy as np
 
+from herd.constants import IGNORE_INDEX
+
 PAD_DOCUMENT_ID = -1
-IGNORE_INDEX = -100
 T = TypeVar("T", bound=Hashable)
 
 

@@ -40,6 +40,21 @@ from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, proc
 
 NUM_SPECIAL_TOKENS = 256
 
+# The Llama 3 dialog format (herd.data.chat) as a Jinja chat template, saved in herd's
+# tokenizer_config.json so that ``transformers``' ``apply_chat_template`` agrees with
+# :func:`herd.data.chat.render_dialog`.
+LLAMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' }}"
+    "{% if message.get('python_tag', false) %}{{ '<|python_tag|>' }}{% endif %}"
+    "{{ message['content'] | trim }}"
+    "{% if message.get('eom', message.get('python_tag', false)) %}{{ '<|eom_id|>' }}"
+    "{% else %}{{ '<|eot_id|>' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+)
+
 # Llama 3.1's named special tokens, in id order from n+0; reserved tokens fill the rest.
 _NAMED_SPECIALS = (
     "<|begin_of_text|>",
@@ -404,8 +419,6 @@ def _convert_sentencepiece(folder: Path) -> Path:
 
 def _default_config() -> dict[str, Any]:
     """tokenizer_config.json for herd-trained tokenizers (base model: eos = end_of_text)."""
-    from herd.data.chat import LLAMA3_CHAT_TEMPLATE
-
     return {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": "<|begin_of_text|>",

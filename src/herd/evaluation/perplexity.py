@@ -2,7 +2,7 @@
 
 For each source of a prepared folder (``herd.prepare``'s manifest), every row of its val split is
 read once, in order, and scored with the pretraining stage's own evaluation function
-(:func:`herd.stages.pretrain.next_token_scores`: summed cross-entropy, number of predicted
+(:func:`herd.model.loss.next_token_scores`: summed cross-entropy, number of predicted
 tokens, greedy hits). A source's loss is
 
     loss = sum of -log p(token | prefix) over its predicted tokens / number of predicted tokens
@@ -23,8 +23,8 @@ import torch
 from herd.data.loaders.packed import PackedDataModule
 from herd.data.manifest import Manifest
 from herd.logs import Progress
+from herd.model.loss import next_token_scores
 from herd.paths import resolve_location
-from herd.stages.pretrain import next_token_scores
 
 ALL_SOURCES = "all"
 

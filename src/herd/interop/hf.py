@@ -3,6 +3,8 @@
 A directory holds ``config.json``, the weights as ``model.safetensors`` or as shards with
 ``model.safetensors.index.json``, and optionally the tokenizer files. Such a directory is what
 every herd stage starts from and exports, and what ``transformers.AutoModelForCausalLM`` loads.
+This module knows the Llama names and config; the files themselves are read and written by
+:mod:`herd.interop.modeldir`. Llama 3.2 Vision directories are :mod:`herd.interop.mllama`'s.
 
 A reward model is the same directory in the ``LlamaForSequenceClassification`` layout
 (``architectures: ["LlamaForSequenceClassification"]``, ``num_labels: 1``): the backbone's
@@ -15,34 +17,31 @@ Only safetensors are read: pickled ``*.bin``/``*.pt`` weights are refused, never
 from __future__ import annotations
 
 import json
-import logging
-import os
 import re
-import shutil
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
+from herd.interop.modeldir import SAFETENSORS_FILE as SAFETENSORS_FILE  # file names: also hf.<name>
+from herd.interop.modeldir import SAFETENSORS_INDEX as SAFETENSORS_INDEX
+from herd.interop.modeldir import TOKENIZER_FILES as TOKENIZER_FILES
+from herd.interop.modeldir import (
+    CheckpointError,
+    copy_tokenizer,
+    end_of_text_id,
+    iter_tensors,
+    read_config_json,
+    tokenizer_files,
+    tokenizer_size,
+    weight_files,
+    write_weights,
+)
 from herd.model import ModelConfig, RewardModel, Transformer
 
-logger = logging.getLogger(__name__)
-
-SAFETENSORS_FILE = "model.safetensors"
-SAFETENSORS_INDEX = "model.safetensors.index.json"
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "generation_config.json",
-)
-
-# herd parameter name <-> Hugging Face LlamaForCausalLM parameter name.
-_LAYER_NAMES = {
+# herd parameter name <-> Hugging Face LlamaForCausalLM parameter name, within a block.
+LAYER_NAMES = {
     "attention.wq": "self_attn.q_proj",
     "attention.wk": "self_attn.k_proj",
     "attention.wv": "self_attn.v_proj",
@@ -59,11 +58,8 @@ _TOP_NAMES = {
     "output.weight": "lm_head.weight",
 }
 _HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)\.weight$")
-_IGNORED_HF_TENSORS = re.compile(r"rotary_emb\.inv_freq$")
-
-
-class CheckpointError(ValueError):
-    """A model directory that herd cannot load as it is."""
+# Stored tensors that are not weights (RoPE buffers some transformers versions save): skipped on load.
+IGNORED_HF_TENSORS = re.compile(r"rotary_emb\.inv_freq$")
 
 
 def herd_to_hf_name(name: str) -> str:
@@ -71,8 +67,8 @@ def herd_to_hf_name(name: str) -> str:
     if name in _TOP_NAMES:
         return _TOP_NAMES[name]
     match = re.match(r"^layers\.(\d+)\.(.+)\.weight$", name)
-    if match and match.group(2) in _LAYER_NAMES:
-        return f"model.layers.{match.group(1)}.{_LAYER_NAMES[match.group(2)]}.weight"
+    if match and match.group(2) in LAYER_NAMES:
+        return f"model.layers.{match.group(1)}.{LAYER_NAMES[match.group(2)]}.weight"
     raise KeyError(f"herd parameter {name!r} has no Hugging Face Llama name")
 
 
@@ -83,7 +79,7 @@ def hf_to_herd_name(name: str) -> str | None:
             return herd_name
     match = _HF_LAYER.match(name)
     if match:
-        for herd_part, hf_part in _LAYER_NAMES.items():
+        for herd_part, hf_part in LAYER_NAMES.items():
             if match.group(2) == hf_part:
                 return f"layers.{match.group(1)}.{herd_part}.weight"
     return None
@@ -206,7 +202,7 @@ def load(
     RoPE settings) replace the stored ones - that is how a stage extends a model's context.
     """
     path = Path(path)
-    config = _checked_override(read_config(path), config, path)
+    config = checked_override(read_config(path), config, path)
     check_tokenizer(path, config)
     files = weight_files(path)
     reward_model = is_reward_model(path)
@@ -214,10 +210,10 @@ def load(
         model = Transformer(config)
     expected = {name: tuple(p.shape) for name, p in model.named_parameters()}  # tied weights listed once
     state: dict[str, torch.Tensor] = {}
-    for file, hf_name, tensor in _iter_tensors(files, device):
+    for file, hf_name, tensor in iter_tensors(files, device):
         name = hf_to_herd_name(hf_name)
         if name is None:
-            if _IGNORED_HF_TENSORS.search(hf_name) or (reward_model and hf_name == REWARD_HEAD):
+            if IGNORED_HF_TENSORS.search(hf_name) or (reward_model and hf_name == REWARD_HEAD):
                 continue
             raise CheckpointError(
                 f"{file}: tensor {hf_name!r} is not part of a Llama model; remove it or "
@@ -252,7 +248,11 @@ def load(
     return model
 
 
-def _checked_override(stored: ModelConfig, wanted: ModelConfig | None, path: Path) -> ModelConfig:
+def checked_override(stored: ModelConfig, wanted: ModelConfig | None, path: Path) -> ModelConfig:
+    """``wanted`` when it has ``stored``'s shape (:data:`SHAPE_FIELDS`), ``stored`` when it is None.
+
+    A config of another shape raises CheckpointError naming each field that differs and ``path``.
+    """
     if wanted is None:
         return stored
     differ = [
@@ -310,7 +310,7 @@ def load_reward_model(
 
 def read_reward_head(path: str | Path, dim: int, device: str | torch.device = "cpu") -> torch.Tensor:
     """The value head (``score.weight``, shape (1, dim)) of a reward-model directory."""
-    found = next(((file, tensor) for file, name, tensor in _iter_tensors(weight_files(Path(path)), device)
+    found = next(((file, tensor) for file, name, tensor in iter_tensors(weight_files(Path(path)), device)
                   if name == REWARD_HEAD), None)
     if found is None:
         raise CheckpointError(f"{path}: no {REWARD_HEAD} tensor, so the reward head is missing")
@@ -328,52 +328,7 @@ def _num_labels(hf: dict[str, Any]) -> int:
 
 def read_config(path: Path) -> ModelConfig:
     """The ModelConfig of a model directory, with errors that name the file."""
-    config_file = Path(path) / "config.json"
-    if not config_file.is_file():
-        raise CheckpointError(f"{config_file} does not exist; a model directory needs config.json")
-    try:
-        hf = json.loads(config_file.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{config_file} is not valid JSON: {err}") from None
-    return config_from_hf(hf, str(config_file))
-
-
-def weight_files(path: Path) -> list[Path]:
-    """The safetensors files of a directory, single or sharded (index order)."""
-    path = Path(path)
-    index = path / SAFETENSORS_INDEX
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as err:
-            raise CheckpointError(f"{index} is not a safetensors index (needs 'weight_map'): {err}") from None
-        files = [path / name for name in dict.fromkeys(weight_map.values())]
-        absent = [str(f) for f in files if not f.is_file()]
-        if absent:
-            raise CheckpointError(f"{index} lists shard(s) that do not exist: {absent}")
-        return files
-    single = path / SAFETENSORS_FILE
-    if single.is_file():
-        return [single]
-    pickled = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt*"))
-    hint = (
-        f" It has {pickled}: herd never unpickles weights; convert them to safetensors first."
-        if pickled
-        else ""
-    )
-    raise CheckpointError(f"{path} has neither {SAFETENSORS_FILE} nor {SAFETENSORS_INDEX}.{hint}")
-
-
-def _iter_tensors(files: list[Path], device: str | torch.device) -> Iterator[tuple[Path, str, torch.Tensor]]:
-    for file in files:
-        try:
-            with safe_open(str(file), framework="pt", device=str(device)) as f:
-                for key in f.keys():  # noqa: SIM118 - safe_open handles are not mappings
-                    yield file, key, f.get_tensor(key)
-        except CheckpointError:
-            raise
-        except Exception as err:  # safetensors raises its own error types for damaged files
-            raise CheckpointError(f"{file} is not a readable safetensors file: {err}") from None
+    return config_from_hf(read_config_json(path), str(Path(path) / "config.json"))
 
 
 def check_tokenizer(path: Path, config: ModelConfig) -> None:
@@ -387,16 +342,6 @@ def check_tokenizer(path: Path, config: ModelConfig) -> None:
             f"{tokenizer_file} has {size} tokens but config.json's vocab_size is {config.vocab_size}: the "
             "tokenizer does not belong to this checkpoint; use the tokenizer the model was trained with"
         )
-
-
-def tokenizer_size(tokenizer_file: Path) -> int:
-    """Number of ids in a ``tokenizer.json``, added (special) tokens included."""
-    from tokenizers import Tokenizer
-
-    try:
-        return Tokenizer.from_file(str(tokenizer_file)).get_vocab_size(with_added_tokens=True)
-    except Exception as err:
-        raise CheckpointError(f"{tokenizer_file} is not a readable tokenizer: {err}") from None
 
 
 # ------------------------------------------------------------------------------------------ save
@@ -458,30 +403,20 @@ def _write_directory(
     bos, eos = None, None
     with tempfile.TemporaryDirectory(prefix="herd-tokenizer-") as staging:
         if tokenizer is not None:  # checked before anything is written into path
-            source, files = _tokenizer_files(tokenizer, Path(staging))
+            source, files = tokenizer_files(tokenizer, Path(staging))
             _check_tokenizer_fits(source, config, tokenizer)
         path.mkdir(parents=True, exist_ok=True)
-        _write_weights(state, path, max_shard_bytes)
+        write_weights(state, path, max_shard_bytes)
         if tokenizer is not None:
-            bos, eos = _copy_tokenizer(source, files, path)
+            bos, eos = copy_tokenizer(source, files, path)
     hf_config = config_to_hf(config, dtype=out_dtype, bos_token_id=bos, eos_token_id=eos)
     if reward:
         hf_config.architectures = [REWARD_ARCHITECTURE]
         hf_config.num_labels = 1
-        end_of_text = _end_of_text_id(path)
+        end_of_text = end_of_text_id(path)
         hf_config.pad_token_id = end_of_text if end_of_text is not None else eos
     hf_config.save_pretrained(path)
     return path
-
-
-def _end_of_text_id(path: Path) -> int | None:
-    """The id of ``<|end_of_text|>`` in ``path/tokenizer.json``, if there is one."""
-    tokenizer_file = path / "tokenizer.json"
-    if not tokenizer_file.is_file():
-        return None
-    from tokenizers import Tokenizer
-
-    return Tokenizer.from_file(str(tokenizer_file)).token_to_id("<|end_of_text|>")
 
 
 # Prefixes that wrappers (activation checkpointing, torch.compile) add to parameter names.
@@ -503,53 +438,6 @@ def hf_state_dict(
     return state
 
 
-def _write_weights(state: dict[str, torch.Tensor], path: Path, max_shard_bytes: int) -> None:
-    for stale in [*path.glob("model*.safetensors"), path / SAFETENSORS_INDEX]:
-        stale.unlink(missing_ok=True)
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name, tensor in state.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = tensor
-        size += nbytes
-    if len(shards) == 1:
-        _save_safetensors(shards[0], path / SAFETENSORS_FILE)
-        return
-    weight_map = {}
-    for i, shard in enumerate(shards, start=1):
-        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        _save_safetensors(shard, path / name)
-        weight_map.update(dict.fromkeys(shard, name))
-    total = sum(t.numel() * t.element_size() for t in state.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (path / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
-
-
-def _tokenizer_files(tokenizer: Any, staging: Path) -> tuple[Path, list[Path]]:
-    """The folder that holds the tokenizer and the files to copy from it.
-
-    A directory is used as it is (its tokenizer files only); an object is saved into ``staging``.
-    """
-    if isinstance(tokenizer, str | Path):
-        source = Path(tokenizer)
-        if not (source / "tokenizer.json").is_file():
-            raise FileNotFoundError(f"tokenizer directory {source} has no tokenizer.json")
-        return source, [source / name for name in TOKENIZER_FILES if (source / name).is_file()]
-    if hasattr(tokenizer, "save_pretrained"):
-        tokenizer.save_pretrained(staging)
-    elif hasattr(tokenizer, "save"):
-        tokenizer.save(staging)
-    else:
-        raise TypeError(
-            f"cannot save tokenizer of type {type(tokenizer).__name__}: pass a directory or an "
-            "object with save_pretrained(path) or save(path)"
-        )
-    return staging, sorted(file for file in staging.iterdir() if file.is_file())
-
-
 def _check_tokenizer_fits(source: Path, config: ModelConfig, tokenizer: Any) -> None:
     """Refuse a tokenizer whose ids reach past the model's embedding rows."""
     tokenizer_file = source / "tokenizer.json"
@@ -563,94 +451,3 @@ def _check_tokenizer_fits(source: Path, config: ModelConfig, tokenizer: Any) -> 
             f"{config.vocab_size}-{size - 1} have no embedding row: export with the tokenizer the model "
             f"was trained with, or train a model whose vocab_size is at least {size}"
         )
-
-
-def _copy_tokenizer(source: Path, files: list[Path], path: Path) -> tuple[int | None, int | None]:
-    """Copy the tokenizer files into ``path``; return its bos/eos ids when it names them.
-
-    A tokenizer without ``tokenizer_config.json`` gets herd's, when it is a Llama 3 style
-    tokenizer (it has ``<|begin_of_text|>`` and the other special tokens herd needs).
-    """
-    if source.resolve() != path.resolve():
-        for file in files:
-            shutil.copyfile(file, path / file.name)  # content only: the export's file mode, not the source's
-    if not (source / "tokenizer_config.json").is_file():
-        from herd.data.tokenizer import Tokenizer
-
-        try:
-            herd_tokenizer = Tokenizer.load(source)
-        except ValueError as err:
-            logger.warning(
-                "%s has no tokenizer_config.json and is not a Llama 3 style tokenizer, so the export "
-                "names no bos/eos token: %s",
-                source,
-                err,
-            )
-        else:
-            herd_tokenizer.save(path)  # tokenizer.json and herd's default tokenizer_config.json
-    return _special_ids(path)
-
-
-def _save_safetensors(tensors: dict[str, torch.Tensor], file: Path) -> None:
-    """``safetensors.torch.save_file``, then the mode any new file of this process gets.
-
-    safetensors creates its files with mode 0600, which would hide the weights from the other
-    users of a shared filesystem while the rest of the export is readable.
-    """
-    save_file(tensors, str(file), metadata={"format": "pt"})
-    os.chmod(file, 0o666 & ~_umask())
-
-
-def _umask() -> int:
-    """The process's umask (from /proc on Linux, where reading it does not change it)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    umask = os.umask(0o022)  # elsewhere reading the umask means setting it: put it back at once
-    os.umask(umask)
-    return umask
-
-
-def _special_ids(path: Path) -> tuple[int | None, int | None]:
-    config_file, tokenizer_file = path / "tokenizer_config.json", path / "tokenizer.json"
-    if not (config_file.is_file() and tokenizer_file.is_file()):
-        return None, None
-    from tokenizers import Tokenizer
-
-    tok_config = json.loads(config_file.read_text())
-    tok = Tokenizer.from_file(str(tokenizer_file))
-
-    def token_id(key: str) -> int | None:
-        token = tok_config.get(key)
-        if isinstance(token, dict):
-            token = token.get("content")
-        return tok.token_to_id(token) if isinstance(token, str) else None
-
-    return token_id("bos_token"), token_id("eos_token")
-
-
-# ---------------------------------------------------------------------------------- vision models
-
-
-def load_vision(path: str | Path, **kwargs):
-    """Read a Llama 3.2 Vision (``MllamaForConditionalGeneration``) directory into a herd
-    ``VisionLanguageModel``: backbone + image encoder + cross-attention layers.
-
-    Keyword arguments as :func:`load`; see :func:`herd.interop.mllama.load_vision`.
-    """
-    from herd.interop import mllama
-
-    return mllama.load_vision(path, **kwargs)
-
-
-def save_vision(model, path: str | Path, tokenizer: Any = None, **kwargs) -> Path:
-    """Write a herd ``VisionLanguageModel`` as an ``MllamaForConditionalGeneration`` directory.
-
-    Arguments as :func:`save`; see :func:`herd.interop.mllama.save_vision`.
-    """
-    from herd.interop import mllama
-
-    return mllama.save_vision(model, path, tokenizer, **kwargs)

@@ -39,8 +39,8 @@ from typing import Any
 
 import torch
 
-from herd.interop import hf
-from herd.interop.hf import CheckpointError
+from herd.interop import hf, modeldir
+from herd.interop.modeldir import CheckpointError
 from herd.model import ModelConfig, Transformer
 from herd.model.vision import NEW_TOKENS, VisionConfig, VisionLanguageModel
 
@@ -69,7 +69,7 @@ _CROSS_NAMES = {
     "mlp.down_proj.weight": "feed_forward.w2.weight",
     "cross_attn_mlp_gate": "ffn_gate",
 }
-_SELF_NAMES = {f"{hf_name}.weight": f"{herd_name}.weight" for herd_name, hf_name in hf._LAYER_NAMES.items()}
+_SELF_NAMES = {f"{hf_name}.weight": f"{herd_name}.weight" for herd_name, hf_name in hf.LAYER_NAMES.items()}
 _LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
 
 
@@ -86,14 +86,7 @@ def is_vision_model(path: str | Path) -> bool:
 
 def read_configs(path: str | Path) -> tuple[ModelConfig, VisionConfig]:
     """The backbone's ModelConfig and the VisionConfig of an Mllama directory, errors naming the file."""
-    config_file = Path(path) / "config.json"
-    if not config_file.is_file():
-        raise CheckpointError(f"{config_file} does not exist; a model directory needs config.json")
-    try:
-        data = json.loads(config_file.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{config_file} is not valid JSON: {err}") from None
-    return configs_from_hf(data, str(config_file))
+    return configs_from_hf(modeldir.read_config_json(path), str(Path(path) / modeldir.CONFIG_FILE))
 
 
 def configs_from_hf(data: dict[str, Any], source: str = "config.json") -> tuple[ModelConfig, VisionConfig]:
@@ -289,7 +282,7 @@ def load_vision(
     stored, vision_config = read_configs(path)
     vision_config = read_preprocessor(path, vision_config)
     if config is not None:
-        stored = hf._checked_override(stored, dataclasses.replace(config, tie_embeddings=False), path)
+        stored = hf.checked_override(stored, dataclasses.replace(config, tie_embeddings=False), path)
     _check_tokenizer(path, stored)
     with torch.device("meta"):
         model = VisionLanguageModel(Transformer(stored), vision_config)
@@ -319,10 +312,10 @@ def _read_state(path: Path, model: VisionLanguageModel, dtype: torch.dtype | Non
     expected["backbone.tok_embeddings.weight"] = (config.vocab_size + NEW_TOKENS, config.dim)
     expected.pop("extra_embeddings.weight")
     state: dict[str, torch.Tensor] = {}
-    for file, hf_name, tensor in hf._iter_tensors(hf.weight_files(path), device):
+    for file, hf_name, tensor in modeldir.iter_tensors(modeldir.weight_files(path), device):
         name = hf_to_herd_name(hf_name, cross, self_index, cross_index)
         if name is None:
-            if hf._IGNORED_HF_TENSORS.search(hf_name):
+            if hf.IGNORED_HF_TENSORS.search(hf_name):
                 continue
             raise CheckpointError(f"{file}: tensor {hf_name!r} is not part of a Llama 3.2 Vision model; remove it "
                                   "or convert the checkpoint")
@@ -341,8 +334,8 @@ def _read_state(path: Path, model: VisionLanguageModel, dtype: torch.dtype | Non
 
 def _check_tokenizer(path: Path, config: ModelConfig) -> None:
     tokenizer_file = path / "tokenizer.json"
-    if tokenizer_file.is_file() and hf.tokenizer_size(tokenizer_file) > config.vocab_size + NEW_TOKENS:
-        raise CheckpointError(f"{tokenizer_file} has {hf.tokenizer_size(tokenizer_file)} tokens, more than the "
+    if tokenizer_file.is_file() and modeldir.tokenizer_size(tokenizer_file) > config.vocab_size + NEW_TOKENS:
+        raise CheckpointError(f"{tokenizer_file} has {modeldir.tokenizer_size(tokenizer_file)} tokens, more than the "
                               f"{config.vocab_size + NEW_TOKENS} text embedding rows: it does not belong to this model")
 
 
@@ -374,13 +367,13 @@ def save_vision(
     with tempfile.TemporaryDirectory(prefix="herd-tokenizer-") as staging:
         staged = None
         if tokenizer is not None:
-            source, files = hf._tokenizer_files(tokenizer, Path(staging) / "source")
+            source, files = modeldir.tokenizer_files(tokenizer, Path(staging) / "source")
             staged = _tokenizer_with_image_token(source, files, Path(staging) / "out", model.config.vocab_size)
         path.mkdir(parents=True, exist_ok=True)
-        hf._write_weights(state, path, max_shard_bytes)
+        modeldir.write_weights(state, path, max_shard_bytes)
         if staged is not None:
-            ids["bos"], ids["eos"] = hf._copy_tokenizer(staged, sorted(staged.iterdir()), path)
-            ids["pad"] = hf._end_of_text_id(path)
+            ids["bos"], ids["eos"] = modeldir.copy_tokenizer(staged, sorted(staged.iterdir()), path)
+            ids["pad"] = modeldir.end_of_text_id(path)
     config = configs_to_hf(model, dtype=out_dtype, bos_token_id=ids["bos"], eos_token_id=ids["eos"],
                            pad_token_id=ids["pad"])
     config.save_pretrained(path)

@@ -25,8 +25,8 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from herd.interop import hf
-from herd.interop.hf import CheckpointError
+from herd.interop import hf, modeldir
+from herd.interop.modeldir import CheckpointError
 from herd.model.config import ModelConfig
 from herd.model.speech import SpeechConfig, SpeechLanguageModel
 
@@ -74,7 +74,7 @@ def save_speech(
     adapter = {name: t.detach().contiguous().cpu() for name, t in state.items()
                if name.startswith(("encoder.", "adapter."))}
     path = hf.save(model.backbone, path, tokenizer=tokenizer, state_dict=backbone)
-    hf._save_safetensors(adapter, path / ADAPTER_WEIGHTS)
+    modeldir.save_safetensors(adapter, path / ADAPTER_WEIGHTS)
     meta = {"format": FORMAT, "speech": model.speech_config.to_dict(), "features": FEATURES,
             "special_tokens": SPEECH_TOKENS}
     (path / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")

@@ -130,7 +130,7 @@ def fsdp1_strategy(**kwargs):
 def _model_parallel_strategy_class():
     from lightning.pytorch.strategies import ModelParallelStrategy
 
-    from herd.callbacks import checkpoint_io
+    from herd.stages import checkpoint_io
 
     class DataParallelByDefault(ModelParallelStrategy):
         """ModelParallelStrategy whose ``data_parallel_size="auto"`` is every rank not used for tensor parallel,
@@ -198,7 +198,7 @@ def _load_sharded_into(strategy, path: Path) -> dict:
         set_optimizer_state_dict,
     )
 
-    from herd.callbacks import checkpoint_io
+    from herd.stages import checkpoint_io
 
     module = strategy.model
     module_state = {"state_dict": get_model_state_dict(module)}

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from herd.stages.pretrain import IGNORE_INDEX
+from herd.constants import IGNORE_INDEX
 
 PREFERENCE_KEYS = ("response_ids", "ranks")
 

@@ -35,12 +35,11 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 from torchmetrics.text import WordErrorRate
 
+from herd.constants import IGNORE_INDEX
 from herd.interop import speech as speech_io
 from herd.model import Transformer
 from herd.model.speech import SpeechConfig, SpeechLanguageModel
 from herd.stages.base import AdapterStage
-
-IGNORE_INDEX = -100
 
 
 class SpeechAdapterStage(AdapterStage):

@@ -40,6 +40,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from herd import logs
+from herd.constants import IGNORE_INDEX
 from herd.interop import mllama
 from herd.model import Transformer
 from herd.model.vision import ImageBatch, VisionConfig, VisionLanguageModel
@@ -47,7 +48,6 @@ from herd.stages.base import AdapterStage, FrozenBackboneError, fingerprint
 
 __all__ = ["FrozenBackboneError", "VisionAdapterStage", "fingerprint"]
 
-IGNORE_INDEX = -100
 logger = logs.get_logger(__name__)
 
 

@@ -14,7 +14,6 @@ import tokenizers
 from omegaconf import OmegaConf
 from tokenizers import AddedToken, Regex, models, pre_tokenizers
 
-from herd.data.chat import LLAMA3_CHAT_TEMPLATE
 from herd.data.inputs import BadInputError
 from herd.data.kinds import PrepareError, assign_split
 from herd.data.kinds.dialog import (
@@ -27,7 +26,7 @@ from herd.data.kinds.dialog import (
 )
 from herd.data.loaders.packed import PackedDataModule
 from herd.data.packing import IGNORE_INDEX, Rechunker
-from herd.data.tokenizer import Tokenizer, llama3_special_tokens
+from herd.data.tokenizer import LLAMA3_CHAT_TEMPLATE, Tokenizer, llama3_special_tokens
 from herd.paths import repo_root
 from herd.prepare import prepare
 

@@ -115,9 +115,13 @@ def test_prepare_fails_when_too_many_images_are_bad(tiny_tokenizer, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def tiler_config() -> VisionConfig:
+    return VisionConfig(image_size=32, patch_size=8, dim=32, n_layers=2, n_heads=4, feature_layers=(0,),
+                        max_num_tiles=4)
+
+
 def tiler() -> ImageTiler:
-    return ImageTiler.for_model(VisionConfig(image_size=32, patch_size=8, dim=32, n_layers=2, n_heads=4,
-                                             feature_layers=(0,), max_num_tiles=4))
+    return ImageTiler.for_model(tiler_config())
 
 
 def test_tiling_follows_the_aspect_ratio_and_keeps_only_real_tiles():
@@ -182,6 +186,28 @@ def test_a_shard_with_another_checksum_is_refused(prepared, tmp_path):
     dm.set_tiler(tiler())
     with pytest.raises(ShardError, match="sha256"):
         next(iter(dm.train_dataloader()))
+
+
+def test_the_ids_the_image_kind_writes_are_those_the_vision_model_embeds(prepared):
+    """<|image|> is the model's image_token_id, and every id a batch holds has an embedding row."""
+    import torch
+
+    from herd.model import ModelConfig, Transformer
+    from herd.model.vision import VisionLanguageModel
+
+    dm = ImageCaptionDataModule(str(prepared), {"shapes": {}}, batch_size=4, num_workers=0, shuffle_buffer=1)
+    dm.set_tiler(tiler())
+    vocab = dm.manifest.vocab_size
+    backbone = Transformer(ModelConfig(dim=32, n_layers=2, n_heads=4, vocab_size=vocab, multiple_of=16))
+    model = VisionLanguageModel(backbone, tiler_config())
+    assert dm.image_token_id == model.image_token_id == vocab
+    assert vocab + dm.new_ids == vocab + model.extra_embeddings.num_embeddings  # the rows the loader allows
+    tokens = next(iter(dm.train_dataloader()))["tokens"]
+    assert int(tokens.max()) < vocab + model.extra_embeddings.num_embeddings
+    with torch.no_grad():
+        embedded = model.embed(tokens)
+    assert torch.equal(embedded[:, 0], model.extra_embeddings.weight[0].expand(len(tokens), -1))  # <|image|>'s row
+    assert torch.equal(embedded[:, 1], backbone.tok_embeddings(tokens[:, 1]))  # then the backbone's own rows
 
 
 def test_the_image_datamodule_refuses_text_sources_and_needs_a_tiler(prepared, prepared_corpus):

@@ -66,7 +66,6 @@ IMAGE_TOKEN = "<|image|>"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp")
 FIELDS = MediaFields(media="image", text="caption", suffixes=IMAGE_SUFFIXES, files="images", embedded=STDLIB_SHAPES)
 BAD_INPUT_REASONS = bad_input_reasons(FIELDS)
-NEW_TOKENS = 8  # ids past the vocabulary a vision model embeds (herd.model.vision.NEW_TOKENS)
 MAX_PIXELS = 64_000_000  # larger images are refused as corrupt (Pillow's decompression-bomb guard)
 _FORMATS = {"PNG": "png", "JPEG": "jpeg", "GIF": "gif", "WEBP": "webp", "BMP": "bmp"}
 

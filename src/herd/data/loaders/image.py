@@ -27,9 +27,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from herd.data.kinds.image import NEW_TOKENS, ImageTiler, decode_image
+from herd.data.kinds.image import ImageTiler, decode_image
 from herd.data.kinds.media import ExampleRow
 from herd.data.loaders.media import MediaDataModule, token_rows
+from herd.model.vision import NEW_TOKENS
 
 SKIPPED_KEY = "skipped_images"  # per-batch count of images a reader skipped since its previous batch
 
@@ -39,7 +40,7 @@ class ImageCaptionDataModule(MediaDataModule):
 
     kind = "image"
     skipped_key = SKIPPED_KEY
-    new_ids = NEW_TOKENS
+    new_ids = NEW_TOKENS  # ids past the vocabulary that the vision model embeds (<|image|> first)
     noun = "an image"
     prepare_hint = "make prepare-vision"
 

@@ -8,7 +8,9 @@ the kind's own make. Shared here:
   own prepared folder (all with one tokenizer);
 - the stream (:class:`MediaStream`): the train stream is infinite. Each pass goes over every
   source in a shuffled shard order, and the sources are mixed by weight. A pass is shared among
-  the ranks and DataLoader workers: by shard when there are enough shards, by example otherwise.
+  the data-parallel ranks (:mod:`herd.data.loaders.ranks`: tensor-parallel ranks of one replica
+  read the same examples) and DataLoader workers: by shard when there are enough shards, by
+  example otherwise.
   Resuming does not replay the interrupted pass: it starts a new shuffled one. The val stream
   reads every val example once. Each rank gets the same number of examples (the remainder of the
   division by the world size is left out) and so the same number of batches;
@@ -33,14 +35,15 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from herd.constants import IGNORE_INDEX
 from herd.data.inputs import BadInputError
 from herd.data.kinds.media import ExampleRow, read_example_shard
+from herd.data.loaders.ranks import data_parallel_rank
 from herd.data.manifest import Manifest, ManifestError
 from herd.data.shards import ShardError, ShardInfo
 from herd.paths import resolve_location
 
 logger = logging.getLogger(__name__)
-IGNORE_INDEX = -100
 ON_CORRUPT = ("error", "skip")
 _LOGGED_SKIPS = 10
 
@@ -200,7 +203,7 @@ class MediaDataModule(L.LightningDataModule):
 
     def _stream(self, split: str, batch_size: int) -> MediaStream:
         featurizer = self.featurizer()
-        rank, world = self._rank()
+        rank, world = data_parallel_rank(getattr(self, "trainer", None))
         shards = [(s["train"] if split == "train" else s["val"]) for s in self.sources]
         return MediaStream(shards, [s["weight"] for s in self.sources], split, featurizer, self,
                            self.manifest.vocab_size + self.new_ids, rank, world, self.seed + self.train_batches)
@@ -208,12 +211,6 @@ class MediaDataModule(L.LightningDataModule):
     def _loader(self, stream: MediaStream, batch_size: int) -> DataLoader:
         return DataLoader(stream, batch_size=batch_size, num_workers=self.num_workers, pin_memory=self.pin_memory,
                           collate_fn=self.collate(), persistent_workers=False)
-
-    def _rank(self) -> tuple[int, int]:
-        trainer = getattr(self, "trainer", None)
-        if trainer is None:
-            return 0, 1
-        return trainer.global_rank, trainer.world_size
 
     def on_before_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
         """Take the readers' skip counts out of the batch; count train batches (for the next pass's seed)."""

@@ -54,7 +54,6 @@ trainer is attached.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Iterator, Mapping
 from dataclasses import replace
 from pathlib import PurePosixPath
@@ -65,6 +64,7 @@ import torch
 from torch.utils.data import DataLoader
 from webdataset.shardlists import expand_urls
 
+from herd.data.loaders.ranks import data_parallel_rank
 from herd.data.loaders.stream import (
     ON_CORRUPT,
     READER_KEY,
@@ -389,19 +389,6 @@ class PackedDataModule(L.LightningDataModule):
                     f"{manifests[0].fingerprint} but {other.location} has {other.fingerprint}; "
                     "prepare every source with the same tokenizer"
                 )
-
-
-def data_parallel_rank(trainer: L.Trainer | None) -> tuple[int, int]:
-    """(rank, world size) of data parallelism: from the trainer's strategy, torch.distributed or env.
-
-    Tensor-parallel ranks of one group share a data-parallel rank (the strategy says so).
-    """
-    if trainer is not None:
-        kwargs = getattr(trainer.strategy, "distributed_sampler_kwargs", None) or {}
-        return int(kwargs.get("rank", 0)), int(kwargs.get("num_replicas", 1))
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
 class _StreamLoader(DataLoader):

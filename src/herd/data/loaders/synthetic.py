@@ -16,7 +16,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from herd.data.loaders.packed import data_parallel_rank
+from herd.data.loaders.ranks import data_parallel_rank
 
 
 class SyntheticBatches(IterableDataset):

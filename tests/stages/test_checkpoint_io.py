@@ -1,4 +1,4 @@
-"""Checkpoint helpers: completeness, clean-up after a killed save, metadata, and safe reading of sharded folders."""
+"""Checkpoint I/O: atomic single-file writes, completeness, clean-up after a killed save, metadata, and safe reading of sharded folders."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from herd.callbacks.checkpoint_io import (
+from herd.model import ModelConfig
+from herd.stages.checkpoint_io import (
+    AtomicCheckpointIO,
     UnsafeCheckpointError,
     check_dcp_metadata,
     checkpoint_is_complete,
@@ -23,7 +25,23 @@ from herd.callbacks.checkpoint_io import (
     remove_stale_temporaries,
     sharded_temporary,
 )
-from herd.model import ModelConfig
+
+
+def test_atomic_checkpoint_survives_a_write_that_dies_midway(tmp_path, monkeypatch):
+    io = AtomicCheckpointIO()
+    target = tmp_path / "last.ckpt"
+    io.save_checkpoint({"step": torch.tensor(1)}, target)
+
+    def dying_save(obj, f, *args, **kwargs):
+        f.write(b"partial bytes of a checkpoint")
+        raise KeyboardInterrupt("killed while writing")
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"step": torch.tensor(2)}, target)
+    monkeypatch.undo()
+    assert io.load_checkpoint(target)["step"].item() == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
 
 
 def herd_entry() -> dict:
