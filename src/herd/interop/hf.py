@@ -38,7 +38,8 @@ from herd.interop.modeldir import (
     weight_files,
     write_weights,
 )
-from herd.model import ModelConfig, RewardModel, Transformer
+from herd.model import ModelConfig, RewardModel, RopeScaling, Transformer
+from herd.model.config import ROPE_TYPE_FIELDS
 
 # herd parameter name <-> Hugging Face LlamaForCausalLM parameter name, within a block.
 LAYER_NAMES = {
@@ -57,18 +58,19 @@ _TOP_NAMES = {
     "norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
 }
-_HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)\.weight$")
+_HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)\.(weight|bias)$")
+_HERD_LAYER = re.compile(r"^layers\.(\d+)\.(.+)\.(weight|bias)$")
 # Stored tensors that are not weights (RoPE buffers some transformers versions save): skipped on load.
 IGNORED_HF_TENSORS = re.compile(r"rotary_emb\.inv_freq$")
 
 
 def herd_to_hf_name(name: str) -> str:
-    """``layers.3.attention.wq.weight`` -> ``model.layers.3.self_attn.q_proj.weight``."""
+    """``layers.3.attention.wq.weight`` -> ``model.layers.3.self_attn.q_proj.weight`` (biases alike)."""
     if name in _TOP_NAMES:
         return _TOP_NAMES[name]
-    match = re.match(r"^layers\.(\d+)\.(.+)\.weight$", name)
+    match = _HERD_LAYER.match(name)
     if match and match.group(2) in LAYER_NAMES:
-        return f"model.layers.{match.group(1)}.{LAYER_NAMES[match.group(2)]}.weight"
+        return f"model.layers.{match.group(1)}.{LAYER_NAMES[match.group(2)]}.{match.group(3)}"
     raise KeyError(f"herd parameter {name!r} has no Hugging Face Llama name")
 
 
@@ -81,60 +83,192 @@ def hf_to_herd_name(name: str) -> str | None:
     if match:
         for herd_part, hf_part in LAYER_NAMES.items():
             if match.group(2) == hf_part:
-                return f"layers.{match.group(1)}.{herd_part}.weight"
+                return f"layers.{match.group(1)}.{herd_part}.{match.group(3)}"
     return None
 
 
 # ---------------------------------------------------------------------------------------- config
 
 
+# The architectures whose config.json herd reads as its backbone (a reward model is the second);
+# a config.json without ``architectures`` (a text_config, a hand-written one) is read as Llama too.
+LLAMA_ARCHITECTURES = ("LlamaForCausalLM", "LlamaForSequenceClassification")
+# Upper bounds on the sizes a config.json gives, checked before anything is built. Every real
+# checkpoint is far below them; they stop a corrupt or hostile config.json from asking herd to
+# build (or allocate) an absurd model.
+SIZE_LIMITS = {
+    "num_hidden_layers": 1024,
+    "hidden_size": 65536,
+    "num_attention_heads": 1024,
+    "num_key_value_heads": 1024,
+    "head_dim": 65536,
+    "intermediate_size": 1_048_576,
+    "vocab_size": 4_194_304,
+    "max_position_embeddings": 1 << 30,
+}
+# The rope_parameters keys transformers requires for each rope_type (original_max_position_embeddings,
+# where a type reads it, defaults to max_position_embeddings).
+_HF_ROPE_REQUIRED = {
+    "linear": ("factor",),
+    "dynamic": ("factor",),
+    "yarn": ("factor",),
+    "longrope": ("short_factor", "long_factor"),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor"),
+}
+# transformers' LlamaConfig defaults for the keys a config.json may leave out.
+_HF_DEFAULTS = {"max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "rope_theta": 10000.0}
+
+
 def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> ModelConfig:
-    """Translate a Hugging Face Llama ``config.json`` mapping into a ModelConfig."""
+    """Translate a Hugging Face Llama ``config.json`` mapping into a ModelConfig.
+
+    Sizes are checked against :data:`SIZE_LIMITS` first, and whatever herd's backbone cannot
+    compute as transformers' ``LlamaForCausalLM`` does (another architecture, a sliding window,
+    another activation, partial rotary, an unknown ``rope_type``) is refused, each with a
+    one-line CheckpointError naming the key. Keys left out take ``LlamaConfig``'s defaults.
+    ``pretraining_tp`` is accepted and ignored, as transformers ignores it: it only says how the
+    matmuls were split during pretraining.
+    """
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"{source} must hold a JSON object (a Llama config), got {type(hf).__name__}")
+    _check_architecture(hf, source)
+    try:
+        sizes = {key: _size(hf, key, source) for key in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                                                          "intermediate_size", "vocab_size")}
+        optional = {key: _size(hf, key, source, required=False)
+                    for key in ("num_key_value_heads", "head_dim", "max_position_embeddings")}
+    except KeyError as err:
+        raise CheckpointError(f"{source} lacks the key {err.args[0]!r} that a Llama config needs") from None
+    _check_shape(sizes, optional, source)
+    _check_representable(hf, source)
+    max_positions = optional["max_position_embeddings"] or _HF_DEFAULTS["max_position_embeddings"]
+    rope_key = "rope_parameters" if hf.get("rope_parameters") else "rope_scaling"
+    try:
+        theta, scaling = _rope_from_hf(hf, source, max_positions)
+        return ModelConfig(
+            dim=sizes["hidden_size"],
+            n_layers=sizes["num_hidden_layers"],
+            n_heads=sizes["num_attention_heads"],
+            n_kv_heads=optional["num_key_value_heads"] or sizes["num_attention_heads"],
+            head_dim=optional["head_dim"],
+            vocab_size=sizes["vocab_size"],
+            intermediate_size=sizes["intermediate_size"],
+            norm_eps=float(hf.get("rms_norm_eps") or _HF_DEFAULTS["rms_norm_eps"]),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            max_seq_len=max_positions,
+            tie_embeddings=_flag(hf, "tie_word_embeddings", source),
+            attention_bias=_flag(hf, "attention_bias", source),
+            mlp_bias=_flag(hf, "mlp_bias", source),
+        )
+    except (TypeError, ValueError) as err:
+        if isinstance(err, CheckpointError):
+            raise
+        raise CheckpointError(f"{source}: {str(err).replace('model.rope_scaling.', f'{rope_key}.')}") from None
+
+
+def _check_shape(sizes: dict[str, int], optional: dict[str, int | None], source: str) -> None:
+    """The relations between the sizes that herd's attention needs, named by their config.json keys."""
+    hidden, heads = sizes["hidden_size"], sizes["num_attention_heads"]
+    kv_heads, head_dim = optional["num_key_value_heads"] or heads, optional["head_dim"] or hidden // heads
+    if hidden % heads:
+        raise CheckpointError(f"{source}: hidden_size={hidden} is not divisible by num_attention_heads={heads}")
+    if heads % kv_heads:
+        raise CheckpointError(f"{source}: num_attention_heads={heads} is not divisible by "
+                              f"num_key_value_heads={kv_heads}")
+    if head_dim % 2:
+        raise CheckpointError(f"{source}: head_dim={head_dim} is odd; RoPE rotates pairs of dimensions")
+
+
+def _check_architecture(hf: dict[str, Any], source: str) -> None:
+    """Refuse a model_type or architectures entry other than Llama's."""
     model_type = hf.get("model_type")
     if model_type != "llama":
         raise CheckpointError(
             f"{source}: model_type is {model_type!r}; herd loads Llama checkpoints ('llama')"
         )
-    for flag in ("attention_bias", "mlp_bias"):
-        if hf.get(flag):
-            raise CheckpointError(f"{source}: {flag}=true is not a Llama 3 architecture; herd has no biases")
+    architectures = hf.get("architectures") or []
+    if not isinstance(architectures, list) or any(name not in LLAMA_ARCHITECTURES for name in architectures):
+        raise CheckpointError(f"{source}: architectures {architectures!r} is not one herd loads; it reads "
+                              f"{list(LLAMA_ARCHITECTURES)}")
+
+
+def _size(hf: dict[str, Any], key: str, source: str, required: bool = True) -> int | None:
+    """``hf[key]`` as a positive integer no larger than its :data:`SIZE_LIMITS` entry.
+
+    A missing key raises KeyError when ``required``, else gives None (as does null).
+    """
+    value = hf[key] if required else hf.get(key)
+    if value is None and not required:
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise CheckpointError(f"{source}: {key} must be a positive integer, got {value!r}")
+    if value > SIZE_LIMITS[key]:
+        raise CheckpointError(f"{source}: {key}={value} is above herd's limit of {SIZE_LIMITS[key]:,}, which no real "
+                              "Llama checkpoint reaches; refusing it before building anything")
+    return value
+
+
+def _flag(hf: dict[str, Any], key: str, source: str) -> bool:
+    """``hf[key]`` as a bool (absent or null: False)."""
+    value = hf.get(key)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise CheckpointError(f"{source}: {key} must be true or false, got {value!r}")
+    return value
+
+
+def _check_representable(hf: dict[str, Any], source: str) -> None:
+    """Refuse the Llama-config keys whose values herd's backbone cannot compute."""
     if hf.get("hidden_act", "silu") != "silu":
-        raise CheckpointError(f"{source}: hidden_act={hf['hidden_act']!r}; Llama 3 uses 'silu'")
+        raise CheckpointError(f"{source}: hidden_act={hf['hidden_act']!r}; herd's feed-forward is SwiGLU ('silu')")
+    if hf.get("sliding_window") is not None:
+        raise CheckpointError(f"{source}: sliding_window={hf['sliding_window']!r}; herd's attention is full causal "
+                              "attention, without a sliding window")
+
+
+def _rope_from_hf(hf: dict[str, Any], source: str, max_positions: int) -> tuple[float, RopeScaling | None]:
+    """theta and the RopeScaling of a config.json (None: plain RoPE), as transformers reads them.
+
+    transformers >= 5 keeps everything in ``rope_parameters``; 4.x used ``rope_theta`` +
+    ``rope_scaling`` (with ``type`` for ``rope_type``). Keys a rope_type does not read are
+    ignored, as transformers ignores them.
+    """
+    key = "rope_parameters" if hf.get("rope_parameters") else "rope_scaling"
+    params = hf.get(key) or {}
+    if not isinstance(params, dict) or any(isinstance(v, dict) for v in params.values()):
+        raise CheckpointError(f"{source}: {key} must be one mapping of RoPE settings (herd has no per-layer RoPE), "
+                              f"got {params!r}")
+    theta = float(params.get("rope_theta") or hf.get("rope_theta") or _HF_DEFAULTS["rope_theta"])
+    partial = params.get("partial_rotary_factor", hf.get("partial_rotary_factor"))
+    if partial is not None and partial != 1:
+        raise CheckpointError(f"{source}: partial_rotary_factor={partial!r}; herd rotates the whole head (1.0)")
+    kind = params.get("rope_type") or params.get("type") or "default"
+    if kind == "default":
+        return theta, None
+    if kind not in ROPE_TYPE_FIELDS:
+        raise CheckpointError(f"{source}: {key}.rope_type={kind!r} is not supported; herd implements "
+                              f"{['default', *ROPE_TYPE_FIELDS]}")
+    missing = [name for name in _HF_ROPE_REQUIRED[kind] if params.get(name) is None]
+    if missing:
+        raise CheckpointError(f"{source}: {key}.{missing[0]} is required by rope_type {kind!r}")
+    values = {name: params[name] for name in ROPE_TYPE_FIELDS[kind] if params.get(name) is not None}
+    if kind == "dynamic":  # transformers' dynamic NTK grows theta past max_position_embeddings
+        values["original_max_position_embeddings"] = max_positions
+    elif kind in ("llama3", "yarn", "longrope"):  # a top-level key wins, as in transformers (Phi-3 configs)
+        original = hf.get("original_max_position_embeddings")
+        if original is None:
+            original = values.get("original_max_position_embeddings", max_positions)
+        values["original_max_position_embeddings"] = original
+    if kind == "longrope" and "factor" not in values:  # transformers' default: the context extension ratio
+        values["factor"] = max_positions / values["original_max_position_embeddings"]
     try:
-        dim, n_heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
-        head_dim = hf.get("head_dim") or dim // n_heads
-        if head_dim * n_heads != dim:
-            raise CheckpointError(
-                f"{source}: head_dim={head_dim} x num_attention_heads={n_heads} != hidden_size={dim}"
-            )
-        theta, scaling = _rope_from_hf(hf)
-        return ModelConfig(
-            dim=dim,
-            n_layers=int(hf["num_hidden_layers"]),
-            n_heads=n_heads,
-            n_kv_heads=int(hf.get("num_key_value_heads") or n_heads),
-            vocab_size=int(hf["vocab_size"]),
-            intermediate_size=int(hf["intermediate_size"]),
-            norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
-            rope_theta=theta,
-            rope_scaling=scaling,
-            max_seq_len=int(hf.get("max_position_embeddings", 8192)),
-            tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        )
-    except KeyError as err:
-        raise CheckpointError(f"{source} lacks the key {err.args[0]!r} that a Llama config needs") from None
-    except ValueError as err:
-        if isinstance(err, CheckpointError):
-            raise
-        raise CheckpointError(f"{source}: {err}") from None
-
-
-def _rope_from_hf(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
-    # transformers >= 5 keeps everything in rope_parameters; 4.x used rope_theta + rope_scaling.
-    params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
-    theta = float(params.pop("rope_theta", hf.get("rope_theta", 10000.0)))
-    kind = params.get("rope_type", params.get("type", "default"))
-    return theta, (params if kind != "default" else None)
+        return theta, RopeScaling(rope_type=kind, **values)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{source}: {str(err).replace('model.rope_scaling.', f'{key}.')}") from None
 
 
 def config_to_hf(
@@ -144,20 +278,20 @@ def config_to_hf(
     bos_token_id: int | None = None,
     eos_token_id: int | list[int] | None = None,
 ):
-    """A ``transformers.LlamaConfig`` describing the same model."""
+    """A ``transformers.LlamaConfig`` describing the same model.
+
+    ``rope_parameters`` holds the RoPE type and the fields it reads. For ``dynamic`` the
+    original length is written as ``max_position_embeddings``, the length transformers grows
+    theta past (so ``max_seq_len`` is not stored for such a model).
+    """
     from transformers import LlamaConfig
 
     rope: dict[str, Any] = {"rope_type": "default", "rope_theta": config.rope_theta}
+    max_positions = config.max_seq_len
     if config.rope_scaling is not None:
-        s = config.rope_scaling
-        rope = {
-            "rope_type": "llama3",
-            "rope_theta": config.rope_theta,
-            "factor": s.factor,
-            "low_freq_factor": s.low_freq_factor,
-            "high_freq_factor": s.high_freq_factor,
-            "original_max_position_embeddings": s.original_max_position_embeddings,
-        }
+        rope = {**config.rope_scaling.to_dict(), "rope_theta": config.rope_theta}
+        if config.rope_scaling.rope_type == "dynamic":
+            max_positions = rope.pop("original_max_position_embeddings")
     hf = LlamaConfig(
         vocab_size=config.vocab_size,
         hidden_size=config.dim,
@@ -167,14 +301,14 @@ def config_to_hf(
         num_key_value_heads=config.n_kv_heads,
         head_dim=config.head_dim,
         hidden_act="silu",
-        max_position_embeddings=config.max_seq_len,
+        max_position_embeddings=max_positions,
         rms_norm_eps=config.norm_eps,
         rope_parameters=rope,
         tie_word_embeddings=config.tie_embeddings,
         bos_token_id=bos_token_id,
         eos_token_id=eos_token_id,
-        attention_bias=False,
-        mlp_bias=False,
+        attention_bias=config.attention_bias,
+        mlp_bias=config.mlp_bias,
     )
     hf.architectures = ["LlamaForCausalLM"]
     hf.dtype = dtype
@@ -184,7 +318,8 @@ def config_to_hf(
 # ------------------------------------------------------------------------------------------ load
 
 
-SHAPE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "ffn_hidden_dim", "tie_embeddings")
+SHAPE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "vocab_size", "ffn_hidden_dim",
+                "tie_embeddings", "attention_bias", "mlp_bias")
 
 
 def load(
@@ -222,9 +357,7 @@ def load(
         if name == "output.weight" and config.tie_embeddings:
             continue  # some tied checkpoints store the head anyway; it is the embedding
         if name not in expected:
-            raise CheckpointError(
-                f"{file}: tensor {hf_name!r} does not fit config.json (n_layers={config.n_layers})"
-            )
+            raise CheckpointError(f"{file}: tensor {hf_name!r} does not fit config.json ({_unexpected(name, config)})")
         if tuple(tensor.shape) != expected[name]:
             raise CheckpointError(
                 f"{file}: tensor {hf_name!r} has shape {tuple(tensor.shape)}, "
@@ -246,6 +379,14 @@ def load(
     model.rope.to_empty(device=device)
     model.rope.reset_parameters()
     return model
+
+
+def _unexpected(name: str, config: ModelConfig) -> str:
+    """Why the model config.json describes has no parameter ``name``."""
+    if name.endswith(".bias"):
+        flag = "mlp_bias" if ".feed_forward." in name else "attention_bias"
+        return f"{flag} is {str(getattr(config, flag)).lower()}, so the model has no such bias"
+    return f"n_layers={config.n_layers}"
 
 
 def checked_override(stored: ModelConfig, wanted: ModelConfig | None, path: Path) -> ModelConfig:

@@ -225,17 +225,18 @@ def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: Any) ->
 
 
 class Attention(nn.Module):
-    """Grouped-query self-attention with rotary positions."""
+    """Grouped-query self-attention with rotary positions (q/k/v/o biases with ``attention_bias``)."""
 
     def __init__(self, config: ModelConfig, layer_id: int) -> None:
         super().__init__()
         self.layer_id = layer_id
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
-        kv_dim = config.n_kv_heads * config.head_dim
-        self.wq = nn.Linear(config.dim, config.n_heads * config.head_dim, bias=False)
-        self.wk = nn.Linear(config.dim, kv_dim, bias=False)
-        self.wv = nn.Linear(config.dim, kv_dim, bias=False)
-        self.wo = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
+        q_dim, kv_dim = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
+        bias = config.attention_bias
+        self.wq = nn.Linear(config.dim, q_dim, bias=bias)
+        self.wk = nn.Linear(config.dim, kv_dim, bias=bias)
+        self.wv = nn.Linear(config.dim, kv_dim, bias=bias)
+        self.wo = nn.Linear(q_dim, config.dim, bias=bias)
 
     def forward(
         self,

@@ -100,7 +100,7 @@ class Float8RowwiseLinear(nn.Module):
     def from_linear(cls, linear: nn.Linear, *, scale_ub: float | None = SCALE_UB) -> Float8RowwiseLinear:
         """Quantize a bias-free ``nn.Linear`` (on any device, meta included)."""
         if linear.bias is not None:
-            raise ValueError("Float8RowwiseLinear has no bias; the Llama feed-forward linears have none")
+            raise ValueError("Float8RowwiseLinear has no bias; a model with mlp_bias cannot be quantized to FP8")
         module = cls(linear.in_features, linear.out_features, scale_ub=scale_ub, device=linear.weight.device)
         module.set_weight(linear.weight)
         return module

@@ -32,13 +32,13 @@ class RMSNorm(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+    """SwiGLU: w2(silu(w1 x) * w3 x); ``bias`` gives all three linears a bias (``mlp_bias``)."""
 
-    def __init__(self, dim: int, hidden_dim: int) -> None:
+    def __init__(self, dim: int, hidden_dim: int, bias: bool = False) -> None:
         super().__init__()
-        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
-        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
-        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w1 = nn.Linear(dim, hidden_dim, bias=bias)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=bias)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
@@ -53,7 +53,7 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(config.dim, config.norm_eps)
         self.attention = Attention(config, layer_id)
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
-        self.feed_forward = FeedForward(config.dim, config.ffn_hidden_dim)
+        self.feed_forward = FeedForward(config.dim, config.ffn_hidden_dim, bias=config.mlp_bias)
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None = None) -> torch.Tensor:
         """x (batch, seq, dim) -> (batch, seq, dim)."""
@@ -90,7 +90,8 @@ class Transformer(nn.Module):
         """Initialise every parameter and buffer in place (works after ``to_empty``).
 
         Normal(0, std) for embeddings and projections; the projections that write into the
-        residual stream (wo, w2) are scaled by 1/sqrt(2 * n_layers); norms start at 1.
+        residual stream (wo, w2) are scaled by 1/sqrt(2 * n_layers); biases (``attention_bias``,
+        ``mlp_bias``) start at 0; norms start at 1.
         """
         if self.config.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
@@ -104,6 +105,9 @@ class Transformer(nn.Module):
                 nn.init.normal_(linear.weight, std=std)
             for linear in (attn.wo, ffn.w2):
                 nn.init.normal_(linear.weight, std=residual_std)
+            for linear in (attn.wq, attn.wk, attn.wv, attn.wo, ffn.w1, ffn.w2, ffn.w3):
+                if linear.bias is not None:
+                    nn.init.zeros_(linear.bias)
             block.attention_norm.reset_parameters()
             block.ffn_norm.reset_parameters()
         self.norm.reset_parameters()
