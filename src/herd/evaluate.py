@@ -47,7 +47,7 @@ from herd.evaluation.needle import NeedleResult, collect_haystack, needle_accura
 from herd.evaluation.perplexity import source_perplexities
 from herd.evaluation.results import Results, compare_table, load_results
 from herd.evaluation.reward import load_pairs, pairs_from_items, reward_accuracy
-from herd.interop import hf
+from herd.interop import gguf, hf
 from herd.model.quantize import check_quantize, quantize
 from herd.paths import resolve, resolve_location
 from herd.presets import config_dir
@@ -64,7 +64,7 @@ class Evaluation:
     def __init__(self, cfg: DictConfig) -> None:
         check_quantize(cfg.get("quantize"))
         self.cfg = cfg
-        self.model_dir = resolve(cfg.model_dir)
+        self.model_dir = gguf.model_dir(resolve(cfg.model_dir))  # a .gguf file: its converted directory
         self._model: torch.nn.Module | None = None
         self._tokenizer: Tokenizer | None = None
 

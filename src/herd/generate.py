@@ -26,7 +26,7 @@ from omegaconf.errors import MissingMandatoryValue
 
 from herd.data.chat import encode_dialog
 from herd.data.tokenizer import Tokenizer
-from herd.interop import hf
+from herd.interop import gguf, hf
 from herd.model import Transformer, generate
 from herd.model.quantize import check_quantize
 from herd.model.quantize import quantize as quantize_model
@@ -48,15 +48,18 @@ def load(model_dir: str, tokenizer: str | None = None, dtype: str = "fp32", devi
          quantize: str | None = None) -> Loaded:
     """Load an exported model in ``dtype`` (fp32 or bf16) and its tokenizer (``model_dir``'s by default).
 
+    ``model_dir`` may be a llama.cpp ``.gguf`` file: it is converted once (:mod:`herd.interop.gguf`).
+
     ``quantize="fp8_rowwise"`` then quantizes the feed-forward layers of every block but the first
     and the last to FP8 (see :mod:`herd.model.quantize`); None keeps every weight in ``dtype``.
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}: use fp32 or bf16")
     check_quantize(quantize)
-    model_path = resolve(model_dir)
+    model_path = gguf.model_dir(resolve(model_dir))
     if not model_path.is_dir():
-        raise FileNotFoundError(f"model_dir {model_path} is not a directory; pass an exported model directory")
+        raise FileNotFoundError(f"model_dir {model_path} is not a directory; pass an exported model directory "
+                                "or a .gguf file")
     tokenizer_path = resolve(tokenizer) if tokenizer else model_path
     if not (tokenizer_path / "tokenizer.json").is_file() and not tokenizer_path.is_file():
         raise FileNotFoundError(f"{tokenizer_path} has no tokenizer.json: pass tokenizer=<tokenizer folder>")

@@ -92,6 +92,7 @@ from herd.data.kinds import assign_split
 from herd.data.kinds.dialog import STDLIB_SFT, checked_messages, sft_options
 from herd.data.tokenizer import Tokenizer
 from herd.evaluation.answers import token_f1
+from herd.interop import gguf
 from herd.paths import resolve
 from herd.presets import config_dir
 
@@ -636,7 +637,8 @@ def _sample(cfg: DictConfig, mine: list[Result], rank: int) -> tuple[dict[str, f
 
 def _score(cfg: DictConfig, mine: list[Result], scorer: Scorer | None, board: Scalars, rank: int) -> float:
     """Score and select this rank's results; running figures go to TensorBoard (rank 0)."""
-    tokenizer = Tokenizer.load(resolve(str(cfg.tokenizer or cfg.policy)))
+    policy = gguf.model_dir(resolve(str(cfg.policy)))  # a .gguf policy: the directory herd.generate converted
+    tokenizer = Tokenizer.load(resolve(str(cfg.tokenizer)) if cfg.tokenizer else policy)
     max_len = None
     if scorer is None:
         scorer, max_len = _reward_scorer(cfg, tokenizer)

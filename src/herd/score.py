@@ -31,7 +31,7 @@ from herd.data.chat import encode_dialog
 from herd.data.inputs import BadInputError
 from herd.data.kinds.dialog import jsonl_dialogs
 from herd.data.tokenizer import Tokenizer
-from herd.interop import hf
+from herd.interop import gguf, hf
 from herd.model import RewardModel
 from herd.paths import resolve
 from herd.presets import config_dir
@@ -75,6 +75,10 @@ def score_file(cfg: DictConfig) -> tuple[Path, int, dict[str, int]]:
     if cfg.dtype not in DTYPES:
         raise ValueError(f"dtype={cfg.dtype!r}: use fp32 or bf16")
     model_dir, source = resolve(cfg.model_dir), resolve(cfg.input)
+    if gguf.is_gguf(model_dir):
+        raise ValueError(f"model_dir={cfg.model_dir} is a GGUF file, which holds a language model, not a reward "
+                         "model: train one from it (stage=reward stage.init_from=<the .gguf file>) and score with "
+                         "its export")
     if not source.is_file():
         raise FileNotFoundError(f"input={source} is not a file; give a jsonl file of dialogs")
     model = hf.load_reward_model(model_dir, dtype=DTYPES[cfg.dtype], device=cfg.device).eval()

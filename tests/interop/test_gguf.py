@@ -1,5 +1,5 @@
 """GGUF files in: herd's model from a tiny llama.cpp-style GGUF against transformers' GGUF loader, the
-cache, and the one-line errors."""
+cache, the commands and stages that take one, and the one-line errors."""
 
 from __future__ import annotations
 
@@ -104,6 +104,19 @@ def test_the_tokenizer_keeps_the_files_ids_tokens_and_chat_template(tmp_path, to
     generation = json.loads((directory / "generation_config.json").read_text())
     assert (config["bos_token_id"], config["eos_token_id"]) == (tokenizer.bos_id, tokenizer.special_id("eot_id"))
     assert generation["eos_token_id"] == tokenizer.special_id("eot_id")
+
+
+def test_generate_and_a_stage_accept_a_gguf_file(tmp_path, tokenizer):
+    from herd.generate import load
+    from herd.stages.pretrain import PretrainStage
+
+    path = write_llama_gguf(tmp_path / "tiny.gguf", random_llama(), tokenizer)
+    loaded = load(str(path))
+    assert loaded.tokenizer.vocab_size == loaded.model.config.vocab_size == VOCAB
+    stage = PretrainStage(init_from=str(path))
+    assert stage.init_from == str(gguf.model_dir(path))
+    stage.configure_model()
+    assert max_difference(stage.model.eval(), transformers_from_gguf(path)) <= ATOL
 
 
 def test_llama3_rope_scaling_is_read_from_rope_freqs(tmp_path, tokenizer):
