@@ -1,9 +1,10 @@
 """GGUF files in: herd's model from a tiny llama.cpp-style GGUF against transformers' GGUF loader, the
-cache, the commands and stages that take one, and the one-line errors."""
+cache, herd.export with a .gguf checkpoint, and the one-line errors."""
 
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 
 import numpy as np
@@ -13,12 +14,13 @@ import torch
 pytest.importorskip("gguf", reason="GGUF support is the optional extra herd[gguf]")
 
 import gguf as gguf_package  # noqa: E402
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM  # noqa: E402
 from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint  # noqa: E402
 
 from helpers.gguf_files import llama3_rope_factors, random_llama, tiny_tokenizer, write_llama_gguf  # noqa: E402
 from herd.data.chat import render_dialog  # noqa: E402
 from herd.data.tokenizer import Tokenizer  # noqa: E402
+from herd.export import export  # noqa: E402
 from herd.interop import gguf, hf  # noqa: E402
 
 ATOL = 1e-5
@@ -119,6 +121,18 @@ def test_generate_and_a_stage_accept_a_gguf_file(tmp_path, tokenizer):
     assert max_difference(stage.model.eval(), transformers_from_gguf(path)) <= ATOL
 
 
+def test_export_of_a_gguf_is_a_directory_transformers_loads_with_the_same_logits(tmp_path, tokenizer):
+    path = write_llama_gguf(tmp_path / "tiny.gguf", random_llama(tie=True), tokenizer, tensor_type="F16")
+    out = export(path, tmp_path / "export")
+    exported = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, attn_implementation="eager").eval()
+    reference = transformers_from_gguf(path)
+    tokens = torch.randint(0, VOCAB, (2, 40))
+    with torch.no_grad():
+        assert (exported(tokens).logits - reference(tokens).logits).abs().max().item() <= ATOL
+    assert (out / "chat_template.jinja").is_file() and (out / "generation_config.json").is_file()
+    assert AutoTokenizer.from_pretrained(out).encode("a list", add_special_tokens=False) == tokenizer.encode("a list")
+
+
 def test_llama3_rope_scaling_is_read_from_rope_freqs(tmp_path, tokenizer):
     rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
             "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
@@ -169,3 +183,28 @@ def test_errors_are_one_line_with_the_fix(tmp_path, tokenizer, monkeypatch):
     assert isinstance(no_package.value, gguf.GGUFError)  # so every command prints it as one line
     assert not (tmp_path / "cache" / "herd" / "gguf").exists() or not any(
         p.name.startswith(".") for p in (tmp_path / "cache" / "herd" / "gguf").iterdir())
+
+
+@pytest.mark.slow
+def test_export_command_converts_a_gguf_and_refuses_another_architecture(tmp_path, tokenizer):
+    path = write_llama_gguf(tmp_path / "tiny.gguf", random_llama(), tokenizer)
+    writer = gguf_package.GGUFWriter(str(tmp_path / "phi.gguf"), "phi3")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+    def run(checkpoint):
+        command = [sys.executable, "-m", "herd.export", f"checkpoint={checkpoint}", f"output={tmp_path / 'out'}",
+                   "dtype=bf16", f"hydra.run.dir={tmp_path / 'hydra'}"]
+        return subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+
+    done = run(path)
+    assert done.returncode == 0, done.stderr
+    assert f"herd.export: wrote {tmp_path / 'out'}" in done.stdout
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "bfloat16"
+    refused = run(tmp_path / "phi.gguf")
+    assert refused.returncode == 2
+    assert refused.stderr.strip().splitlines()[-1] == (
+        f"herd.export: {tmp_path / 'phi.gguf'}: general.architecture is 'phi3'; herd loads Llama GGUF files "
+        "('llama') only")
