@@ -45,7 +45,7 @@ from safetensors import safe_open
 
 from herd.cli import user_errors
 from herd.dtypes import DTYPES
-from herd.interop import hf, modeldir
+from herd.interop import gguf, hf, modeldir
 from herd.paths import resolve
 from herd.presets import config_dir
 
@@ -316,6 +316,14 @@ def _write_metadata(members: Sequence[ModelDir], shares: Sequence[float], out: P
     (out / AVERAGE_FILE).write_text(json.dumps(record, indent=2) + "\n")
 
 
+def _model_dirs(models) -> list[Path]:
+    """The configured models as directories: a .gguf file is converted once (herd.interop.gguf)."""
+    try:
+        return [gguf.model_dir(resolve(str(m))) for m in models]
+    except modeldir.CheckpointError as err:
+        raise AverageError(str(err)) from None
+
+
 def run(cfg: DictConfig) -> Path:
     """Average ``cfg.models`` into ``cfg.output`` as configured (see ``configs/average.yaml``)."""
     models = cfg.models
@@ -328,7 +336,7 @@ def run(cfg: DictConfig) -> Path:
         raise AverageError(f"max_shard_gb={cfg.max_shard_gb}: give a positive size in GiB")
     weights = list(cfg.weights) if cfg.weights is not None else None
     shares = normalised_weights(weights, len(models))
-    out = average([resolve(str(m)) for m in models], resolve(str(cfg.output)), weights,
+    out = average(_model_dirs(models), resolve(str(cfg.output)), weights,
                   dtype=DTYPES[cfg.dtype] if cfg.dtype else None,
                   max_shard_bytes=int(float(cfg.max_shard_gb) * 1024**3), overwrite=bool(cfg.overwrite))
     listed = ", ".join(f"{Path(str(m))} x {s:.3g}" for m, s in zip(models, shares, strict=True))

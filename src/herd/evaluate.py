@@ -50,6 +50,7 @@ from herd.evaluation.perplexity import source_perplexities
 from herd.evaluation.results import Results, compare_table, load_results
 from herd.evaluation.reward import load_pairs, pairs_from_items, reward_accuracy
 from herd.inference import load_model, load_reward_model, load_tokenizer
+from herd.interop import gguf
 from herd.logs import Progress
 from herd.model.quantize import check_quantize
 from herd.paths import resolve, resolve_location
@@ -67,7 +68,7 @@ class Evaluation:
     def __init__(self, cfg: DictConfig) -> None:
         check_quantize(cfg.get("quantize"))
         self.cfg = cfg
-        self.model_dir = resolve(cfg.model_dir)
+        self.model_dir = gguf.model_dir(resolve(cfg.model_dir))  # a .gguf file: its converted directory
         self._model: torch.nn.Module | None = None
         self._tokenizer: Tokenizer | None = None
 

@@ -1,12 +1,16 @@
-"""Turn a training checkpoint into a Hugging Face Llama directory.
+"""Turn a training checkpoint (or a llama.cpp GGUF file) into a Hugging Face Llama directory.
 
 Works on both kinds of checkpoint Lightning writes:
 - a file (single device, DDP): loaded with ``torch.load(weights_only=True)``;
 - a folder of shards (strategy=fsdp2 / fsdp2_tp, torch.distributed.checkpoint): only the model's
   tensors are read, in one process, whatever the number of ranks that wrote it.
 
+and a ``.gguf`` file, dequantized (:mod:`herd.interop.gguf`), with the tokenizer built from it
+unless ``tokenizer=`` names another:
+
     python -m herd.export checkpoint=logs/pretrain/runs/<run>/checkpoints/last.ckpt output=exports/step-1000 \\
         tokenizer=data/prepared/stdlib/tokenizer
+    python -m herd.export checkpoint=SmolLM2-135M-Instruct.Q4_1.gguf output=exports/smollm2 dtype=bf16
 
 Nothing in a checkpoint runs code while it is read: files and ``meta.pt`` load with
 ``weights_only=True``, and a folder's ``.metadata`` (a pickle) goes through herd's restricted
@@ -26,7 +30,7 @@ from omegaconf import DictConfig
 
 from herd.cli import user_errors
 from herd.dtypes import FP32_BF16_OR_NULL, torch_dtype
-from herd.interop import hf
+from herd.interop import gguf, hf
 from herd.model import ModelConfig, Transformer
 from herd.presets import config_dir
 from herd.stages import checkpoint_io
@@ -79,8 +83,15 @@ def export(checkpoint: str | Path, output: str | Path, tokenizer: str | None = N
     """Write the checkpoint's model as a Hugging Face directory; returns the directory.
 
     A reward model's checkpoint (stage=reward) becomes a ``LlamaForSequenceClassification``
-    directory with its value head; any other a ``LlamaForCausalLM`` directory.
+    directory with its value head; any other a ``LlamaForCausalLM`` directory. A ``.gguf`` file's
+    model is read through its converted directory (:func:`herd.interop.gguf.model_dir`), with that
+    directory's tokenizer unless ``tokenizer`` is given.
     """
+    out_dtype = torch_dtype(dtype, FP32_BF16_OR_NULL, hint="use fp32, bf16 or null (as trained; fp32 for a GGUF file)")
+    if gguf.is_gguf(checkpoint):
+        directory = gguf.model_dir(checkpoint)
+        model = hf.load(directory, dtype=out_dtype or torch.float32)
+        return hf.save(model, output, tokenizer=tokenizer or directory, dtype=out_dtype)
     config, state = read_checkpoint(checkpoint)
     head = state.pop(VALUE_HEAD_KEY, None)
     with torch.device("meta"):
@@ -90,7 +101,6 @@ def export(checkpoint: str | Path, output: str | Path, tokenizer: str | None = N
     missing = sorted(set(model.state_dict()) - set(state))
     if missing:
         raise ValueError(f"{checkpoint} lacks model tensors {missing[:8]}")
-    out_dtype = torch_dtype(dtype, FP32_BF16_OR_NULL, hint="use fp32, bf16 or null (as trained)")
     if head is not None:
         return hf.save_reward_model(model, head, output, tokenizer=tokenizer, dtype=out_dtype, state_dict=state)
     return hf.save(model, output, tokenizer=tokenizer, dtype=out_dtype, state_dict=state)

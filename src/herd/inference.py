@@ -24,7 +24,7 @@ from herd.data.chat import ChatFormat, chat_format
 from herd.data.tokenizer import Tokenizer
 from herd.dtypes import FP32_BF16, torch_dtype
 from herd.evaluation.reward import rewards
-from herd.interop import hf
+from herd.interop import gguf, hf
 from herd.model import RewardModel, Transformer, generate
 from herd.model.quantize import check_quantize, quantize
 from herd.paths import resolve
@@ -54,15 +54,18 @@ def load(model_dir: str, tokenizer: str | None = None, dtype: str = "fp32", devi
          quantize: str | None = None, chat_template: str = "auto") -> Loaded:
     """Load an exported model in ``dtype`` (fp32 or bf16) and its tokenizer (``model_dir``'s by default).
 
+    ``model_dir`` may be a llama.cpp ``.gguf`` file: it is converted once (:mod:`herd.interop.gguf`).
+
     ``quantize="fp8_rowwise"`` then quantizes the feed-forward layers of every block but the first
     and the last to FP8 (see :mod:`herd.model.quantize`); None keeps every weight in ``dtype``.
     The tokenizer must not have more ids than the model.
     """
     torch_dtype(dtype, FP32_BF16)
     check_quantize(quantize)
-    model_path = resolve(model_dir)
+    model_path = gguf.model_dir(resolve(model_dir))
     if not model_path.is_dir():
-        raise FileNotFoundError(f"model_dir {model_path} is not a directory; pass an exported model directory")
+        raise FileNotFoundError(f"model_dir {model_path} is not a directory; pass an exported model directory "
+                                "or a .gguf file")
     loaded_tokenizer = load_tokenizer(model_path, tokenizer)
     model = load_model(model_path, dtype, device, quantize)
     if loaded_tokenizer.vocab_size > model.config.vocab_size:
@@ -73,9 +76,9 @@ def load(model_dir: str, tokenizer: str | None = None, dtype: str = "fp32", devi
 
 def load_model(model_dir: str | Path, dtype: str = "fp32", device: str = "cpu",
                quantize_method: str | None = None) -> Transformer:
-    """A Hugging Face Llama directory as a herd Transformer in ``dtype`` (fp32 or bf16), in eval mode,
-    its feed-forward layers quantized with ``quantize_method`` (None: not quantized)."""
-    model = hf.load(resolve(model_dir), dtype=torch_dtype(dtype, FP32_BF16), device=device).eval()
+    """A Hugging Face Llama directory (or a ``.gguf`` file) as a herd Transformer in ``dtype`` (fp32 or bf16),
+    in eval mode, its feed-forward layers quantized with ``quantize_method`` (None: not quantized)."""
+    model = hf.load(gguf.model_dir(resolve(model_dir)), dtype=torch_dtype(dtype, FP32_BF16), device=device).eval()
     return quantize(model, quantize_method)
 
 
@@ -85,8 +88,8 @@ def load_reward_model(model_dir: str | Path, dtype: str = "fp32", device: str = 
 
 
 def tokenizer_path(model_dir: str | Path, tokenizer: str | None = None) -> Path:
-    """``tokenizer`` (a folder or a tokenizer.json file) when given, else ``model_dir``."""
-    return resolve(tokenizer) if tokenizer else resolve(model_dir)
+    """``tokenizer`` (a folder or a tokenizer.json file) when given, else ``model_dir`` (a .gguf file's converted one)."""
+    return resolve(tokenizer) if tokenizer else gguf.model_dir(resolve(model_dir))
 
 
 def load_tokenizer(model_dir: str | Path, tokenizer: str | None = None) -> Tokenizer:

@@ -30,6 +30,11 @@ def resolve(path: str | os.PathLike[str]) -> Path:
     return path if path.is_absolute() else repo_root() / path
 
 
+def cache_dir() -> Path:
+    """herd's cache: ``$XDG_CACHE_HOME/herd`` (default ``~/.cache/herd``). Anything in it can be deleted."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "herd"
+
+
 def is_url(location: str) -> bool:
     """True for locations that webdataset opens itself (``http://``, ``s3://``, ``pipe:`` ...).
 

@@ -79,6 +79,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from herd import cli
 from herd.commands import read_record, run_logged, write_record
+from herd.interop import gguf
 from herd.paths import repo_root, resolve
 from herd.scalars import flat_scalars, read_scalars
 
@@ -578,6 +579,10 @@ def plan_from(cfg: DictConfig) -> Plan:
     start = resolve(str(cfg.start))
     if not start.exists():
         raise PipelineError(f"start={cfg.start}: {start} does not exist")
+    try:
+        start = gguf.model_dir(start)  # a .gguf file: its converted directory, which every step reads
+    except (OSError, ValueError) as err:
+        raise PipelineError(f"start={cfg.start}: {err}") from None
     with open_dict(cfg):
         cfg.start = str(start)  # steps run from the repository root: hand them an absolute path
     if cfg.get("policy_step") is None and cfg.get("rounds", 0):

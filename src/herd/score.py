@@ -30,6 +30,7 @@ from herd.data.inputs import BadInputError
 from herd.data.kinds.dialog import jsonl_dialogs
 from herd.dtypes import FP32_BF16, torch_dtype
 from herd.inference import load_reward_model, load_tokenizer, score_dialogs
+from herd.interop import gguf
 from herd.paths import resolve
 from herd.presets import config_dir
 
@@ -40,6 +41,10 @@ def score_file(cfg: DictConfig) -> tuple[Path, int, dict[str, int]]:
     """Score ``cfg.input`` with ``cfg.model_dir``; returns (output file, lines scored, skips per reason)."""
     torch_dtype(cfg.dtype, FP32_BF16)
     source = resolve(cfg.input)
+    if gguf.is_gguf(resolve(cfg.model_dir)):
+        raise ValueError(f"model_dir={cfg.model_dir} is a GGUF file, which holds a language model, not a reward "
+                         "model: train one from it (stage=reward stage.init_from=<the .gguf file>) and score with "
+                         "its export")
     if not source.is_file():
         raise FileNotFoundError(f"input={source} is not a file; give a jsonl file of dialogs")
     model = load_reward_model(cfg.model_dir, cfg.dtype, cfg.device)

@@ -37,6 +37,7 @@ TOKENIZER_FILES = (
     "tokenizer_config.json",
     "special_tokens_map.json",
     "generation_config.json",
+    "chat_template.jinja",  # where transformers >= 4.47 saves a tokenizer's chat template
 )
 
 

@@ -2,8 +2,9 @@
 
 A stage subclasses :class:`BackboneStage`, writes ``training_step``/``validation_step`` with its own
 loss, and gets from here:
-- ``configure_model``: the backbone from a ModelConfig, or from a Hugging Face directory (``init_from``),
-  with activation checkpointing applied from outside;
+- ``configure_model``: the backbone from a ModelConfig, or from a Hugging Face directory (``init_from``;
+  a llama.cpp ``.gguf`` file is converted into one once, see :mod:`herd.interop.gguf`), with
+  activation checkpointing applied from outside;
 - ``configure_optimizers``: AdamW (or any ``_partial_`` optimizer) with no weight decay on norms
   and a per-step schedule;
 - ``tokens_seen``, counted over all ranks and stored in checkpoints;
@@ -33,7 +34,7 @@ from torch.distributed.tensor import DTensor
 from torchmetrics import MeanMetric, Metric
 
 from herd import logs
-from herd.interop import hf
+from herd.interop import gguf, hf
 from herd.model import ModelConfig, Transformer
 from herd.stages.parallelize import (
     apply_activation_checkpointing,
@@ -88,6 +89,8 @@ class BackboneStage(L.LightningModule):
         self.model_config = model
         self.optimizer_factory = optimizer or (lambda params: torch.optim.AdamW(params, lr=3e-4))
         self.scheduler_factory = scheduler
+        if init_from is not None:  # a .gguf file becomes its converted directory (once, cached)
+            init_from = str(gguf.model_dir(init_from))
         self.init_from = init_from
         self.anneal_tokens = anneal_tokens
         self.activation_checkpointing = activation_checkpointing
