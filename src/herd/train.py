@@ -31,8 +31,10 @@ from herd import cli, logs
 from herd.data.manifest import ManifestError
 from herd.data.shards import ShardError
 from herd.data.tokenizer import Tokenizer
+from herd.interop import gguf, hf
 from herd.interop.hf import CheckpointError
 from herd.model import ModelConfig
+from herd.paths import resolve
 from herd.presets import config_dir
 from herd.stages.base import NonFiniteError, all_finite
 from herd.stages.checkpoint_io import (
@@ -172,7 +174,7 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True)
     _check_strategy(cfg)
     try:
-        model_config = ModelConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))
+        model_config = model_config_of(cfg)
         # _convert_="all": objects receive plain dicts and lists, never a DictConfig.
         datamodule = instantiate(cfg.data, _convert_="all")
         # Partial first: Hydra would turn a dataclass keyword argument into a DictConfig.
@@ -187,6 +189,31 @@ def build(cfg: DictConfig) -> dict[str, Any]:
         raise ConfigError(str(err)) from err
     _check_optimizer(stage)
     return {"model_config": model_config, "datamodule": datamodule, "stage": stage, "trainer": trainer}
+
+
+def model_config_of(cfg: DictConfig) -> ModelConfig:
+    """The run's ModelConfig: the ``model`` preset, or (``model=checkpoint``) the shape of ``stage.init_from``.
+
+    With ``from_checkpoint: true`` the config.json of ``stage.init_from`` (a model directory or a
+    .gguf file) gives the shape, and the preset's other non-null keys (``max_seq_len``,
+    ``attention``, ...) override it.
+    """
+    values = OmegaConf.to_container(cfg.model, resolve=True)
+    if not values.pop("from_checkpoint", False):
+        return ModelConfig.from_dict(values)
+    init_from = cfg.stage.get("init_from")
+    if not init_from:
+        raise ValueError("model=checkpoint takes the model's shape from stage.init_from, which is not set: pass "
+                         "stage.init_from=<model directory or .gguf file>, or choose a model preset (model=tiny, ...)")
+    path = gguf.model_dir(resolve(str(init_from)))
+    stored = hf.read_config(path)
+    overrides = {key: value for key, value in values.items() if value is not None}
+    config = ModelConfig.from_dict({**stored.to_dict(), **overrides})
+    differences = stored.architecture_differences(config)
+    if differences:
+        raise ValueError(f"model=checkpoint: the model keys given differ from {path}'s shape ({'; '.join(differences)}); "
+                         "leave them null to take the checkpoint's")
+    return config
 
 
 def _check_strategy(cfg: DictConfig) -> None:

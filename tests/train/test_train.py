@@ -71,9 +71,10 @@ def test_every_config_group_option_composes_and_instantiates(tmp_path, prepared_
     if cfg.trainer.accelerator == "gpu" and not torch.cuda.is_available():
         assert cfg.trainer.precision == "bf16-mixed"
         return
-    if option in ("sft", "reward", "dpo"):  # post-training stages need a model to start from
-        start = hf.save(Transformer(ModelConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))),
-                        tmp_path / "start")
+    if option in ("sft", "reward", "dpo", "checkpoint"):  # these need a model to start from
+        shape = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items()
+                 if v is not None and k != "from_checkpoint"}
+        start = hf.save(Transformer(ModelConfig.from_dict(shape)), tmp_path / "start")
         cfg.stage.init_from = str(start)
     if option == "fsdp" and not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="strategy=fsdp2"):
@@ -278,3 +279,24 @@ def test_skipped_corrupt_shards_are_totalled_in_the_metrics(tmp_path, prepared_c
     result = train(cfg)
     # the damaged val shard is met by the first validation and by the one at step 2
     assert result["metrics"]["data/skipped_shards"] == 2
+
+
+def test_model_checkpoint_takes_the_shape_of_stage_init_from(tmp_path, prepared_corpus):
+    """model=checkpoint: no preset has to match the start model; a differing shape is refused, naming it."""
+    from herd.train import model_config_of
+
+    stored = ModelConfig(dim=48, n_layers=3, n_heads=6, n_kv_heads=2, head_dim=16, vocab_size=512, multiple_of=16,
+                         rope_theta=10000.0, max_seq_len=256, tie_embeddings=True, attention_bias=True)
+    start = hf.save(Transformer(stored), tmp_path / "start")
+    cfg = compose_train(tmp_path, prepared_corpus, "model=checkpoint", f"stage.init_from={start}",
+                        "model.dim=null", "model.n_layers=null", "model.n_heads=null", "model.n_kv_heads=null",
+                        "model.vocab_size=null", "model.max_seq_len=128")
+    config = model_config_of(cfg)
+    assert config.architecture_differences(stored) == [] and config.max_seq_len == 128
+    assert build(cfg)["stage"].model_config == config
+    cfg.stage.init_from = None
+    with pytest.raises(ValueError, match="model=checkpoint takes the model's shape from stage.init_from"):
+        model_config_of(cfg)
+    cfg = compose_train(tmp_path, prepared_corpus, "model=checkpoint", f"stage.init_from={start}")  # dim=64 given
+    with pytest.raises(ConfigError, match="model.dim: 48 .checkpoint. vs 64 .config.; .*leave them null"):
+        build(cfg)
