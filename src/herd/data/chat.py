@@ -203,11 +203,15 @@ class ChatFormat:
         if not messages or messages[-1].get("role") != "assistant":
             raise ChatFormatError("a scored dialog must end with the assistant's message")
         encoded = self.encode(messages)
+        return encoded.ids[: self.scored_length(encoded)]
+
+    def scored_length(self, encoded: EncodedDialog) -> int:
+        """How many of ``encoded``'s ids :meth:`response_ids` keeps (through the last answer, less trailing pads)."""
         end = max(i for i, in_role in enumerate(encoded.role_mask) if in_role) + 1
         pad = self.tokenizer.pad_id
         while end > 1 and encoded.ids[end - 1] == pad:
             end -= 1
-        return encoded.ids[:end]
+        return end
 
     def describe(self) -> str:
         """One line for logs: the format and its stop tokens."""

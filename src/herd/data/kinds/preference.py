@@ -390,7 +390,7 @@ def encode_ranking(fmt: ChatFormat, ranking: Ranking) -> EncodedRanking:
         if dialog.ids[:n] != prompt:
             raise ChatFormatError("encoding the prompt with a response changed the prompt's ids (the chat template "
                                   "renders the prompt differently when an answer follows it)")
-        end = len(fmt.response_ids(messages))  # where the reward model reads, as it does when scoring
+        end = fmt.scored_length(dialog)  # where the reward model reads, as it does when scoring
         piece = np.asarray(dialog.ids[n:end], np.uint32)
         ids.append(piece)
         masks.append(np.asarray(dialog.role_mask[n:end], bool) & ~np.asarray(dialog.format_mask[n:end], bool))
