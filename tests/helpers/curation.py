@@ -60,10 +60,21 @@ def stdlib_paragraphs(*modules: str, min_words: int = 30) -> list[str]:
 
 
 def stdlib_code_chunks(*modules: str, lines: int = 30) -> list[str]:
-    """Chunks of ``lines`` lines of stdlib sources: real code."""
+    """Chunks of ``lines`` lines of stdlib sources: real code (chunks holding docstrings, prose, left out)."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     chunks = []
     for name in modules:
         source = (stdlib / f"{name}.py").read_text().splitlines()
         chunks += ["\n".join(source[i:i + lines]) for i in range(0, len(source) - lines, lines)]
-    return [chunk for chunk in chunks if chunk.strip()]
+    return [chunk for chunk in chunks if chunk.strip() and '"""' not in chunk and "'''" not in chunk]
+
+
+PLAIN_MODULES = ("argparse", "textwrap", "heapq", "fractions", "statistics", "calendar", "difflib", "functools",
+                 "csv", "random", "string", "shlex", "pprint", "inspect", "ftplib", "imaplib")
+
+
+def plain_prose(*modules: str, min_words: int = 20) -> list[str]:
+    """Docstring paragraphs without code in them (no indented lines, doctests, tables or definitions)."""
+    return [p for p in stdlib_paragraphs(*(modules or PLAIN_MODULES), min_words=min_words)
+            if not any(line.startswith(" ") for line in p.splitlines())
+            and not any(mark in p for mark in (">>>", "==", "def "))]

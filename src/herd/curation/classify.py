@@ -54,17 +54,26 @@ class FastText:
 
     @classmethod
     def train(cls, examples: Iterable[tuple[str, str]], *, epoch: int = 25, lr: float = 0.5,
-              word_ngrams: int = 2, dim: int = 32, min_count: int = 1, seed: int = 0) -> FastText:
-        """Train on ``(label, text)`` pairs (one thread, so the same examples give the same model)."""
+              word_ngrams: int = 2, dim: int = 32, min_count: int = 1, seed: int = 0,
+              balance: bool = True) -> FastText:
+        """Train on ``(label, text)`` pairs (one thread, so the same examples give the same model).
+
+        With ``balance`` the examples of each label are repeated up to the count of the largest
+        label (fastText has no class weights), so a small label is not drowned.
+        """
         fasttext = _fasttext()
+        by_label: dict[str, list[str]] = {}
+        for label, text in examples:
+            by_label.setdefault(label, []).append(fasttext_text(text))
+        if len(by_label) < 2:
+            raise CurationError(f"a classifier needs examples of at least two labels, got "
+                                f"{ {label: len(texts) for label, texts in by_label.items()} }")
+        largest = max(len(texts) for texts in by_label.values())
         with tempfile.NamedTemporaryFile("w", suffix=".txt", encoding="utf-8", delete=False) as file:
-            labels = Counter()
-            for label, text in examples:
-                file.write(f"{_LABEL}{label} {fasttext_text(text)}\n")
-                labels[label] += 1
+            for label, texts in by_label.items():
+                for i in range(largest if balance else len(texts)):
+                    file.write(f"{_LABEL}{label} {texts[i % len(texts)]}\n")
         try:
-            if len(labels) < 2:
-                raise CurationError(f"a classifier needs examples of at least two labels, got {dict(labels)}")
             model = fasttext.train_supervised(input=file.name, epoch=epoch, lr=lr, wordNgrams=word_ngrams,
                                               dim=dim, minCount=min_count, thread=1, seed=seed, verbose=0)
         finally:
@@ -141,7 +150,7 @@ class _Classifier(Block):
         for doc in read_sources(sources, raise_bad_input):
             if doc.text.strip():
                 (test if _held_out(doc.id, self.held_out) else train).append((doc.metadata["source"], doc.text))
-        options = {key: self.options[key] for key in ("epoch", "lr", "word_ngrams", "dim", "seed")
+        options = {key: self.options[key] for key in ("epoch", "lr", "word_ngrams", "dim", "seed", "balance")
                    if self.options.get(key) is not None}
         model = FastText.train(train, **options)
         self.notes["trained on"] = dict(Counter(label for label, _ in train))
