@@ -2,7 +2,7 @@
 
     python -m herd.curate                                     # the embedded corpus -> data/curated/stdlib
     python -m herd.curate output_dir=data/curated/web \\
-        'sources={web: {input: /data/web.jsonl, url_field: url}, code: {input: /data/code}}'
+        '~sources' '+sources={web: {input: /data/web.jsonl, url_field: url}, code: {input: /data/code}}'
     python -m herd.curate blocks.minhash.jaccard_threshold=0.7 blocks.kl.enabled=false
     python -m herd.curate blocks.language.model=/models/lid.176.bin 'blocks.language.keep=[en, fr]'
 
@@ -13,8 +13,8 @@ knowledge classifiers, decontamination; see configs/curate.yaml and :mod:`herd.c
 writes ``<output_dir>/<source>.jsonl`` (or one file per knowledge bucket), ``report.md``,
 ``report.json`` and, with the knowledge classifier, ``mix.yaml``. Prepare the result with
 
-    python -m herd.prepare output_dir=data/prepared/curated \\
-        'sources={prose: {input: data/curated/stdlib/prose.jsonl}, code: {input: data/curated/stdlib/code.jsonl}}'
+    python -m herd.prepare output_dir=data/prepared/curated '~sources' \\
+        '+sources={prose: {input: data/curated/stdlib/prose.jsonl}, code: {input: data/curated/stdlib/code.jsonl}}'
 
 A bad option or input is reported as one line, ``herd.curate: <message>``, with exit status 2.
 """

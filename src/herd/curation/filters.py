@@ -54,10 +54,13 @@ class RepetitionFilter(DocumentFilter):
         for key in ("dup_line_frac", "dup_para_frac", "dup_line_char_frac", "dup_para_char_frac"):
             if key in self.options:
                 extra[key] = self.options[key]
+        self.min_words = self.number("min_words", 50, 0, integer=True)
         self.filter = GopherRepetitionFilter(language=WORDS, **extra)
 
     def judge(self, doc: Document) -> tuple[bool, str]:
         """Gopher's repetition rules; the reason names the rule that fired."""
+        if len(doc.text.split()) < self.min_words:
+            return True, ""
         keep, reason = get_filter_result(self.filter.filter(doc))
         return keep, reason or ""
 
