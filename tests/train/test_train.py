@@ -98,7 +98,8 @@ def test_every_experiment_runs_with_fast_dev_run(tmp_path, prepared_corpus, prep
         schedule.tokens_per_batch, schedule.short_seq_len = 1024, 64
         schedule.needle = {**schedule.needle, "lengths": [128, 256], "trials": 1}
     for name, source in (cfg.data.get("sources") or {}).items():
-        if name.startswith("passkey"):  # the synthetic retrieval sources, served here by the fixture's prose
+        if name.startswith(("passkey", "candidate")):  # retrieval sources and anneal_valuation's candidate data,
+            # served here by the fixture's prose
             OmegaConf.set_struct(source, False)
             source.data_dir, source.source = str(prepared_corpus), "prose"
     if cfg.stage._target_.endswith(("RewardStage", "DPOStage")):  # they train on rankings

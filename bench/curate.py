@@ -1,0 +1,85 @@
+"""A noisy variant of the embedded corpus, for herd.curate's end-to-end figures.
+
+    python bench/curate.py /tmp/noisy          # writes noisy_prose.jsonl and val_prose.jsonl (clean)
+    python -m herd.curate output_dir=/tmp/noisy/curated '~sources' \\
+        '+sources={web: {input: /tmp/noisy/noisy_prose.jsonl, url_field: url}, code: {input: "stdlib:code"}}' \\
+        'blocks.language.keep=[en]'
+
+stdlib prose documents (5% held out, clean, in val_prose.jsonl), with planted noise: boilerplate lines
+in 30% of them, mirrors with 3 words edited (10%), the same URL crawled twice (5%), 60 server logs, 40
+base64 attachments and 60 documents in French, German or Spanish. It prints what it planted.
+"""
+import base64
+import json
+import random
+import sys
+from pathlib import Path
+
+from herd.data.embedded.corpus import stdlib_prose
+
+BOILERPLATE = ["Accept all cookies | Privacy policy | Terms of use", "Subscribe to our newsletter for weekly updates!",
+               "Share this page: Facebook Twitter LinkedIn", "Copyright 2024 Example Media Group. All rights reserved."]
+FOREIGN = {
+    "fr": ["Le module fournit des fonctions pour lire et écrire des fichiers de configuration.",
+           "Cette classe représente une connexion au serveur et gère les erreurs de réseau.",
+           "La valeur par défaut est utilisée lorsque aucun argument n'est donné par l'utilisateur.",
+           "Les données sont enregistrées dans un tampon avant d'être envoyées au disque."],
+    "de": ["Das Modul stellt Funktionen zum Lesen und Schreiben von Konfigurationsdateien bereit.",
+           "Diese Klasse beschreibt eine Verbindung zum Server und behandelt Netzwerkfehler.",
+           "Der Standardwert wird verwendet, wenn der Benutzer kein Argument angibt.",
+           "Die Daten werden in einem Puffer gespeichert, bevor sie auf die Festplatte geschrieben werden."],
+    "es": ["El módulo ofrece funciones para leer y escribir archivos de configuración.",
+           "Esta clase representa una conexión con el servidor y maneja los errores de red.",
+           "El valor predeterminado se usa cuando el usuario no da ningún argumento.",
+           "Los datos se guardan en un búfer antes de escribirse en el disco."],
+}
+
+
+def noisy_corpus(out: Path, seed: int = 0) -> dict[str, int]:
+    """Write noisy_prose.jsonl and val_prose.jsonl into ``out``; returns what was planted."""
+    out.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    clean, val = [], []
+    for doc in stdlib_prose():
+        if doc.text.strip():
+            (val if rng.random() < 0.05 else clean).append(doc)
+    records = []
+    planted = dict.fromkeys(("near_duplicate", "url_duplicate", "boilerplate_docs", "log", "blob", "foreign"), 0)
+    for doc in clean:
+        text = doc.text
+        if rng.random() < 0.3:
+            lines = [rng.choice(BOILERPLATE), *text.splitlines(), rng.choice(BOILERPLATE)]
+            text = "\n".join(lines)
+            planted["boilerplate_docs"] += 1
+        records.append({"text": text, "url": f"docs.example.org/{doc.id}"})
+        if rng.random() < 0.10 and len(text.split()) > 60:    # a mirror with a few words edited
+            words = text.split(" ")
+            for _ in range(3):
+                words[rng.randrange(len(words))] = rng.choice(["foo", "bar", "baz"])
+            records.append({"text": " ".join(words), "url": f"mirror.example.net/{doc.id}"})
+            planted["near_duplicate"] += 1
+        if rng.random() < 0.05:                               # the same URL crawled again
+            records.append({"text": text, "url": f"docs.example.org/{doc.id}"})
+            planted["url_duplicate"] += 1
+    for _ in range(60):
+        host = rng.choice(["db-1", "cache-2", "worker-7"])
+        lines = [f"2024-05-0{1 + j // 500} 12:{j // 60 % 60:02d}:{j % 60:02d} ERROR {host} connection refused "
+                 "(errno 111), retrying in 5s" for j in range(rng.randint(80, 300))]
+        records.append({"text": "\n".join(lines)})
+        planted["log"] += 1
+    for _ in range(40):
+        blob = base64.b64encode(rng.randbytes(rng.randint(800, 3000))).decode()
+        records.append({"text": "Attached file:\n" + "\n".join(blob[k:k + 76] for k in range(0, len(blob), 76))})
+        planted["blob"] += 1
+    for _ in range(60):
+        sentences = FOREIGN[rng.choice(sorted(FOREIGN))]
+        records.append({"text": " ".join(rng.choice(sentences) for _ in range(rng.randint(3, 8)))})
+        planted["foreign"] += 1
+    rng.shuffle(records)
+    (out / "noisy_prose.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (out / "val_prose.jsonl").write_text("".join(json.dumps({"text": d.text}) + "\n" for d in val))
+    return {"clean_docs": len(clean), "val_docs": len(val), "noisy_records": len(records), **planted}
+
+
+if __name__ == "__main__":
+    print(json.dumps(noisy_corpus(Path(sys.argv[1] if len(sys.argv) > 1 else "data/noisy"))))
