@@ -146,6 +146,7 @@ test-fast: $(STAMP) espeak-ng
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/lint-imports
 
 bench: $(STAMP)
 	$(PY) bench/backbone.py
