@@ -214,20 +214,26 @@ def check_text(text: str, where: str, what: str, fix: str) -> None:
         raise BadInputError(f"{where}: {what} is not text ({why}); {fix}", "binary", where)
 
 
-def int_options(item: str, defaults: Mapping[str, int]) -> dict[str, int]:
-    """The integer options of an embedded input (``stdlib:shapes?count=40&seed=1``), defaults filled in.
+def query_options(item: str, types: Mapping[str, Callable[[str], Any]]) -> dict[str, Any]:
+    """The options given in an embedded input's query string (``stdlib:sft?seed=1&system=Be%20brief``).
 
-    ValueError names an unknown option or a value that is not an integer.
+    ``types`` maps each option the input takes to its type (``int`` or ``str``). ValueError names
+    the input and an unknown option (with the ones it takes) or a value of the wrong type.
     """
     from urllib.parse import parse_qsl
 
     name, _, query = item.partition("?")
-    options = dict(defaults)
-    for key, value in parse_qsl(query, keep_blank_values=True):
-        if key not in defaults:
-            raise ValueError(f"{item}: unknown option {key!r}; {name} takes {sorted(defaults)}")
+    options: dict[str, Any] = {}
+    for key, value in parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query)):
+        if key not in types:
+            raise ValueError(f"input {item!r}: unknown option {key!r}; {name} takes {sorted(types)}")
         try:
-            options[key] = int(value)
+            options[key] = types[key](value)
         except ValueError:
-            raise ValueError(f"{item}: option {key} must be an integer, got {value!r}") from None
+            raise ValueError(f"input {item!r}: option {key}={value!r} must be an integer") from None
     return options
+
+
+def int_options(item: str, defaults: Mapping[str, int]) -> dict[str, int]:
+    """The integer options of an embedded input (``stdlib:shapes?count=40&seed=1``), defaults filled in."""
+    return {**defaults, **query_options(item, dict.fromkeys(defaults, int))}

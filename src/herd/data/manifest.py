@@ -19,7 +19,7 @@ import webdataset as wds
 
 from herd.data.packing import EXTRA_MEMBERS
 from herd.data.shards import BASE_MEMBERS, LAYOUTS, ShardInfo
-from herd.paths import url_scheme
+from herd.paths import resolve_location, url_scheme
 
 MANIFEST_FILE = "manifest.json"
 FORMAT = "herd-packed-v1"
@@ -237,3 +237,26 @@ class Manifest:
             "the manifest or re-run herd.prepare; to read shards through a command, write the pipe: "
             "location in your own config (data.data_dir, or data.sources.<name>.train / .val)."
         )
+
+
+class Manifests(dict):
+    """The manifests a DataModule reads, by resolved location, each loaded once."""
+
+    def load(self, location: str | os.PathLike[str]) -> Manifest:
+        """The manifest at ``location`` (a folder, a manifest file or a URL), loaded on first use."""
+        resolved = resolve_location(str(location))
+        if resolved not in self:
+            self[resolved] = Manifest.load(resolved)
+        return self[resolved]
+
+    def source(self, name: str, options: dict[str, Any] | None, data_dir: str | None) -> tuple[Manifest, str]:
+        """The manifest a configured source ``data.sources.<name>`` reads, and the source's name in it.
+
+        The source's own ``data_dir`` wins over the top-level one; ``source`` renames it (default:
+        ``name``). ValueError names the source when neither data_dir is set.
+        """
+        options = options or {}
+        location = options.get("data_dir") or data_dir
+        if location is None:
+            raise ValueError(f"data.sources.{name}: no data_dir (set data.data_dir or data.sources.{name}.data_dir)")
+        return self.load(location), options.get("source", name)

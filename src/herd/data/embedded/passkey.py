@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from herd.data.embedded.corpus import stdlib_code, stdlib_prose
-from herd.data.inputs import Document
+from herd.data.inputs import Document, query_options
 
 STDLIB_PASSKEY = "stdlib:passkey"
 NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key."
@@ -26,17 +26,7 @@ _PASSKEY_OPTIONS = {"documents": int, "min_chars": int, "max_chars": int, "seed"
 
 def passkey_options(item: str) -> dict[str, Any]:
     """Keyword arguments of :func:`stdlib_passkey` from ``stdlib:passkey?min_chars=2500&documents=4000``."""
-    from urllib.parse import parse_qsl
-
-    _, _, query = item.partition("?")
-    options: dict[str, Any] = {}
-    for key, value in parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query)):
-        if key not in _PASSKEY_OPTIONS:
-            raise ValueError(f"input {item!r}: unknown option {key!r}; {STDLIB_PASSKEY} takes {sorted(_PASSKEY_OPTIONS)}")
-        try:
-            options[key] = _PASSKEY_OPTIONS[key](value)
-        except ValueError:
-            raise ValueError(f"input {item!r}: option {key}={value!r} must be an integer") from None
+    options = query_options(item, _PASSKEY_OPTIONS)
     chars = (options.pop("min_chars", 100), options.pop("max_chars", 7000))
     return {**options, "chars": chars}
 

@@ -29,7 +29,7 @@ import numpy as np
 
 from herd.data.inputs import BadInputError
 from herd.data.packing import EXTRA_MEMBERS
-from herd.data.shards import SPLITS, token_dtype, write_split
+from herd.data.shards import LAYOUTS, SPLITS, token_dtype, write_split
 
 if TYPE_CHECKING:
     from rich.progress import Progress
@@ -303,3 +303,20 @@ def kind_of(name: str) -> Kind:
         raise PrepareError(f"unknown kind {name!r}: a source's kind is one of {sorted(KINDS)}")
     module, _, attribute = KINDS[name].partition(":")
     return getattr(importlib.import_module(module), attribute)
+
+
+def source_entry(kind: str, spec: SourceSpec, splits: Mapping[str, Mapping[str, Any]], bad_inputs: BadInputs,
+                 **fields: Any) -> dict[str, Any]:
+    """The manifest entry of a source of whole examples: its kind, layout and inputs, ``fields``, the
+    tokens and trained tokens summed over ``splits``, the skipped inputs, and the splits."""
+    return {"kind": kind, "layout": LAYOUTS[kind], "inputs": spec.inputs, **fields,
+            "tokens": sum(s["tokens"] for s in splits.values()),
+            "trained_tokens": sum(s["trained_tokens"] for s in splits.values()),
+            "skipped": bad_inputs.skipped, "splits": splits}
+
+
+def splits_summary(entry: Mapping[str, Any], unit: str = "rows") -> str:
+    """``train R rows in S shards, val R rows in S shards`` of a manifest entry."""
+    train, val = entry["splits"]["train"], entry["splits"]["val"]
+    return (f"train {train[unit]} {unit} in {len(train['shards'])} shards, "
+            f"val {val[unit]} {unit} in {len(val['shards'])} shards")

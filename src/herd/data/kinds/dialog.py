@@ -67,11 +67,20 @@ from herd.data.inputs import (
     binary_reason,
     folder_files,
     jsonl_records,
+    query_options,
     raise_bad_input,
 )
-from herd.data.kinds import BadInputs, Job, PrepareError, SourceSpec, assign_split
+from herd.data.kinds import (
+    BadInputs,
+    Job,
+    PrepareError,
+    SourceSpec,
+    assign_split,
+    source_entry,
+    splits_summary,
+)
 from herd.data.packing import WholePacker
-from herd.data.shards import LAYOUTS, SPLITS
+from herd.data.shards import SPLITS
 
 if TYPE_CHECKING:
     from herd.data.tokenizer import Tokenizer
@@ -248,20 +257,7 @@ def _bad(where: str, reason: str, what: str, example: str = "dialog") -> BadInpu
 
 def sft_options(item: str) -> dict[str, Any]:
     """Keyword arguments of ``stdlib_sft`` from ``stdlib:sft?seed=1&per_definition=2``."""
-    from urllib.parse import parse_qsl
-
-    _, _, query = item.partition("?")
-    options: dict[str, Any] = {}
-    for key, value in parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query)):
-        if key not in _SFT_OPTIONS:
-            raise ValueError(
-                f"input {item!r}: unknown option {key!r}; {STDLIB_SFT} takes {sorted(_SFT_OPTIONS)}"
-            )
-        try:
-            options[key] = _SFT_OPTIONS[key](value)
-        except ValueError:
-            raise ValueError(f"input {item!r}: option {key}={value!r} must be an integer") from None
-    return options
+    return query_options(item, _SFT_OPTIONS)
 
 
 def _stdlib_dialogs(item: str, on_bad_input: OnBadInput) -> Iterator[Dialog]:
@@ -390,29 +386,18 @@ class DialogKind:
                 f"tokens; raise seq_len, or set sources.{spec.name}.too_long=truncate"
             )
         splits = {split: job.write(spec.name, split, buffers[split]) for split in SPLITS}
-        entry: dict[str, Any] = {
-            "kind": self.name,
-            "layout": LAYOUTS[self.name],
-            "inputs": spec.inputs,
-            "chat_template": spec.options["chat_template"],
-            "documents": kept,
-            "tokens": sum(s["tokens"] for s in splits.values()),
-            "trained_tokens": sum(s["trained_tokens"] for s in splits.values()),
-            "too_long": too_long,
-            "skipped": bad_inputs.skipped,
-            "splits": splits,
-        }
+        entry = source_entry(self.name, spec, splits, bad_inputs, chat_template=spec.options["chat_template"],
+                             documents=kept, too_long=too_long)
         if any(groups.values()):
             entry["groups"] = {split: len(names) for split, names in groups.items()}
         return entry
 
     def summary(self, name: str, entry: Mapping[str, Any]) -> str:
         """``name: N dialogs, T tokens (A trained); too long: ...; train R rows ..., val ...``."""
-        train, val, long = entry["splits"]["train"], entry["splits"]["val"], entry["too_long"]
+        long = entry["too_long"]
         return (
             f"{name}: {entry['documents']} dialogs, {entry['tokens']} tokens ({entry['trained_tokens']} trained); "
-            f"too long: {long['dropped']} dropped, {long['truncated']} truncated; train {train['rows']} rows "
-            f"in {len(train['shards'])} shards, val {val['rows']} rows in {len(val['shards'])} shards"
+            f"too long: {long['dropped']} dropped, {long['truncated']} truncated; {splits_summary(entry)}"
         )
 
 

@@ -34,9 +34,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from herd.data.inputs import BadInputError, OnBadInput, folder_files, jsonl_records
-from herd.data.kinds import BadInputs, Job, PrepareError, SourceSpec, assign_split
+from herd.data.kinds import (
+    BadInputs,
+    Job,
+    PrepareError,
+    SourceSpec,
+    assign_split,
+    source_entry,
+    splits_summary,
+)
 from herd.data.shards import (
-    LAYOUTS,
     SPLITS,
     ShardError,
     ShardInfo,
@@ -237,26 +244,13 @@ class MediaKind:
         finally:
             for spool in spools.values():
                 spool.close()
-        return {
-            "kind": self.name,
-            "layout": LAYOUTS[self.name],
-            "inputs": spec.inputs,
-            **token_ids,
-            "examples": kept,
-            "tokens": sum(s["tokens"] for s in splits.values()),
-            "trained_tokens": sum(s["trained_tokens"] for s in splits.values()),
-            "too_long": too_long,
-            "skipped": bad_inputs.skipped,
-            "splits": splits,
-        }
+        return source_entry(self.name, spec, splits, bad_inputs, **token_ids, examples=kept, too_long=too_long)
 
     def summary(self, name: str, entry: Mapping[str, Any]) -> str:
         """``name: N <files> with <text>s, T tokens (A trained); D too long; train/val examples``."""
-        train, val = entry["splits"]["train"], entry["splits"]["val"]
         return (f"{name}: {entry['examples']} {self.fields.files} with {self.fields.text}s, {entry['tokens']} "
-                f"tokens ({entry['trained_tokens']} trained); {entry['too_long']} too long, dropped; train "
-                f"{train['examples']} in {len(train['shards'])} shards, val {val['examples']} in "
-                f"{len(val['shards'])} shards")
+                f"tokens ({entry['trained_tokens']} trained); {entry['too_long']} too long, dropped; "
+                f"{splits_summary(entry, 'examples')}")
 
     # --- inputs
 

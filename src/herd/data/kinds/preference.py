@@ -65,17 +65,32 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qsl
 
 import numpy as np
 
 from herd.data.chat import CHAT_TEMPLATES, ChatFormat, ChatFormatError, ChatTemplateError, chat_format
 from herd.data.embedded.preferences import STDLIB_PREFERENCES
-from herd.data.inputs import BadInputError, OnBadInput, folder_files, jsonl_records, raise_bad_input
-from herd.data.kinds import BadInputs, Job, PrepareError, SourceSpec, SplitBuffer, assign_split
+from herd.data.inputs import (
+    BadInputError,
+    OnBadInput,
+    folder_files,
+    jsonl_records,
+    query_options,
+    raise_bad_input,
+)
+from herd.data.kinds import (
+    BadInputs,
+    Job,
+    PrepareError,
+    SourceSpec,
+    SplitBuffer,
+    assign_split,
+    source_entry,
+    splits_summary,
+)
 from herd.data.kinds.dialog import checked_messages
 from herd.data.packing import EXTRA_MEMBERS, WholePacker
-from herd.data.shards import LAYOUTS, SPLITS
+from herd.data.shards import SPLITS
 
 if TYPE_CHECKING:
     pass
@@ -338,18 +353,7 @@ def _bad(where: str, reason: str, what: str) -> BadInputError:
 
 def preference_options(item: str) -> dict[str, Any]:
     """Keyword arguments of ``stdlib_preferences`` from ``stdlib:preferences?seed=1&max_per_module=20``."""
-    _, _, query = item.partition("?")
-    options: dict[str, Any] = {}
-    for key, value in parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query)):
-        if key not in _SET_OPTIONS:
-            raise ValueError(
-                f"input {item!r}: unknown option {key!r}; {STDLIB_PREFERENCES} takes {sorted(_SET_OPTIONS)}"
-            )
-        try:
-            options[key] = _SET_OPTIONS[key](value)
-        except ValueError:
-            raise ValueError(f"input {item!r}: option {key}={value!r} must be an integer") from None
-    return options
+    return query_options(item, _SET_OPTIONS)
 
 
 def _stdlib_rankings(item: str, on_bad_input: OnBadInput) -> Iterator[Ranking]:
@@ -481,33 +485,20 @@ class PreferenceKind:
                 f"seq_len = {job.seq_len} tokens; raise seq_len"
             )
         splits = {split: {**job.write(spec.name, split, buffers[split]), **counts[split]} for split in SPLITS}
-        entry: dict[str, Any] = {
-            "kind": self.name,
-            "layout": LAYOUTS[self.name],
-            "inputs": spec.inputs,
-            "chat_template": spec.options["chat_template"],
-            "chat_format": fmt.name,
-            "examples": kept,
-            "responses": sum(s["responses"] for s in splits.values()),
-            "pairs": sum(s["pairs"] for s in splits.values()),
-            "tokens": sum(s["tokens"] for s in splits.values()),
-            "trained_tokens": sum(s["trained_tokens"] for s in splits.values()),
-            "too_long": too_long,
-            "skipped": bad_inputs.skipped,
-            "splits": splits,
-        }
+        entry = source_entry(self.name, spec, splits, bad_inputs, chat_template=spec.options["chat_template"],
+                             chat_format=fmt.name, examples=kept, too_long=too_long,
+                             responses=sum(s["responses"] for s in splits.values()),
+                             pairs=sum(s["pairs"] for s in splits.values()))
         if any(groups.values()):
             entry["groups"] = {split: len(names) for split, names in groups.items()}
         return entry
 
     def summary(self, name: str, entry: Mapping[str, Any]) -> str:
         """``name: N rankings (R responses, P pairs), T tokens (A trained); D too long; train/val rows``."""
-        train, val = entry["splits"]["train"], entry["splits"]["val"]
         return (
             f"{name}: {entry['examples']} rankings ({entry['responses']} responses, {entry['pairs']} pairs), "
             f"{entry['tokens']} tokens ({entry['trained_tokens']} trained); {entry['too_long']} too long, "
-            f"dropped; train {train['rows']} rows in {len(train['shards'])} shards, "
-            f"val {val['rows']} rows in {len(val['shards'])} shards"
+            f"dropped; {splits_summary(entry)}"
         )
 
 

@@ -20,7 +20,7 @@ from typing import Any
 from herd.data.embedded.corpus import STDLIB_CODE, STDLIB_PROSE, stdlib_code, stdlib_prose
 from herd.data.embedded.passkey import STDLIB_PASSKEY, passkey_options, stdlib_passkey
 from herd.data.inputs import Document, OnBadInput, file_documents, folder_documents, raise_bad_input
-from herd.data.kinds import BadInputs, Job, SourceSpec, assign_split
+from herd.data.kinds import BadInputs, Job, SourceSpec, assign_split, splits_summary
 from herd.data.packing import with_boundaries
 from herd.data.shards import LAYOUTS, SPLITS
 
@@ -120,12 +120,8 @@ class TextKind:
 
     def summary(self, name: str, entry: Mapping[str, Any]) -> str:
         """``name: N documents (E empty skipped), T tokens; train R rows in S shards, val ...``."""
-        train, val = entry["splits"]["train"], entry["splits"]["val"]
-        return (
-            f"{name}: {entry['documents']} documents ({entry['empty_documents']} empty skipped), "
-            f"{entry['tokens']} tokens; train {train['rows']} rows in {len(train['shards'])} shards, "
-            f"val {val['rows']} rows in {len(val['shards'])} shards"
-        )
+        return (f"{name}: {entry['documents']} documents ({entry['empty_documents']} empty skipped), "
+                f"{entry['tokens']} tokens; {splits_summary(entry)}")
 
 
 def _batches(documents: Iterator[Document], counts: dict[str, int]) -> Iterator[list[Document]]:

@@ -39,7 +39,7 @@ from herd.constants import IGNORE_INDEX
 from herd.data.inputs import BadInputError
 from herd.data.kinds.media import ExampleRow, read_example_shard
 from herd.data.loaders.ranks import data_parallel_rank
-from herd.data.manifest import Manifest, ManifestError
+from herd.data.manifest import Manifest, ManifestError, Manifests
 from herd.data.shards import ShardError, ShardInfo
 from herd.paths import resolve_location
 
@@ -116,7 +116,7 @@ class MediaDataModule(L.LightningDataModule):
         self.seed = int(seed)
         self.on_corrupt_shard = on_corrupt_shard
         self.pin_memory = pin_memory
-        self.manifests: dict[str, Manifest] = {}
+        self.manifests = Manifests()
         self.sources = self._load_sources(data_dir, sources)
         for manifest in self.manifests.values():
             manifest.check_tokenizer(expected_vocab_size, expected_tokenizer_fingerprint)
@@ -160,7 +160,7 @@ class MediaDataModule(L.LightningDataModule):
         if sources is None:
             if data_dir is None:
                 raise ValueError(f"data.data_dir is not set: give the folder herd.prepare wrote the {kind} data to")
-            manifest = self._manifest(data_dir)
+            manifest = self.manifests.load(data_dir)
             sources = {name: {} for name in manifest.source_names() if manifest.source_kind(name) == kind}
             if not sources:
                 raise ManifestError(f"{manifest.location} has no {kind} sources (kind: {kind}); prepare one, e.g. "
@@ -168,11 +168,7 @@ class MediaDataModule(L.LightningDataModule):
         out = []
         for name, options in sources.items():
             options = dict(options or {})
-            location = options.get("data_dir") or data_dir
-            if location is None:
-                raise ValueError(f"data.sources.{name}: no data_dir (set data.data_dir or data.sources.{name}.data_dir)")
-            manifest = self._manifest(location)
-            stored = options.get("source", name)
+            manifest, stored = self.manifests.source(name, options, data_dir)
             if stored not in manifest.source_names():
                 raise ManifestError(f"source {stored!r} is not in {manifest.location} (it has "
                                     f"{manifest.source_names()})")
@@ -187,11 +183,6 @@ class MediaDataModule(L.LightningDataModule):
             raise ValueError("data.sources weights must be >= 0 and not all 0")
         return out
 
-    def _manifest(self, location: str) -> Manifest:
-        resolved = resolve_location(location)
-        if resolved not in self.manifests:
-            self.manifests[resolved] = Manifest.load(resolved)
-        return self.manifests[resolved]
 
     def train_dataloader(self) -> DataLoader:
         """The train mixture for this rank: an endless stream of shuffled passes."""

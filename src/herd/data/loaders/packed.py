@@ -75,7 +75,7 @@ from herd.data.loaders.stream import (
     SourceShards,
     val_batches_per_rank,
 )
-from herd.data.manifest import Manifest, ManifestError
+from herd.data.manifest import Manifest, ManifestError, Manifests
 from herd.data.shards import ShardInfo
 from herd.paths import resolve_location
 
@@ -133,7 +133,7 @@ class PackedDataModule(L.LightningDataModule):
         self.seed = int(seed)
         self.on_corrupt_shard = on_corrupt_shard
         self.pin_memory = pin_memory
-        self.manifests: dict[str, Manifest] = {}
+        self.manifests = Manifests()
         self.names, self.weights, self._train, self._val = self._load_sources(data_dir, sources)
         self._check_batch_keys()
         self._check_tokenizer(expected_vocab_size, expected_tokenizer_fingerprint)
@@ -350,18 +350,14 @@ class PackedDataModule(L.LightningDataModule):
         if sources is None:
             if data_dir is None:
                 raise ValueError("data: set data_dir (a prepared folder) or sources")
-            sources = dict.fromkeys(self._manifest(data_dir).source_names())
+            sources = dict.fromkeys(self.manifests.load(data_dir).source_names())
         if not sources:
             raise ValueError("data.sources is empty; name at least one source")
         names, weights, train, val = [], [], [], []
         self._whole_rows: dict[str, tuple[int, str]] = {}  # (row_len, kind) of sources of whole examples
         for name, spec in sources.items():
             spec = dict(spec or {})
-            location = spec.get("data_dir") or data_dir
-            if location is None:
-                raise ValueError(f"data.sources.{name}: no data_dir (set it here or at the top level)")
-            manifest = self._manifest(location)
-            in_manifest = spec.get("source", name)
+            manifest, in_manifest = self.manifests.source(name, spec, data_dir)
             if manifest.whole_examples(in_manifest):
                 self._whole_rows[name] = (manifest.row_len, manifest.source_kind(in_manifest))
             names.append(name)
@@ -372,11 +368,6 @@ class PackedDataModule(L.LightningDataModule):
             raise ValueError(f"data.sources: the weights {dict(zip(names, weights, strict=True))} sum to 0")
         return names, weights, train, val
 
-    def _manifest(self, location: str) -> Manifest:
-        location = resolve_location(str(location))
-        if location not in self.manifests:
-            self.manifests[location] = Manifest.load(location)
-        return self.manifests[location]
 
     def _check_tokenizer(self, vocab_size: int | None, fingerprint: str | None) -> None:
         manifests = list(self.manifests.values())
