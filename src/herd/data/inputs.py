@@ -73,6 +73,23 @@ def folder_documents(
         yield from file_documents(file, file.relative_to(folder).as_posix(), text_field, on_bad_input)
 
 
+def jsonl_files(item: str, glob: str, embedded: str) -> Iterator[tuple[Path, str]]:
+    """``(file, id)`` of each file of one input: the file itself, or a folder's files matching ``glob``.
+
+    The id is the file's path relative to the folder (its name for a file). A missing input raises
+    FileNotFoundError naming it, with ``embedded`` (the embedded inputs of the kind) as the other choice.
+    """
+    path = Path(item).expanduser()
+    if path.is_dir():
+        for file in folder_files(path, glob):
+            yield file, file.relative_to(path).as_posix()
+    elif path.is_file():
+        yield path, path.name
+    else:
+        raise FileNotFoundError(f"input not found: {path} (neither a file nor a folder). Fix the source's input "
+                                f"path, or use {embedded}.")
+
+
 def folder_files(folder: Path, glob: str = "**/*") -> list[Path]:
     """The non-hidden files under ``folder`` matching ``glob``, sorted; FileNotFoundError if none."""
     files = sorted(

@@ -65,7 +65,7 @@ from herd.data.inputs import (
     BadInputError,
     OnBadInput,
     binary_reason,
-    folder_files,
+    jsonl_files,
     jsonl_records,
     query_options,
     raise_bad_input,
@@ -141,17 +141,8 @@ def iter_dialogs(
         if item == STDLIB_TRANSCRIPTS or item.startswith(STDLIB_TRANSCRIPTS + "?"):
             yield from _transcript_dialogs(item)
             continue
-        path = Path(item).expanduser()
-        if path.is_dir():
-            for file in folder_files(path, glob):
-                yield from jsonl_dialogs(file, file.relative_to(path).as_posix(), on_bad_input)
-        elif path.is_file():
-            yield from jsonl_dialogs(path, path.name, on_bad_input)
-        else:
-            raise FileNotFoundError(
-                f"input not found: {path} (neither a file nor a folder). Fix the source's input path, "
-                f"or use {STDLIB_SFT!r} for the embedded dialogs."
-            )
+        for file, file_id in jsonl_files(item, glob, f"{STDLIB_SFT!r} for the embedded dialogs"):
+            yield from jsonl_dialogs(file, file_id, on_bad_input)
 
 
 def jsonl_dialogs(

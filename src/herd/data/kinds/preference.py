@@ -73,7 +73,7 @@ from herd.data.embedded.preferences import STDLIB_PREFERENCES
 from herd.data.inputs import (
     BadInputError,
     OnBadInput,
-    folder_files,
+    jsonl_files,
     jsonl_records,
     query_options,
     raise_bad_input,
@@ -174,17 +174,8 @@ def iter_rankings(
         if item == STDLIB_PREFERENCES or item.startswith(STDLIB_PREFERENCES + "?"):
             yield from _stdlib_rankings(item, on_bad_input)
             continue
-        path = Path(item).expanduser()
-        if path.is_dir():
-            for file in folder_files(path, glob):
-                yield from jsonl_rankings(file, file.relative_to(path).as_posix(), on_bad_input)
-        elif path.is_file():
-            yield from jsonl_rankings(path, path.name, on_bad_input)
-        else:
-            raise FileNotFoundError(
-                f"input not found: {path} (neither a file nor a folder). Fix the source's input path, "
-                f"or use {STDLIB_PREFERENCES!r} for the embedded rankings."
-            )
+        for file, file_id in jsonl_files(item, glob, f"{STDLIB_PREFERENCES!r} for the embedded rankings"):
+            yield from jsonl_rankings(file, file_id, on_bad_input)
 
 
 def jsonl_rankings(
