@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 from herd.data.chat import Llama3Format, encode_dialog
 from herd.data.inputs import BadInputError
-from herd.data.kinds import PrepareError
+from herd.data.kinds import BadInputs, PrepareError
 from herd.data.kinds.preference import (
     BAD_INPUT_REASONS,
     Ranking,
@@ -169,6 +169,7 @@ BAD_LINES = [
     ('{"prompt": "q", "responses": [{"content": "a", "rank": 0}, {"content": "b", "rank": 1.5}]}', "bad_rank"),
     ('{"prompt": "q", "responses": [{"content": "a", "rank": 0}, {"content": "b", "rank": true}]}', "bad_rank"),
     ('{"prompt": "q", "responses": [{"content": "a", "rank": 1}, {"content": "b", "rank": 1}]}', "no_pairs"),
+    ('{"prompt": "q", "chosen": "same", "rejected": " same\\n"}', "identical_responses"),
 ]  # fmt: skip
 
 
@@ -183,6 +184,29 @@ def test_each_bad_line_is_named_with_its_reason(tmp_path):
     assert "not a usable preference ranking" in str(errors[3])
     with pytest.raises(BadInputError, match=f"{path}:1: malformed JSON"):
         list(iter_rankings(str(path)))
+
+
+def test_identical_responses_at_different_ranks_are_a_counted_skip(tmp_path):
+    """A pair whose chosen equals its rejected (after strip) teaches nothing: skipped as identical_responses.
+    Equal texts at one rank (a tie) form no pair and stay."""
+    path = tmp_path / "pairs.jsonl"
+    lines = [
+        {"prompt": "q", "chosen": "  An answer.\n", "rejected": "An answer."},
+        {"prompt": "q", "responses": [{"content": "a", "rank": 0}, {"content": "b", "rank": 1},
+                                      {"content": "a ", "rank": 2}]},
+        {"prompt": "q", "responses": [{"content": "a", "rank": 0}, {"content": "a", "rank": 0},
+                                      {"content": "b", "rank": 1}]},
+    ]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    errors: list[BadInputError] = []
+    kept = list(iter_rankings(str(path), on_bad_input=errors.append))
+    assert [e.reason for e in errors] == ["identical_responses"] * 2
+    assert [e.location for e in errors] == [f"{path}:1", f"{path}:2"]
+    assert "response 2 (rank 2) is the same text as response 0 (rank 0)" in str(errors[1])
+    assert [r.id for r in kept] == ["pairs.jsonl:3"]
+    bad_inputs = BadInputs("skip", "pairs", log=False)
+    list(iter_rankings(str(path), on_bad_input=bad_inputs))
+    assert bad_inputs.skipped == {"identical_responses": 2}
 
 
 def test_stdlib_preferences_options_parse_like_sft():
