@@ -80,9 +80,9 @@ from herd.data.shards import LAYOUTS, SPLITS
 if TYPE_CHECKING:
     pass
 
-# Why a line is not a usable ranking (BadInputError.reason); the first four are shared with text.
+# Why a line is not a usable ranking (BadInputError.reason); the first five are shared with text.
 BAD_INPUT_REASONS = (
-    "not_utf8", "malformed_json", "not_an_object", "binary",
+    "not_utf8", "malformed_json", "not_an_object", "binary", "too_long_line",
     "no_prompt", "no_responses", "too_few_responses", "too_many_responses",
     "bad_message", "unknown_role", "empty_content", "bad_rank", "no_pairs", "identical_responses",
 )  # fmt: skip
