@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from herd import cli, logs
 from herd.data.manifest import ManifestError
 from herd.data.shards import ShardError
-from herd.data.tokenizer import Tokenizer
+from herd.data.tokenizer import Tokenizer, TokenizerError
 from herd.interop import gguf, hf
 from herd.interop.hf import CheckpointError
 from herd.model import ModelConfig
@@ -368,7 +368,10 @@ def _check_tokenizer_match(cfg: DictConfig, stage, datamodule) -> None:
         logs.warning(logger, f"{init_from} has no tokenizer.json: herd cannot check that the data in "
                              f"{datamodule.manifest.location} was prepared with the model's tokenizer")
         return
-    model_fingerprint = Tokenizer.load(init_from).fingerprint
+    try:
+        model_fingerprint = Tokenizer.load(init_from).fingerprint
+    except TokenizerError as err:  # names the file at fault: tokenizer.json or tokenizer_config.json
+        raise ConfigError(f"stage.init_from={init_from}: {err}") from None
     if model_fingerprint == data_fingerprint:
         return
     if cfg.get("allow_tokenizer_mismatch"):

@@ -261,6 +261,19 @@ def test_a_model_directory_with_the_datas_tokenizer_is_accepted(tmp_path, prepar
     assert train(cfg)["trainer"].global_step == 1
 
 
+@pytest.mark.parametrize(("damaged", "named"), [("tokenizer.json", "is not a valid tokenizer.json"),
+                                                ("tokenizer_config.json", "is not valid JSON")])
+def test_a_model_directory_with_an_invalid_tokenizer_file_is_refused_naming_it(tmp_path, prepared_corpus, damaged,
+                                                                                named):
+    start = model_directory(tmp_path, prepared_corpus, prepared_corpus / "tokenizer")
+    (start / damaged).write_text("{not json")
+    cfg = compose_train(tmp_path, prepared_corpus, f"stage.init_from={start}", "debug=fast")
+    with pytest.raises(ConfigError) as error:
+        train(cfg)
+    message = str(error.value)
+    assert f"{start / damaged} {named}" in message and "\n" not in message
+
+
 def test_debug_fast_writes_nothing_resume_would_take(tmp_path, prepared_corpus):
     cfg = compose_train(tmp_path, prepared_corpus, "debug=fast")
     assert "/debug/" in OmegaConf.to_container(cfg.hydra.run, resolve=False)["dir"]  # not under runs/
