@@ -13,6 +13,10 @@ wraps it for the command line::
 from __future__ import annotations
 
 import math
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
@@ -34,7 +38,7 @@ from herd.data.tokenizer import Tokenizer, TokenizerError
 from herd.interop import gguf, hf
 from herd.interop.hf import CheckpointError
 from herd.model import ModelConfig
-from herd.paths import resolve
+from herd.paths import disk_full, resolve
 from herd.presets import config_dir
 from herd.stages.base import NonFiniteError, all_finite
 from herd.stages.checkpoint_io import (
@@ -443,9 +447,12 @@ FAILED_FILE = "FAILED"
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
 def main(cfg: DictConfig) -> None:
     """Command-line entry. A user error prints one clear message and exits with status 2; a run stopped
-    by a non-finite loss exits with status 1. Either way the run folder is marked ``FAILED``."""
+    by a non-finite loss, a full disk or a lack of memory prints one and exits with status 1; any other
+    error keeps its traceback. Every failure marks the run folder ``FAILED`` and ends train.log with
+    its one-line reason."""
     on_error = partial(_mark_failed, cfg)
-    with (cli.user_errors("herd.train", USER_ERRORS, prefix="herd", on_error=on_error),
+    with (_failures_recorded(cfg),
+          cli.user_errors("herd.train", USER_ERRORS, prefix="herd", on_error=on_error),
           cli.user_errors("herd.train", (NonFiniteError,), prefix="herd", status=1, on_error=on_error)):
         train(cfg)
 
@@ -453,13 +460,61 @@ def main(cfg: DictConfig) -> None:
 USER_ERRORS = (ConfigError, FileNotFoundError, CheckpointError, ManifestError, ShardError)
 
 
+@contextmanager
+def _failures_recorded(cfg: DictConfig) -> Iterator[None]:
+    """Record every other failure: a full disk or a lack of memory exits 1 with one line saying so and what
+    to do; anything else (a bug) is recorded by its first line and raised on, traceback and all."""
+    try:
+        yield
+    except Exception as err:
+        message, expected = failure_message(cfg, err)
+        _mark_failed(cfg, message)
+        if not expected:
+            raise
+        print(message, file=sys.stderr)
+        sys.exit(1)
+
+
+def failure_message(cfg: DictConfig, err: BaseException) -> tuple[str, bool]:
+    """The one-line ``herd: ...`` reason of a failed run, and whether it is a known kind (a full disk, out
+    of memory) rather than a bug."""
+    full = disk_full(err)
+    if full is not None:
+        where = Path(full.filename) if full.filename else Path(cfg.paths.output_dir)
+        folder = where.parent if full.filename else where
+        what = os.strerror(full.errno).lower()
+        return (f"herd: {what} while writing {where} (in {folder}): free space there, or give the run a folder on "
+                "another disk (paths.log_dir=... or hydra.run.dir=...), then run the same command with resume=auto: "
+                "the last complete checkpoint is intact"), True
+    if _out_of_memory(err):
+        return (f"herd: out of memory ({_first_line(err)}): lower data.batch_size (or data.seq_len), set "
+                "stage.activation_checkpointing=full, or shard the model over more devices (strategy=fsdp2), then "
+                "run the same command with resume=auto"), True
+    return f"herd: {type(err).__name__}: {_first_line(err)}", False
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    out_of_memory = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+    if isinstance(err, MemoryError | out_of_memory):
+        return True
+    return isinstance(err, RuntimeError) and "out of memory" in str(err).lower()
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0][:300] if lines else type(err).__name__
+
+
 def _mark_failed(cfg: DictConfig, message: str) -> None:
     """Keep a failed run's message in train.log and in its folder's ``FAILED`` file."""
     logger.error(message, extra={logs.FILE_ONLY: True})  # train.log; the console gets it on stderr
     if _is_rank_zero():
         output_dir = Path(cfg.paths.output_dir)
-        if output_dir.is_dir():
-            (output_dir / FAILED_FILE).write_text(message + "\n")
+        try:
+            if output_dir.is_dir():
+                (output_dir / FAILED_FILE).write_text(message + "\n")
+        except OSError as err:  # a full disk may refuse even this
+            print(f"herd: could not write {output_dir / FAILED_FILE}: {err}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -52,6 +52,8 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
+from herd.paths import disk_full
+
 TEMPORARY = ".tmp-"  # <name>.tmp-<pid> (files), <name>.tmp-step<N> (sharded folders), <name>.tmp-removing-<pid>
 OLD = ".old-"  # <name>.old-<pid>: the previous checkpoint while a new one is swapped in
 SHARDED_INDEX = ".metadata"  # torch.distributed.checkpoint's index of the shard files
@@ -82,6 +84,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(temporary, target)
+        except Exception as err:
+            full = disk_full(err)
+            if full is None:
+                raise
+            # torch reports it as a zip-writer position error; name the cause and the file instead
+            raise OSError(full.errno, f"{os.strerror(full.errno)} while writing the checkpoint {target} (the "
+                          f"previous {target.name}, if any, is intact)", str(target)) from err
         finally:
             temporary.unlink(missing_ok=True)
 
