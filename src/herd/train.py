@@ -7,11 +7,12 @@ wraps it for the command line::
     python -m herd.train                                  # tiny pretraining on the embedded corpus
     python -m herd.train model=llama3_8b trainer=gpu strategy=ddp trainer.devices=8
     python -m herd.train debug=fast                       # one batch of everything
-    python -m herd.train resume=auto                      # continue the newest run of this task
+    python -m herd.train resume=auto                      # a requeue: continue this run folder's checkpoint
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import sys
@@ -74,11 +75,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     trainer, stage, datamodule = objects["trainer"], objects["stage"], objects["datamodule"]
     if _is_rank_zero():
         _clean_checkpoint_folders(trainer, output_dir)
+    hyperparameters = {k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
+                       for k, v in cfg.items() if k != "hydra"}
+    stage.run_record = {"config": hyperparameters, "data": data_fingerprint(datamodule)}
     resume = resume_checkpoint(cfg, output_dir)
     finishing = resume is not None and _check_resume(cfg, resume, stage)
     _check_tokenizer_match(cfg, stage, datamodule)
-    hyperparameters = {k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
-                       for k, v in cfg.items() if k != "hydra"}
     _continue_logs(trainer, output_dir, resume, finishing)
     for run_logger in trainer.loggers:
         run_logger.log_hyperparams(hyperparameters)
@@ -256,14 +258,20 @@ class Resume:
     metadata: dict[str, Any]
 
 
-def resume_checkpoint(cfg: DictConfig, output_dir: Path) -> Resume | None:
-    """``ckpt_path``, or with ``resume=auto`` the checkpoint to continue (None: start fresh).
+RESUME_MODES = ("auto", "latest")
 
-    ``resume=auto`` first looks in the run's own folder (a SLURM requeue, a torchrun restart with
-    the same ``--rdzv-id`` or the same ``HERD_RUN_ID`` lands there): its ``last.ckpt`` or a
-    checkpoint Lightning saved on SLURM's pre-emption signal, the furthest step first. Otherwise it
-    takes the newest ``last.ckpt`` of an earlier run of this task. Incomplete checkpoints (from a
-    killed save) are skipped with a warning naming them.
+
+def resume_checkpoint(cfg: DictConfig, output_dir: Path) -> Resume | None:
+    """``ckpt_path``, or with ``resume=auto``/``latest`` the checkpoint to continue (None: start fresh).
+
+    ``resume=auto`` continues only this run's own checkpoints: those in its own folder (a SLURM
+    requeue, a torchrun restart with the same ``--rdzv-id`` or the same ``HERD_RUN_ID`` lands
+    there): its ``last.ckpt`` or a checkpoint Lightning saved on SLURM's pre-emption signal, the
+    furthest step first. Without one the run starts fresh, and says so: another run's checkpoint
+    is never adopted silently. ``resume=latest`` falls back to the newest ``last.ckpt`` of an
+    earlier run of this task, and ``ckpt_path`` names one; either is then checked against this
+    run's config (:func:`_check_resume`). Incomplete checkpoints (from a killed save) are skipped
+    with a warning naming them.
     """
     if cfg.ckpt_path:
         path = Path(cfg.ckpt_path)
@@ -279,39 +287,52 @@ def resume_checkpoint(cfg: DictConfig, output_dir: Path) -> Resume | None:
         return _announce(_resume(recovered, reason, output_dir), "ckpt_path")
     if cfg.resume in (None, False):
         return None
-    if cfg.resume != "auto":
-        raise ConfigError(f"resume={cfg.resume!r}: use resume=auto, or ckpt_path=<file> for a given checkpoint")
+    if cfg.resume not in RESUME_MODES:
+        raise ConfigError(f"resume={cfg.resume!r}: use resume=auto (this run's own checkpoint: a requeue or restart), "
+                          "resume=latest (else the newest run of this task), or ckpt_path=<file> for a given checkpoint")
+    key = f"resume={cfg.resume}"
     own = [output_dir / "checkpoints" / "last.ckpt", *sorted(output_dir.glob("hpc_ckpt_*.ckpt"))]
-    own = _complete([p for p in own if p.exists()])
+    own = _complete([p for p in own if p.exists()], key)
     if own:
         steps = {p: int(checkpoint_metadata(p).get("global_step", 0)) for p in own}
         best = max(own, key=lambda p: (steps[p], p.stat().st_mtime))
         return _announce(_resume(best, "this run's own folder holds it (a requeue or restart of the same run "
-                                 "id), and it is the furthest of its checkpoints", output_dir))
+                                 "id), and it is the furthest of its checkpoints", output_dir), key)
     runs = Path(cfg.paths.log_dir) / str(cfg.task) / "runs"
-    others = []
-    for folder in sorted(runs.glob("*/checkpoints")):
-        if output_dir.resolve() in folder.resolve().parents:
-            continue
-        recovered = recoverable_checkpoint(folder / "last.ckpt")  # reads only: that run may still be going
-        if recovered is not None:
-            others.append(recovered)
-        elif (folder / "last.ckpt").exists():
-            logs.warning(logger, f"resume=auto: skipping {folder / 'last.ckpt'}: an incomplete checkpoint (its save "
-                                 "was interrupted)")
-    if not others:
-        logs.info(logger, f"resume=auto: no complete last.ckpt in this run's folder or under {runs}; starting fresh")
+    others = _other_runs_checkpoints(runs, output_dir, key)
+    if cfg.resume == "auto" or not others:
+        note = ""
+        if others:
+            newest = max(others, key=lambda p: p.stat().st_mtime)
+            note = (f"; other runs of task {cfg.task!r} have checkpoints (the newest: {newest}), which resume=auto "
+                    "never continues: pass ckpt_path=<file> (or resume=latest) to continue one of them")
+        logs.info(logger, f"{key}: no complete last.ckpt in this run's folder {output_dir}; starting fresh{note}")
         return None
     newest = max(others, key=lambda p: p.stat().st_mtime)
     when = datetime.fromtimestamp(newest.stat().st_mtime).strftime("%Y-%m-%d %H:%M:%S")
     return _announce(_resume(newest, f"the most recently written last.ckpt of task {cfg.task!r} ({when}, "
-                             f"{len(others)} candidate(s) under {runs})", output_dir))
+                             f"{len(others)} candidate(s) under {runs})", output_dir), key)
 
 
-def _complete(paths: list[Path]) -> list[Path]:
+def _other_runs_checkpoints(runs: Path, output_dir: Path, key: str) -> list[Path]:
+    """The complete ``last.ckpt`` of every other run folder under ``runs`` (read only: they may be running)."""
+    others = []
+    for folder in sorted(runs.glob("*/checkpoints")):
+        if output_dir.resolve() in folder.resolve().parents:
+            continue
+        recovered = recoverable_checkpoint(folder / "last.ckpt")
+        if recovered is not None:
+            others.append(recovered)
+        elif (folder / "last.ckpt").exists():
+            logs.warning(logger, f"{key}: skipping {folder / 'last.ckpt'}: an incomplete checkpoint (its save "
+                                 "was interrupted)")
+    return others
+
+
+def _complete(paths: list[Path], key: str) -> list[Path]:
     complete = [p for p in paths if checkpoint_is_complete(p)]
     for path in sorted(set(paths) - set(complete)):
-        logs.warning(logger, f"resume=auto: skipping {path}: an incomplete checkpoint (its save was interrupted)")
+        logs.warning(logger, f"{key}: skipping {path}: an incomplete checkpoint (its save was interrupted)")
     return complete
 
 
@@ -342,6 +363,7 @@ def _check_resume(cfg: DictConfig, resume: Resume, stage) -> bool:
         raise ConfigError(f"{resume.path} holds a different model than this run's config: "
                           + "; ".join(differences) + ". Resume with the model settings it was trained with, "
                           "or start a new run from its export with stage.init_from=")
+    _check_run_settings(cfg, resume, stage)
     if Path(resume.path).is_dir():
         try:
             check_dcp_metadata(resume.path)
@@ -358,6 +380,97 @@ def _check_resume(cfg: DictConfig, resume: Resume, stage) -> bool:
                           f"{max_steps}: there is nothing left to train. To continue it, raise trainer.max_steps "
                           f"(e.g. trainer.max_steps={2 * max_steps}); its model is in the run's export/ folder.")
     return False
+
+
+# What a resume compares beyond the model's shape: the keys (and everything under them) whose change changes
+# the run. The model's other fields (RoPE, max_seq_len, attention) are the context schedule's and may change.
+RUN_KEYS = ("seed", "stage", "data", "trainer.accumulate_grad_batches", "trainer.gradient_clip_val",
+            "trainer.gradient_clip_algorithm", "callbacks.batch_ramp")
+# Under RUN_KEYS, what may change on purpose when a run is continued: speed, memory, failure handling, and
+# the sequence length a context schedule sets (validation, logging and checkpoint frequency, trainer.max_steps
+# and the context schedule are not in RUN_KEYS at all).
+FREE_KEYS = ("data.num_workers", "data.pin_memory", "data.val_batch_size", "data.on_corrupt_shard", "data.seq_len",
+             "data.expected_vocab_size", "data.expected_tokenizer_fingerprint", "stage.on_nonfinite",
+             "stage.max_consecutive_skips", "stage.activation_checkpointing", "stage.compile_blocks", "stage.fsdp",
+             "stage.meta_init", "stage.loss_chunk_size")
+
+
+def data_fingerprint(datamodule) -> str | None:
+    """A digest of the prepared data a DataModule reads (the shards' contents, see
+    :attr:`herd.data.manifest.Manifest.content_fingerprint`); None for data without a manifest."""
+    manifests = getattr(datamodule, "manifests", None) or {}
+    if not manifests:
+        return None
+    parts = sorted(manifest.content_fingerprint for manifest in manifests.values())
+    return hashlib.sha256(",".join(parts).encode()).hexdigest()[:16]
+
+
+def run_differences(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """``key: <checkpoint's> (checkpoint) vs <config's> (config)`` for every key under :data:`RUN_KEYS`
+    (less :data:`FREE_KEYS`) whose resolved value differs between two runs' configs."""
+    old, new = _flatten(stored), _flatten(current)
+    keys = sorted(k for k in set(old) | set(new) if _compared(k) and old.get(k, _ABSENT) != new.get(k, _ABSENT))
+    return [f"{k}: {_shown(old.get(k, _ABSENT))} (checkpoint) vs {_shown(new.get(k, _ABSENT))} (config)" for k in keys]
+
+
+_ABSENT = object()
+
+
+def _flatten(values: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(values, dict) and values:
+        out: dict[str, Any] = {}
+        for key, value in values.items():
+            out |= _flatten(value, f"{prefix}.{key}" if prefix else str(key))
+        return out
+    return {prefix: values}
+
+
+def _under(key: str, prefixes: tuple[str, ...]) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
+def _compared(key: str) -> bool:
+    return _under(key, RUN_KEYS) and not _under(key, FREE_KEYS)
+
+
+def _shown(value: Any) -> str:
+    text = "(absent)" if value is _ABSENT else repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _check_run_settings(cfg: DictConfig, resume: Resume, stage) -> None:
+    """Refuse to continue a checkpoint with settings that change its run (stage, data, optimizer, schedule,
+    seed), listing them, unless ``resume_with_changes=true``; and always refuse state that only holds for the
+    data it was trained on (DPO's precomputed reference log-probs) on other data."""
+    herd = resume.metadata.get("herd", {})
+    stored = herd.get("run")
+    current = stage.run_record or {}
+    if not isinstance(stored, dict) or not isinstance(stored.get("config"), dict):
+        logs.warning(logger, f"{resume.path} holds no record of its run's settings (it was written by an older "
+                             "herd): only its model shape was checked against this run's config")
+        return
+    differences = run_differences(stored["config"], current.get("config", {}))
+    same_data = None in (stored.get("data"), current.get("data")) or stored.get("data") == current.get("data")
+    if not same_data:
+        bound = stage.data_bound_state(herd)
+        location = cfg.data.get("data_dir", "the configured data")
+        if bound is not None:
+            raise ConfigError(f"{resume.path} was trained on other data than {location} holds now (data fingerprint "
+                              f"{stored['data']} vs {current['data']}: it was prepared again since), and it keeps "
+                              f"{bound}, which do not fit the new data. Resume on the data it was trained on, or "
+                              "start a new run (without ckpt_path or resume)")
+        differences.append(f"data (the prepared shards' contents): {stored['data']} (checkpoint) vs "
+                           f"{current['data']} (config)")
+    if not differences:
+        return
+    if cfg.get("resume_with_changes"):
+        logs.warning(logger, f"resume_with_changes=true: continuing {resume.path} with other settings than it was "
+                             "trained with: " + "; ".join(differences))
+        return
+    raise ConfigError(f"{resume.path} was trained with other settings than this run's config, which would change "
+                      "its run: " + "; ".join(differences) + ". Resume with the settings it was trained with, or "
+                      "pass resume_with_changes=true to continue it with these (trainer.max_steps, validation, "
+                      "logging and checkpoint frequency and the context schedule may change without it)")
 
 
 def _check_tokenizer_match(cfg: DictConfig, stage, datamodule) -> None:
