@@ -150,6 +150,7 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
+@pytest.mark.slow
 def test_a_sigkilled_pipeline_keeps_its_step_log_and_its_orphan_is_found_on_rerun(fake):
     """SIGKILL to the pipeline process alone: step.log keeps what the step printed, the step goes on alone,
     and running the pipeline again refuses to start that step twice, naming its pid."""
