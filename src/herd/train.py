@@ -299,7 +299,7 @@ def resume_checkpoint(cfg: DictConfig, output_dir: Path) -> Resume | None:
         return _announce(_resume(best, "this run's own folder holds it (a requeue or restart of the same run "
                                  "id), and it is the furthest of its checkpoints", output_dir), key)
     runs = Path(cfg.paths.log_dir) / str(cfg.task) / "runs"
-    others = _other_runs_checkpoints(runs, output_dir, key)
+    others = _other_runs_checkpoints(runs, output_dir, key if cfg.resume == "latest" else None)
     if cfg.resume == "auto" or not others:
         note = ""
         if others:
@@ -314,8 +314,9 @@ def resume_checkpoint(cfg: DictConfig, output_dir: Path) -> Resume | None:
                              f"{len(others)} candidate(s) under {runs})", output_dir), key)
 
 
-def _other_runs_checkpoints(runs: Path, output_dir: Path, key: str) -> list[Path]:
-    """The complete ``last.ckpt`` of every other run folder under ``runs`` (read only: they may be running)."""
+def _other_runs_checkpoints(runs: Path, output_dir: Path, key: str | None) -> list[Path]:
+    """The complete ``last.ckpt`` of every other run folder under ``runs`` (read only: they may be running);
+    incomplete ones are named in a warning when ``key`` (the option looking for them) is given."""
     others = []
     for folder in sorted(runs.glob("*/checkpoints")):
         if output_dir.resolve() in folder.resolve().parents:
@@ -323,7 +324,7 @@ def _other_runs_checkpoints(runs: Path, output_dir: Path, key: str) -> list[Path
         recovered = recoverable_checkpoint(folder / "last.ckpt")
         if recovered is not None:
             others.append(recovered)
-        elif (folder / "last.ckpt").exists():
+        elif key is not None and (folder / "last.ckpt").exists():
             logs.warning(logger, f"{key}: skipping {folder / 'last.ckpt'}: an incomplete checkpoint (its save "
                                  "was interrupted)")
     return others
