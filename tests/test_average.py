@@ -131,3 +131,33 @@ def test_command_line_writes_the_average_and_refuses_with_status_2(models, tmp_p
     assert "x 0.5" in done.stdout and (tmp_path / "avg" / hf.SAFETENSORS_FILE).is_file()
     refused = subprocess.run([*command, f"output={tmp_path / 'avg'}", "weights=[1]"], capture_output=True, text=True)
     assert refused.returncode == 2 and "weights has 1 values for 2 models" in refused.stderr
+
+
+def test_a_damaged_safetensors_file_is_named_in_one_line(models, tmp_path):
+    import shutil
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(models["policy1"], damaged)
+    weights = damaged / hf.SAFETENSORS_FILE
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a copy cut short
+    done = subprocess.run([sys.executable, "-m", "herd.average", f"models=[{models['policy0']},{damaged}]",
+                           f"output={tmp_path / 'avg'}", f"hydra.run.dir={tmp_path / 'log'}"],
+                          capture_output=True, text=True)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith(f"herd.average: {weights} is not a readable safetensors file")
+    assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
+    assert not (tmp_path / "avg").exists()
+
+
+@pytest.mark.parametrize(("damaged", "named"), [("tokenizer.json", "is not a valid tokenizer.json"),
+                                                ("tokenizer_config.json", "is not valid JSON")])
+def test_an_invalid_tokenizer_file_is_named_not_another(models, tmp_path, damaged, named):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(models["policy1"], copy)
+    (copy / damaged).write_text("{not json")
+    with pytest.raises(AverageError) as error:
+        average([models["policy0"], copy], tmp_path / "avg")
+    assert str(error.value).startswith(f"{copy / damaged} {named}")
+    assert "\n" not in str(error.value) and not (tmp_path / "avg").exists()

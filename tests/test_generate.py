@@ -92,6 +92,23 @@ def test_command_line_mistakes_exit_2_without_a_traceback(model_dir, args, messa
     assert "Traceback" not in out.stderr + out.stdout
 
 
+@pytest.mark.parametrize(("damaged", "named"), [("tokenizer.json", "is not a valid tokenizer.json"),
+                                                ("tokenizer_config.json", "is not valid JSON")])
+def test_an_invalid_tokenizer_file_is_named_in_one_line(model_dir, tmp_path, damaged, named, capsys):
+    import shutil
+
+    from herd.generate import main
+
+    copy = tmp_path / "model"
+    shutil.copytree(model_dir, copy)
+    (copy / damaged).write_text("{not json")
+    with pytest.raises(SystemExit) as exit_status:
+        main.__wrapped__(compose_generate(f"model_dir={copy}", "prompt=Hi", "max_new_tokens=2"))
+    assert exit_status.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"herd.generate: {copy / damaged} {named}") and len(err.strip().splitlines()) == 1
+
+
 @pytest.fixture(scope="module")
 def fp8_model_dir(model_dir, tmp_path_factory) -> Path:
     """A random 3-layer model (so the middle block's FFN is quantized) with the same tokenizer."""

@@ -35,6 +35,7 @@ STEP = textwrap.dedent("""
         print(f"{name}: something went wrong", flush=True)
         sys.exit(3)
     if (root / f"hold-{name}").exists():
+        print(f"{name}: half way", flush=True)
         (folder / "partial").write_text("half done")
         (root / f"started-{name}").write_text("")
         time.sleep(120)
@@ -138,6 +139,75 @@ def test_a_killed_pipeline_resumes_without_redoing_finished_steps(fake):
     assert done.returncode == 0, done.stdout + done.stderr
     assert _runs(root)[7:] == ["b1", "b2", "check0", "check1", "check2"]
     assert _out(root, "round1/b") == {"given": f"{root}/run/setup/a/out.json|spicy", "resumed": False}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] if Path(f"/proc/{pid}/stat").exists() else "R"
+    return state != "Z"
+
+
+@pytest.mark.slow
+def test_a_sigkilled_pipeline_keeps_its_step_log_and_its_orphan_is_found_on_rerun(fake):
+    """SIGKILL to the pipeline process alone: step.log keeps what the step printed, the step goes on alone,
+    and running the pipeline again refuses to start that step twice, naming its pid."""
+    root = fake
+    (root / "hold-b1").write_text("")
+    process = subprocess.Popen(_command(root), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
+    try:
+        _wait_for(root / "started-b1", process)
+        time.sleep(0.5)  # the pipeline reads the line the step printed before it wrote started-b1
+    finally:
+        process.kill()
+        process.wait()
+    log = root / "run" / "round1" / "b" / "step.log"
+    orphan = json.loads((root / "run" / "round1" / "b" / "step.pid").read_text())["pid"]
+    try:
+        assert "b1: half way" in log.read_text()  # the line reached the file, not a buffer that died with the pipeline
+        assert _alive(orphan)
+        again = subprocess.run(_command(root), capture_output=True, text=True)
+        assert again.returncode == 2, again.stdout + again.stderr
+        assert again.stderr.strip().splitlines() == [
+            f"herd.pipeline: step round1/b is still running as process {orphan}, started by an earlier herd.pipeline "
+            f"that was killed (its output goes on into {log}): wait for it to end, or stop it (kill {orphan}), then "
+            "run the same command again"]
+        assert _runs(root) == ["a", "b1"]  # not started a second time
+    finally:
+        os.kill(orphan, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while _alive(orphan) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    (root / "hold-b1").unlink()
+    done = subprocess.run(_command(root, "until=round1/b"), capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert _runs(root) == ["a", "b1", "b1"] and _out(root, "round1/b")["resumed"]
+    assert not (root / "run" / "round1" / "b" / "step.pid").exists()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_or_sigint_is_forwarded_to_the_step_which_is_recorded_interrupted(fake, signum):
+    root = fake
+    (root / "hold-b1").write_text("")
+    process = subprocess.Popen(_command(root), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
+    try:
+        _wait_for(root / "started-b1", process)
+        pid = json.loads((root / "run" / "round1" / "b" / "step.pid").read_text())["pid"]
+        process.send_signal(signum)
+        output = process.communicate(timeout=60)[0]
+    finally:
+        if process.poll() is None:  # a failed check: leave nothing running
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 128 + signum, output
+    assert not _alive(pid)  # the step got the signal: it is not left running
+    record = json.loads((root / "run" / "round1" / "b" / "step.json").read_text())
+    assert (record["status"], record["signal"]) == ("interrupted", signal.Signals(signum).name)
+    assert json.loads((root / "run" / "summary.json").read_text())["status"] == "interrupted"
+    assert "b1: half way" in (root / "run" / "round1" / "b" / "step.log").read_text()
 
 
 def test_a_failed_step_stops_the_pipeline_and_is_named(fake):

@@ -103,10 +103,14 @@ def read_model_dir(path: str | Path) -> ModelDir:
     except modeldir.CheckpointError as err:
         raise AverageError(str(err)) from None
     for file in files:
-        with safe_open(str(file), framework="pt") as handle:
-            for name in handle.keys():  # noqa: SIM118 - safe_open handles are not mappings
-                view = handle.get_slice(name)
-                tensors[name] = TensorInfo(file, tuple(view.get_shape()), view.get_dtype())
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                for name in handle.keys():  # noqa: SIM118 - safe_open handles are not mappings
+                    view = handle.get_slice(name)
+                    tensors[name] = TensorInfo(file, tuple(view.get_shape()), view.get_dtype())
+        except Exception as err:  # safetensors raises its own error types for a damaged or truncated file
+            raise AverageError(f"{file} is not a readable safetensors file ({' '.join(str(err).split())}): it is "
+                               "damaged or truncated; export or copy that model again") from None
     return ModelDir(path, config, tensors, _tokenizer_fingerprint(path))
 
 
@@ -117,8 +121,8 @@ def _tokenizer_fingerprint(path: Path) -> str | None:
 
     try:
         return Tokenizer.load(path).fingerprint
-    except ValueError as err:
-        raise AverageError(f"{path / 'tokenizer.json'}: {err}") from None
+    except ValueError as err:  # TokenizerError names the file at fault (tokenizer.json or tokenizer_config.json)
+        raise AverageError(str(err)) from None
 
 
 def check_compatible(models: Sequence[ModelDir]) -> None:

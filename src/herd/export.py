@@ -47,13 +47,21 @@ def read_checkpoint(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tens
     if path.is_dir():
         meta, weights = _read_sharded(path)
     else:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = checkpoint_io.load_checkpoint_file(path)
         meta, weights = checkpoint, checkpoint.get("state_dict", {})
-    if "herd" not in meta or "model_config" not in meta["herd"]:
+    herd = meta.get("herd")
+    if not isinstance(herd, dict) or not isinstance(herd.get("model_config"), dict):
         raise ValueError(f"{path} is not a herd checkpoint (no model config in it); export it with the code that "
                          "wrote it")
-    config = ModelConfig.from_dict(meta["herd"]["model_config"])
-    state = {k[len(MODEL_PREFIX):]: v for k, v in weights.items() if k.startswith(MODEL_PREFIX)}
+    try:
+        config = ModelConfig.from_dict(herd["model_config"])
+    except (TypeError, KeyError) as err:
+        raise ValueError(f"{path} holds a model config herd cannot read ({type(err).__name__}: {err}); export it "
+                         "with the code that wrote it") from None
+    if not isinstance(weights, dict):
+        raise ValueError(f"{path} is not a Lightning checkpoint (its state_dict is a {type(weights).__name__})")
+    state = {k[len(MODEL_PREFIX):]: v for k, v in weights.items()
+             if isinstance(k, str) and k.startswith(MODEL_PREFIX) and isinstance(v, torch.Tensor)}
     if not state:
         raise ValueError(f"{path} holds no model weights (keys starting with {MODEL_PREFIX!r})")
     if VALUE_HEAD_KEY in weights:  # a reward model's head travels with the backbone
@@ -69,7 +77,7 @@ def _read_sharded(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     if not meta_file.is_file():
         raise ValueError(f"{path} is a folder but not a sharded Lightning checkpoint (no {meta_file.name})")
     index = checkpoint_io.check_dcp_metadata(path)  # refuses a crafted .metadata before anything else reads it
-    meta = torch.load(meta_file, map_location="cpu", weights_only=True)
+    meta = checkpoint_io.load_checkpoint_file(meta_file)
     wanted = {}
     for key, item in index.state_dict_metadata.items():
         wanted_key = key.startswith("state_dict." + MODEL_PREFIX) or key == "state_dict." + VALUE_HEAD_KEY

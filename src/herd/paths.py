@@ -7,6 +7,7 @@ are started. Set ``HERD_ROOT`` to point herd at another checkout or working fold
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 from urllib.parse import urlparse
@@ -52,3 +53,19 @@ def url_scheme(location: str) -> str:
 def resolve_location(location: str) -> str:
     """A local path resolved like :func:`resolve`, or a URL unchanged."""
     return location if is_url(location) else str(resolve(location))
+
+
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)  # no space left on device; disk quota exceeded
+
+
+def disk_full(err: BaseException) -> OSError | None:
+    """The "no space left on device" (or quota) OSError behind ``err``, if any: ``err`` itself or one it
+    was raised from or while handling (torch's writers, for one, re-raise it as a RuntimeError)."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in DISK_FULL_ERRNOS:
+            return current
+        current = current.__cause__ or current.__context__
+    return None

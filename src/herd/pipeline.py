@@ -53,7 +53,13 @@ command line and whose output is complete, so an interrupted pipeline resumes wh
   last checkpoint there (``herd.train`` with ``resume=auto``; killed after its checkpoint at
   ``max_steps``, before its export, it is only finished: validated and exported);
 - once a step runs, every later step runs too (their inputs may have changed), and a step whose
-  command line changed (another option, another input) starts over in an emptied folder.
+  command line changed (another option, another input) starts over in an emptied folder;
+- SIGINT or SIGTERM to the pipeline is forwarded to the running step, which is recorded as
+  ``interrupted`` in its ``step.json`` (exit status 128 + the signal's number); ``step.log`` is
+  written line by line, so a step killed with SIGKILL keeps every line it printed;
+- a step whose pipeline was killed with SIGKILL (and not its process group) keeps running alone:
+  its pid is in ``step.pid``, and running the pipeline again refuses to start that step a second
+  time while the first is alive (exit status 2, naming the pid).
 
 Mistakes in the pipeline config (an unknown tool, a reference to a later or unknown step, a
 missing ``start``) are reported before anything runs, with exit status 2.
@@ -66,6 +72,7 @@ import json
 import logging
 import math
 import shutil
+import signal
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -78,7 +85,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from herd import cli
-from herd.commands import read_record, run_logged, write_record
+from herd.commands import Interrupted, read_record, run_logged, running_pid, write_record
 from herd.interop import gguf
 from herd.paths import repo_root, resolve
 from herd.scalars import flat_scalars, read_scalars
@@ -87,12 +94,23 @@ logger = logging.getLogger(__name__)
 
 STEP_FILE = "step.json"
 STEP_LOG = "step.log"
+STEP_PID = "step.pid"  # the step's process while it runs
 SUMMARY_FILE = "summary.json"
 SECTIONS = ("setup", "round", "finish")
 
 
 class PipelineError(ValueError):
     """A pipeline config that cannot run; the message names the step and the key."""
+
+
+class StepStillRunning(PipelineError):
+    """A step's process from an earlier run of the pipeline (killed with SIGKILL) is still alive."""
+
+    def __init__(self, step: Step, pid: int) -> None:
+        self.step, self.pid = step, pid
+        super().__init__(f"step {step.name} is still running as process {pid}, started by an earlier herd.pipeline "
+                         f"that was killed (its output goes on into {step.dir / STEP_LOG}): wait for it to end, or "
+                         f"stop it (kill {pid}), then run the same command again")
 
 
 class StepFailed(RuntimeError):
@@ -426,7 +444,7 @@ class Runner:
                     status = "stopped"
                     logger.info("herd.pipeline: stopping after %s (until=%s)", step.name, self.until)
                     break
-        except StepFailed as err:
+        except (StepFailed, StepStillRunning) as err:
             self.records[err.step.name] = read_step(err.step)
             self.write_summary("failed", failed=err.step.name)
             raise
@@ -436,6 +454,9 @@ class Runner:
         return self.write_summary(status)
 
     def _run_step(self, step: Step, resume: bool) -> dict[str, Any]:
+        orphan = running_pid(step.dir / STEP_PID)
+        if orphan is not None:
+            raise StepStillRunning(step, orphan)
         if not resume and step.dir.exists():
             _empty(step.dir, keep={f"seed{run.seed}" for run in step.average_of})
         step.dir.mkdir(parents=True, exist_ok=True)
@@ -444,7 +465,13 @@ class Runner:
         record = {"name": step.name, "tool": step.tool, "command": _command_key(step.command), "status": "running",
                   "started": datetime.now().isoformat(timespec="seconds"), "output": str(step.output)}
         write_record(step.dir / STEP_FILE, record)
-        finished = run_logged(step.command, step.dir / STEP_LOG, cwd=repo_root())
+        try:
+            finished = run_logged(step.command, step.dir / STEP_LOG, cwd=repo_root(), pid_file=step.dir / STEP_PID)
+        except KeyboardInterrupt as err:
+            how = signal.Signals(err.signum).name if isinstance(err, Interrupted) else "SIGINT"
+            write_record(step.dir / STEP_FILE, record | {"status": "interrupted", "signal": how,
+                                                         "ended": datetime.now().isoformat(timespec="seconds")})
+            raise
         status, seconds, cpu_seconds = finished.status, finished.seconds, finished.cpu_seconds
         if status == 0 and not TOOLS[step.tool].complete(step.output):
             logger.error("herd.pipeline: %s exited 0 but its output %s is not complete", step.name, step.output)
@@ -620,9 +647,11 @@ def main(cfg: DictConfig) -> None:
         logger.error("herd.pipeline: %s. Fix the cause and run the same command again: the finished steps are "
                      "skipped, and %s continues in its folder.", err, err.step.name)
         sys.exit(1)
-    except KeyboardInterrupt:
-        logger.error("herd.pipeline: interrupted; run the same command again to resume")
-        sys.exit(130)
+    except KeyboardInterrupt as err:
+        signum = err.signum if isinstance(err, Interrupted) else signal.SIGINT
+        logger.error("herd.pipeline: interrupted (%s); run the same command again to resume",
+                     signal.Signals(signum).name)
+        sys.exit(128 + signum)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,9 @@ string text field, or not a usable dialog or ranking; see ``herd.data.inputs``,
 and line (``on_bad_input=error``, the default for text), or are skipped and counted per reason
 in the log and in the manifest (``sources.<name>.skipped``; ``on_bad_input=skip``, the default
 for dialogs and rankings). A source with more than ``max_bad_fraction`` of bad inputs (default:
-no limit for text, 0.1 for dialogs and rankings), or with nothing but bad inputs, fails.
+no limit for text, 0.1 for dialogs and rankings), or with nothing but bad inputs, fails. A jsonl
+line longer than ``max_line_bytes`` (8 MiB) is such a bad input (``too_long_line``), found before
+it is decoded, parsed or tokenized, so a huge line costs a few times ``max_line_bytes`` of memory.
 
 The output is built in a hidden staging folder inside ``output_dir`` and moved into place only
 when everything succeeded, the manifest last; a failed run leaves ``output_dir`` as it was (and
@@ -59,7 +61,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from herd.cli import user_errors
-from herd.data.inputs import BadInputError
+from herd.data.inputs import MAX_LINE_BYTES, BadInputError, line_limit
 from herd.data.kinds import (
     ON_BAD_INPUT,
     BadInputs,
@@ -100,6 +102,7 @@ class _Settings:
     num_proc: int
     max_rows: int
     min_count: int
+    max_line_bytes: int
 
 
 def prepare(cfg: DictConfig | Mapping[str, Any]) -> Path:
@@ -113,8 +116,9 @@ def prepare(cfg: DictConfig | Mapping[str, Any]) -> Path:
     sources, seq_len, val_fraction = settings.sources, settings.seq_len, settings.val_fraction
     started = time.perf_counter()
 
-    tokenizer = _tokenizer(cfg.get("tokenizer") or {}, sources, val_fraction)
-    with _staging(settings.out) as staging, ExitStack() as stack:
+    with line_limit(settings.max_line_bytes):
+        tokenizer = _tokenizer(cfg.get("tokenizer") or {}, sources, val_fraction)
+    with _staging(settings.out) as staging, ExitStack() as stack, line_limit(settings.max_line_bytes):
         tokenizer.save(staging / "tokenizer")
         job = Job(
             tokenizer=tokenizer,
@@ -156,6 +160,7 @@ def _settings(cfg: DictConfig) -> _Settings:
         num_proc=_positive_int(cfg.num_proc, "num_proc") if cfg.get("num_proc") is not None else _cores(),
         max_rows=_positive_int(shards.get("max_rows", 2048), "shards.max_rows"),
         min_count=_positive_int(shards.get("min_count", 8), "shards.min_count"),
+        max_line_bytes=_positive_int(cfg.get("max_line_bytes", MAX_LINE_BYTES), "max_line_bytes"),
     )
 
 

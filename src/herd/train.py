@@ -7,12 +7,17 @@ wraps it for the command line::
     python -m herd.train                                  # tiny pretraining on the embedded corpus
     python -m herd.train model=llama3_8b trainer=gpu strategy=ddp trainer.devices=8
     python -m herd.train debug=fast                       # one batch of everything
-    python -m herd.train resume=auto                      # continue the newest run of this task
+    python -m herd.train resume=auto                      # a requeue: continue this run folder's checkpoint
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
@@ -30,11 +35,11 @@ from omegaconf import DictConfig, OmegaConf
 from herd import cli, logs
 from herd.data.manifest import ManifestError
 from herd.data.shards import ShardError
-from herd.data.tokenizer import Tokenizer
+from herd.data.tokenizer import Tokenizer, TokenizerError
 from herd.interop import gguf, hf
 from herd.interop.hf import CheckpointError
 from herd.model import ModelConfig
-from herd.paths import resolve
+from herd.paths import disk_full, resolve
 from herd.presets import config_dir
 from herd.stages.base import NonFiniteError, all_finite
 from herd.stages.checkpoint_io import (
@@ -70,11 +75,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     trainer, stage, datamodule = objects["trainer"], objects["stage"], objects["datamodule"]
     if _is_rank_zero():
         _clean_checkpoint_folders(trainer, output_dir)
+    hyperparameters = {k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
+                       for k, v in cfg.items() if k != "hydra"}
+    stage.run_record = {"config": hyperparameters, "data": data_fingerprint(datamodule)}
     resume = resume_checkpoint(cfg, output_dir)
     finishing = resume is not None and _check_resume(cfg, resume, stage)
     _check_tokenizer_match(cfg, stage, datamodule)
-    hyperparameters = {k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
-                       for k, v in cfg.items() if k != "hydra"}
     _continue_logs(trainer, output_dir, resume, finishing)
     for run_logger in trainer.loggers:
         run_logger.log_hyperparams(hyperparameters)
@@ -252,14 +258,20 @@ class Resume:
     metadata: dict[str, Any]
 
 
-def resume_checkpoint(cfg: DictConfig, output_dir: Path) -> Resume | None:
-    """``ckpt_path``, or with ``resume=auto`` the checkpoint to continue (None: start fresh).
+RESUME_MODES = ("auto", "latest")
 
-    ``resume=auto`` first looks in the run's own folder (a SLURM requeue, a torchrun restart with
-    the same ``--rdzv-id`` or the same ``HERD_RUN_ID`` lands there): its ``last.ckpt`` or a
-    checkpoint Lightning saved on SLURM's pre-emption signal, the furthest step first. Otherwise it
-    takes the newest ``last.ckpt`` of an earlier run of this task. Incomplete checkpoints (from a
-    killed save) are skipped with a warning naming them.
+
+def resume_checkpoint(cfg: DictConfig, output_dir: Path) -> Resume | None:
+    """``ckpt_path``, or with ``resume=auto``/``latest`` the checkpoint to continue (None: start fresh).
+
+    ``resume=auto`` continues only this run's own checkpoints: those in its own folder (a SLURM
+    requeue, a torchrun restart with the same ``--rdzv-id`` or the same ``HERD_RUN_ID`` lands
+    there): its ``last.ckpt`` or a checkpoint Lightning saved on SLURM's pre-emption signal, the
+    furthest step first. Without one the run starts fresh, and says so: another run's checkpoint
+    is never adopted silently. ``resume=latest`` falls back to the newest ``last.ckpt`` of an
+    earlier run of this task, and ``ckpt_path`` names one; either is then checked against this
+    run's config (:func:`_check_resume`). Incomplete checkpoints (from a killed save) are skipped
+    with a warning naming them.
     """
     if cfg.ckpt_path:
         path = Path(cfg.ckpt_path)
@@ -275,39 +287,53 @@ def resume_checkpoint(cfg: DictConfig, output_dir: Path) -> Resume | None:
         return _announce(_resume(recovered, reason, output_dir), "ckpt_path")
     if cfg.resume in (None, False):
         return None
-    if cfg.resume != "auto":
-        raise ConfigError(f"resume={cfg.resume!r}: use resume=auto, or ckpt_path=<file> for a given checkpoint")
+    if cfg.resume not in RESUME_MODES:
+        raise ConfigError(f"resume={cfg.resume!r}: use resume=auto (this run's own checkpoint: a requeue or restart), "
+                          "resume=latest (else the newest run of this task), or ckpt_path=<file> for a given checkpoint")
+    key = f"resume={cfg.resume}"
     own = [output_dir / "checkpoints" / "last.ckpt", *sorted(output_dir.glob("hpc_ckpt_*.ckpt"))]
-    own = _complete([p for p in own if p.exists()])
+    own = _complete([p for p in own if p.exists()], key)
     if own:
         steps = {p: int(checkpoint_metadata(p).get("global_step", 0)) for p in own}
         best = max(own, key=lambda p: (steps[p], p.stat().st_mtime))
         return _announce(_resume(best, "this run's own folder holds it (a requeue or restart of the same run "
-                                 "id), and it is the furthest of its checkpoints", output_dir))
+                                 "id), and it is the furthest of its checkpoints", output_dir), key)
     runs = Path(cfg.paths.log_dir) / str(cfg.task) / "runs"
-    others = []
-    for folder in sorted(runs.glob("*/checkpoints")):
-        if output_dir.resolve() in folder.resolve().parents:
-            continue
-        recovered = recoverable_checkpoint(folder / "last.ckpt")  # reads only: that run may still be going
-        if recovered is not None:
-            others.append(recovered)
-        elif (folder / "last.ckpt").exists():
-            logs.warning(logger, f"resume=auto: skipping {folder / 'last.ckpt'}: an incomplete checkpoint (its save "
-                                 "was interrupted)")
-    if not others:
-        logs.info(logger, f"resume=auto: no complete last.ckpt in this run's folder or under {runs}; starting fresh")
+    others = _other_runs_checkpoints(runs, output_dir, key if cfg.resume == "latest" else None)
+    if cfg.resume == "auto" or not others:
+        note = ""
+        if others:
+            newest = max(others, key=lambda p: p.stat().st_mtime)
+            note = (f"; other runs of task {cfg.task!r} have checkpoints (the newest: {newest}), which resume=auto "
+                    "never continues: pass ckpt_path=<file> (or resume=latest) to continue one of them")
+        logs.info(logger, f"{key}: no complete last.ckpt in this run's folder {output_dir}; starting fresh{note}")
         return None
     newest = max(others, key=lambda p: p.stat().st_mtime)
     when = datetime.fromtimestamp(newest.stat().st_mtime).strftime("%Y-%m-%d %H:%M:%S")
     return _announce(_resume(newest, f"the most recently written last.ckpt of task {cfg.task!r} ({when}, "
-                             f"{len(others)} candidate(s) under {runs})", output_dir))
+                             f"{len(others)} candidate(s) under {runs})", output_dir), key)
 
 
-def _complete(paths: list[Path]) -> list[Path]:
+def _other_runs_checkpoints(runs: Path, output_dir: Path, key: str | None) -> list[Path]:
+    """The complete ``last.ckpt`` of every other run folder under ``runs`` (read only: they may be running);
+    incomplete ones are named in a warning when ``key`` (the option looking for them) is given."""
+    others = []
+    for folder in sorted(runs.glob("*/checkpoints")):
+        if output_dir.resolve() in folder.resolve().parents:
+            continue
+        recovered = recoverable_checkpoint(folder / "last.ckpt")
+        if recovered is not None:
+            others.append(recovered)
+        elif key is not None and (folder / "last.ckpt").exists():
+            logs.warning(logger, f"{key}: skipping {folder / 'last.ckpt'}: an incomplete checkpoint (its save "
+                                 "was interrupted)")
+    return others
+
+
+def _complete(paths: list[Path], key: str) -> list[Path]:
     complete = [p for p in paths if checkpoint_is_complete(p)]
     for path in sorted(set(paths) - set(complete)):
-        logs.warning(logger, f"resume=auto: skipping {path}: an incomplete checkpoint (its save was interrupted)")
+        logs.warning(logger, f"{key}: skipping {path}: an incomplete checkpoint (its save was interrupted)")
     return complete
 
 
@@ -338,6 +364,7 @@ def _check_resume(cfg: DictConfig, resume: Resume, stage) -> bool:
         raise ConfigError(f"{resume.path} holds a different model than this run's config: "
                           + "; ".join(differences) + ". Resume with the model settings it was trained with, "
                           "or start a new run from its export with stage.init_from=")
+    _check_run_settings(cfg, resume, stage)
     if Path(resume.path).is_dir():
         try:
             check_dcp_metadata(resume.path)
@@ -356,6 +383,97 @@ def _check_resume(cfg: DictConfig, resume: Resume, stage) -> bool:
     return False
 
 
+# What a resume compares beyond the model's shape: the keys (and everything under them) whose change changes
+# the run. The model's other fields (RoPE, max_seq_len, attention) are the context schedule's and may change.
+RUN_KEYS = ("seed", "stage", "data", "trainer.accumulate_grad_batches", "trainer.gradient_clip_val",
+            "trainer.gradient_clip_algorithm", "callbacks.batch_ramp")
+# Under RUN_KEYS, what may change on purpose when a run is continued: speed, memory, failure handling, and
+# the sequence length a context schedule sets (validation, logging and checkpoint frequency, trainer.max_steps
+# and the context schedule are not in RUN_KEYS at all).
+FREE_KEYS = ("data.num_workers", "data.pin_memory", "data.val_batch_size", "data.on_corrupt_shard", "data.seq_len",
+             "data.expected_vocab_size", "data.expected_tokenizer_fingerprint", "stage.on_nonfinite",
+             "stage.max_consecutive_skips", "stage.activation_checkpointing", "stage.compile_blocks", "stage.fsdp",
+             "stage.meta_init", "stage.loss_chunk_size")
+
+
+def data_fingerprint(datamodule) -> str | None:
+    """A digest of the prepared data a DataModule reads (the shards' contents, see
+    :attr:`herd.data.manifest.Manifest.content_fingerprint`); None for data without a manifest."""
+    manifests = getattr(datamodule, "manifests", None) or {}
+    if not manifests:
+        return None
+    parts = sorted(manifest.content_fingerprint for manifest in manifests.values())
+    return hashlib.sha256(",".join(parts).encode()).hexdigest()[:16]
+
+
+def run_differences(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """``key: <checkpoint's> (checkpoint) vs <config's> (config)`` for every key under :data:`RUN_KEYS`
+    (less :data:`FREE_KEYS`) whose resolved value differs between two runs' configs."""
+    old, new = _flatten(stored), _flatten(current)
+    keys = sorted(k for k in set(old) | set(new) if _compared(k) and old.get(k, _ABSENT) != new.get(k, _ABSENT))
+    return [f"{k}: {_shown(old.get(k, _ABSENT))} (checkpoint) vs {_shown(new.get(k, _ABSENT))} (config)" for k in keys]
+
+
+_ABSENT = object()
+
+
+def _flatten(values: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(values, dict) and values:
+        out: dict[str, Any] = {}
+        for key, value in values.items():
+            out |= _flatten(value, f"{prefix}.{key}" if prefix else str(key))
+        return out
+    return {prefix: values}
+
+
+def _under(key: str, prefixes: tuple[str, ...]) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
+def _compared(key: str) -> bool:
+    return _under(key, RUN_KEYS) and not _under(key, FREE_KEYS)
+
+
+def _shown(value: Any) -> str:
+    text = "(absent)" if value is _ABSENT else repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _check_run_settings(cfg: DictConfig, resume: Resume, stage) -> None:
+    """Refuse to continue a checkpoint with settings that change its run (stage, data, optimizer, schedule,
+    seed), listing them, unless ``resume_with_changes=true``; and always refuse state that only holds for the
+    data it was trained on (DPO's precomputed reference log-probs) on other data."""
+    herd = resume.metadata.get("herd", {})
+    stored = herd.get("run")
+    current = stage.run_record or {}
+    if not isinstance(stored, dict) or not isinstance(stored.get("config"), dict):
+        logs.warning(logger, f"{resume.path} holds no record of its run's settings (it was written by an older "
+                             "herd): only its model shape was checked against this run's config")
+        return
+    differences = run_differences(stored["config"], current.get("config", {}))
+    same_data = None in (stored.get("data"), current.get("data")) or stored.get("data") == current.get("data")
+    if not same_data:
+        bound = stage.data_bound_state(herd)
+        location = cfg.data.get("data_dir", "the configured data")
+        if bound is not None:
+            raise ConfigError(f"{resume.path} was trained on other data than {location} holds now (data fingerprint "
+                              f"{stored['data']} vs {current['data']}: it was prepared again since), and it keeps "
+                              f"{bound}, which do not fit the new data. Resume on the data it was trained on, or "
+                              "start a new run (without ckpt_path or resume)")
+        differences.append(f"data (the prepared shards' contents): {stored['data']} (checkpoint) vs "
+                           f"{current['data']} (config)")
+    if not differences:
+        return
+    if cfg.get("resume_with_changes"):
+        logs.warning(logger, f"resume_with_changes=true: continuing {resume.path} with other settings than it was "
+                             "trained with: " + "; ".join(differences))
+        return
+    raise ConfigError(f"{resume.path} was trained with other settings than this run's config, which would change "
+                      "its run: " + "; ".join(differences) + ". Resume with the settings it was trained with, or "
+                      "pass resume_with_changes=true to continue it with these (trainer.max_steps, validation, "
+                      "logging and checkpoint frequency and the context schedule may change without it)")
+
+
 def _check_tokenizer_match(cfg: DictConfig, stage, datamodule) -> None:
     """A model directory (``stage.init_from``) must come with the data's tokenizer (by fingerprint)."""
     init_from = getattr(stage, "init_from", None)
@@ -368,7 +486,10 @@ def _check_tokenizer_match(cfg: DictConfig, stage, datamodule) -> None:
         logs.warning(logger, f"{init_from} has no tokenizer.json: herd cannot check that the data in "
                              f"{datamodule.manifest.location} was prepared with the model's tokenizer")
         return
-    model_fingerprint = Tokenizer.load(init_from).fingerprint
+    try:
+        model_fingerprint = Tokenizer.load(init_from).fingerprint
+    except TokenizerError as err:  # names the file at fault: tokenizer.json or tokenizer_config.json
+        raise ConfigError(f"stage.init_from={init_from}: {err}") from None
     if model_fingerprint == data_fingerprint:
         return
     if cfg.get("allow_tokenizer_mismatch"):
@@ -440,9 +561,12 @@ FAILED_FILE = "FAILED"
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
 def main(cfg: DictConfig) -> None:
     """Command-line entry. A user error prints one clear message and exits with status 2; a run stopped
-    by a non-finite loss exits with status 1. Either way the run folder is marked ``FAILED``."""
+    by a non-finite loss, a full disk or a lack of memory prints one and exits with status 1; any other
+    error keeps its traceback. Every failure marks the run folder ``FAILED`` and ends train.log with
+    its one-line reason."""
     on_error = partial(_mark_failed, cfg)
-    with (cli.user_errors("herd.train", USER_ERRORS, prefix="herd", on_error=on_error),
+    with (_failures_recorded(cfg),
+          cli.user_errors("herd.train", USER_ERRORS, prefix="herd", on_error=on_error),
           cli.user_errors("herd.train", (NonFiniteError,), prefix="herd", status=1, on_error=on_error)):
         train(cfg)
 
@@ -450,13 +574,61 @@ def main(cfg: DictConfig) -> None:
 USER_ERRORS = (ConfigError, FileNotFoundError, CheckpointError, ManifestError, ShardError)
 
 
+@contextmanager
+def _failures_recorded(cfg: DictConfig) -> Iterator[None]:
+    """Record every other failure: a full disk or a lack of memory exits 1 with one line saying so and what
+    to do; anything else (a bug) is recorded by its first line and raised on, traceback and all."""
+    try:
+        yield
+    except Exception as err:
+        message, expected = failure_message(cfg, err)
+        _mark_failed(cfg, message)
+        if not expected:
+            raise
+        print(message, file=sys.stderr)
+        sys.exit(1)
+
+
+def failure_message(cfg: DictConfig, err: BaseException) -> tuple[str, bool]:
+    """The one-line ``herd: ...`` reason of a failed run, and whether it is a known kind (a full disk, out
+    of memory) rather than a bug."""
+    full = disk_full(err)
+    if full is not None:
+        where = Path(full.filename) if full.filename else Path(cfg.paths.output_dir)
+        folder = where.parent if full.filename else where
+        what = os.strerror(full.errno).lower()
+        return (f"herd: {what} while writing {where} (in {folder}): free space there, or give the run a folder on "
+                "another disk (paths.log_dir=... or hydra.run.dir=...), then run the same command with resume=auto: "
+                "the last complete checkpoint is intact"), True
+    if _out_of_memory(err):
+        return (f"herd: out of memory ({_first_line(err)}): lower data.batch_size (or data.seq_len), set "
+                "stage.activation_checkpointing=full, or shard the model over more devices (strategy=fsdp2), then "
+                "run the same command with resume=auto"), True
+    return f"herd: {type(err).__name__}: {_first_line(err)}", False
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    out_of_memory = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+    if isinstance(err, MemoryError | out_of_memory):
+        return True
+    return isinstance(err, RuntimeError) and "out of memory" in str(err).lower()
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0][:300] if lines else type(err).__name__
+
+
 def _mark_failed(cfg: DictConfig, message: str) -> None:
     """Keep a failed run's message in train.log and in its folder's ``FAILED`` file."""
     logger.error(message, extra={logs.FILE_ONLY: True})  # train.log; the console gets it on stderr
     if _is_rank_zero():
         output_dir = Path(cfg.paths.output_dir)
-        if output_dir.is_dir():
-            (output_dir / FAILED_FILE).write_text(message + "\n")
+        try:
+            if output_dir.is_dir():
+                (output_dir / FAILED_FILE).write_text(message + "\n")
+        except OSError as err:  # a full disk may refuse even this
+            print(f"herd: could not write {output_dir / FAILED_FILE}: {err}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -90,3 +90,22 @@ def test_bad_inputs_are_reported_and_skipped_when_the_handler_returns(tmp_path):
     assert {e.reason for e in reported} <= set(BAD_INPUT_REASONS)
 
 
+
+
+def test_a_line_longer_than_max_line_bytes_is_skipped_unread_and_counted(tmp_path):
+    from herd.data.inputs import jsonl_records, line_limit
+
+    path = tmp_path / "d.jsonl"
+    at_limit = '{"text": "' + "x" * 88 + '"}'  # 100 bytes: kept
+    path.write_bytes(f'{at_limit}\n{{"text": "{"y" * 5000}"}}\r\n{{"text": "after"}}\n'.encode() + b'{"text": "' + b"z" * 300)
+    reported: list[BadInputError] = []
+    with line_limit(100):
+        records = list(jsonl_records(path, reported.append))
+    assert [(n, r["text"][:5]) for n, r in records] == [(1, "xxxxx"), (3, "after")]
+    assert [(e.reason, e.location) for e in reported] == [("too_long_line", f"{path}:2"), ("too_long_line", f"{path}:4")]
+    assert "the line is 5,013 bytes, more than max_line_bytes=100" in str(reported[0])  # its \r counts, not its \n
+    assert "the line is 310 bytes" in str(reported[1])  # the last line has no newline
+    assert len(list(jsonl_records(path, reported.append))) == 3  # outside the block: MAX_LINE_BYTES (8 MiB)
+    assert {e.reason for e in reported} <= set(BAD_INPUT_REASONS)
+    with pytest.raises(ValueError, match="max_line_bytes must be a positive number of bytes, got 0"), line_limit(0):
+        pass

@@ -21,15 +21,16 @@ def small_overrides(data_dir: Path | None) -> list[str]:
             "trainer.enable_progress_bar=false", "callbacks.progress_bar=null", "trainer.enable_model_summary=false"]
 
 
-def compose_train(tmp_path: Path, data_dir: Path | None, *overrides: str) -> DictConfig:
-    """The ``train`` config as the command line would compose it, shrunk for tests and rooted in tmp_path."""
+def compose_train(tmp_path: Path, data_dir: Path | None, *overrides: str, run_dir: Path | None = None) -> DictConfig:
+    """The ``train`` config as the command line would compose it, shrunk for tests and rooted in tmp_path
+    (the run folder: ``run_dir``, default ``tmp_path/logs/run``)."""
     from herd.presets import config_dir
 
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         cfg = compose("train", return_hydra_config=True, overrides=[*small_overrides(data_dir), *overrides])
     with open_dict(cfg):
         cfg.paths.log_dir = str(tmp_path / "logs")
-        cfg.paths.output_dir = str(tmp_path / "logs" / "run")
+        cfg.paths.output_dir = str(run_dir or tmp_path / "logs" / "run")
         cfg.hydra.runtime.output_dir = cfg.paths.output_dir
     HydraConfig.instance().set_config(cfg)
     return cfg

@@ -61,3 +61,38 @@ def test_the_llama_module_does_not_import_the_vision_module():
     code = "import sys, herd.interop.hf, herd.interop.speech; print('herd.interop.mllama' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_a_full_disk_during_an_export_leaves_no_folder_or_the_previous_one(tmp_path, monkeypatch):
+    """hf.save writes into a hidden folder and renames it: ENOSPC midway leaves no export/ (not an empty
+    one), and over an earlier export leaves that one whole."""
+    import errno
+
+    from herd.interop import hf
+    from herd.model import ModelConfig, Transformer
+
+    model = Transformer(ModelConfig(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=64, multiple_of=16))
+    save_file = modeldir.save_file
+
+    def full_disk(tensors, filename, *args, **kwargs):
+        with open(filename, "wb") as f:
+            f.write(b"partial")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(modeldir, "save_file", full_disk)
+    with pytest.raises(OSError, match=f"No space left on device while writing the model directory {tmp_path / 'export'}"):
+        hf.save(model, tmp_path / "export")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    monkeypatch.setattr(modeldir, "save_file", save_file)
+    hf.save(model, tmp_path / "export")
+    (tmp_path / "export" / "notes.txt").write_text("kept")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "export").iterdir()}
+    monkeypatch.setattr(modeldir, "save_file", full_disk)
+    with pytest.raises(OSError) as error:
+        hf.save(model, tmp_path / "export")
+    assert error.value.errno == errno.ENOSPC and error.value.filename == str(tmp_path / "export")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "export").iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+    monkeypatch.setattr(modeldir, "save_file", save_file)
+    hf.save(model, tmp_path / "export")  # a new write over the old one keeps the files it does not hold
+    assert (tmp_path / "export" / "notes.txt").read_text() == "kept"

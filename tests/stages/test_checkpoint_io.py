@@ -218,3 +218,38 @@ def test_export_refuses_a_crafted_index(tmp_path):
     assert "herd.export:" in result.stderr and "not a checkpoint herd can read safely" in result.stderr
     assert not marker.exists() and not (tmp_path / "hf").exists()
 
+
+
+def _herd_checkpoint(path: Path) -> Path:
+    """A single-file checkpoint as herd writes it: the model's weights and the herd entry."""
+    from herd.model import Transformer
+
+    config = ModelConfig(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=64, multiple_of=16)
+    weights = {f"model.{k}": v for k, v in Transformer(config).state_dict().items()}
+    torch.save({"state_dict": weights, "global_step": 3, "herd": {"model_config": config.to_dict()}}, path)
+    return path
+
+
+@pytest.mark.parametrize(("damage", "error"), [
+    ("truncated", r"is not a readable checkpoint \(.*\): it is truncated, damaged or not a torch checkpoint"),
+    ("garbage", r"is not a readable checkpoint \(.*\): it is truncated, damaged or not a torch checkpoint"),
+    ("crafted", r"is not a checkpoint herd can read safely \(.*GLOBAL posix.system.*\); nothing in it was loaded or run"),
+    ("a list", r"is not a checkpoint \(it holds a list, not a dict\)"),
+])
+def test_export_refuses_a_damaged_or_crafted_checkpoint_file_in_one_line(tmp_path, damage, error):
+    from herd.export import export
+
+    path = _herd_checkpoint(tmp_path / "last.ckpt")
+    marker = tmp_path / "marker"
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif damage == "garbage":
+        path.write_bytes(b"not a checkpoint at all")
+    elif damage == "crafted":
+        torch.save({"herd": WritesMarker(marker), "state_dict": {}}, path)
+    else:
+        torch.save([1, 2], path)
+    with pytest.raises(ValueError, match=error) as refused:
+        export(path, tmp_path / "hf")
+    assert str(refused.value).startswith(str(path)) and "\n" not in str(refused.value)
+    assert not marker.exists() and not (tmp_path / "hf").exists()

@@ -55,3 +55,42 @@ def test_dpo_starts_at_ln_2_and_a_resumed_run_keeps_the_precomputed_reference(
     assert resumed["trainer"].global_step == 4
     assert resumed["stage"].reference_logps.keys() == reference.keys()
     assert all(torch.equal(resumed["stage"].reference_logps[k], v) for k, v in reference.items())
+
+
+@pytest.mark.slow
+def test_a_dpo_checkpoint_on_re_prepared_data_is_refused_before_training(tmp_path, prepared_corpus,
+                                                                         prepared_preferences):
+    """The precomputed reference log-probs are keyed by the rows they were computed on: after the data folder is
+    prepared again from other rankings, resuming fails at start, naming both data fingerprints, whatever
+    resume_with_changes says (it used to fail mid-training: "a batch row has no precomputed reference log-probs")."""
+    import shutil
+
+    from hydra import compose, initialize_config_dir
+
+    from herd.prepare import prepare
+    from herd.presets import config_dir
+    from herd.stages.checkpoint_io import checkpoint_metadata
+    from herd.train import ConfigError
+
+    data = tmp_path / "data"
+    shutil.copytree(prepared_preferences, data)
+    cfg = _compose(tmp_path, prepared_corpus, data, "dpo", "trainer.max_steps=2", "export=false",
+                   "validate_first=false")
+    train(cfg)
+    last = tmp_path / "logs" / "run" / "checkpoints" / "last.ckpt"
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        again = compose("prepare", overrides=[
+            f"output_dir={data}", "~sources", "+sources={preferences: {input: 'stdlib:preferences?max_per_module=1&seed=2'}}",
+            f"seq_len={PREFERENCE_SEQ_LEN}", "val_fraction=0.1", "num_proc=1", "progress=false",
+            f"tokenizer.path={prepared_corpus / 'tokenizer'}", "shards.max_rows=64", "shards.min_count=2"])
+    prepare(again)
+    cfg.trainer.max_steps = 4
+    cfg.ckpt_path = str(last)
+    for flag in (False, True):
+        cfg.resume_with_changes = flag
+        with pytest.raises(ConfigError, match=r"was trained on other data than .* holds now \(data fingerprint "
+                                              r"[0-9a-f]{16} vs [0-9a-f]{16}: it was prepared again since\), and it "
+                                              r"keeps its precomputed reference log-probs") as refused:
+            train(cfg)
+        assert "\n" not in str(refused.value)  # herd.train prints it as one line, exit status 2
+    assert checkpoint_metadata(last)["global_step"] == 2  # nothing trained

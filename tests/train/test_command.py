@@ -107,3 +107,56 @@ def test_debug_fast_leaves_nothing_for_resume_auto(tmp_path, prepared_corpus):
                                         data_dir=prepared_corpus)
     assert status == 0, stderr[-3000:]
     assert "resume=auto: no complete last.ckpt" in stdout
+
+
+FULL_DISK = Path(__file__).parents[1] / "helpers" / "full_disk.py"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("fills", "written"), [("checkpoint:2", "checkpoints/last.ckpt"), ("export:1", "export")])
+def test_a_full_disk_leaves_failed_a_one_line_reason_and_the_previous_checkpoint(tmp_path, prepared_corpus, fills,
+                                                                                 written):
+    """The disk fills at the second checkpoint (step 4), or while the export is written: exit status 1, one
+    line naming "no space left on device" and the folder, in FAILED and train.log; last.ckpt of step 2
+    intact; no temporary file and no empty export/ left."""
+    import torch
+
+    from herd.stages.checkpoint_io import checkpoint_metadata
+
+    run_dir = tmp_path / "pretrain" / "runs" / "full"
+    cmd = [sys.executable, str(FULL_DISK), *[o for o in small_overrides(prepared_corpus) if o not in QUIET],
+           f"paths.log_dir={tmp_path}", f"hydra.run.dir={run_dir}", "trainer.max_steps=4",
+           "callbacks.last_checkpoint.every_n_train_steps=2", "callbacks.best_checkpoint=null",
+           "callbacks.text_samples=null", "validate_first=false", "trainer.limit_val_batches=1"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", "HERD_TEST_FULL_DISK": fills})
+    assert result.returncode == 1, result.stderr[-3000:]
+    target = run_dir / written
+    reason = (f"herd: no space left on device while writing {target} (in {target.parent}): free space there, or "
+              "give the run a folder on another disk")
+    assert result.stderr.strip().splitlines()[-1].startswith(reason), result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert (run_dir / "FAILED").read_text().startswith(reason)
+    assert reason in (run_dir / "train.log").read_text().splitlines()[-1]
+    last = run_dir / "checkpoints" / "last.ckpt"
+    assert checkpoint_metadata(last)["global_step"] == (2 if fills.startswith("checkpoint") else 4)
+    assert torch.load(last, weights_only=True)["state_dict"]  # the whole checkpoint reads back
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["last.ckpt"]
+    assert not (run_dir / "export").exists() and not list(run_dir.glob(".export*"))
+
+
+def test_out_of_memory_and_other_failures_are_recorded_in_failed(tmp_path, capsys):
+    import torch
+    from omegaconf import OmegaConf
+
+    from herd.train import _failures_recorded
+
+    cfg = OmegaConf.create({"paths": {"output_dir": str(tmp_path)}})
+    with pytest.raises(SystemExit) as exit_status, _failures_recorded(cfg):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.\nMore lines from torch")
+    assert exit_status.value.code == 1
+    reason = "herd: out of memory (CUDA out of memory. Tried to allocate 2.00 GiB.): lower data.batch_size"
+    assert capsys.readouterr().err.startswith(reason) and (tmp_path / "FAILED").read_text().startswith(reason)
+    with pytest.raises(KeyError), _failures_recorded(cfg):  # a bug keeps its traceback, and is recorded too
+        raise KeyError("lost")
+    assert (tmp_path / "FAILED").read_text() == "herd: KeyError: 'lost'\n"

@@ -226,6 +226,61 @@ def test_resuming_with_a_context_change_is_allowed(tmp_path, prepared_corpus, tw
     assert train(cfg)["trainer"].global_step == 3
 
 
+def test_a_requeue_continues_only_its_own_runs_checkpoints(tmp_path, prepared_corpus, two_step_checkpoint, caplog):
+    """Run B (HERD_RUN_ID=run-b) was killed before its first checkpoint; run A of the same task has one. The
+    requeue of B with resume=auto starts fresh, and says so; resume=latest (or ckpt_path) adopts another
+    run's checkpoint, after checking it against the config."""
+    import logging
+    import shutil
+
+    runs = tmp_path / "logs" / "pretrain" / "runs"
+    (runs / "run-a" / "checkpoints").mkdir(parents=True)
+    shutil.copy(two_step_checkpoint, runs / "run-a" / "checkpoints" / "last.ckpt")
+    (runs / "run-b").mkdir()
+    (runs / "run-b" / "train.log").write_text("the first attempt of run B, killed before any checkpoint\n")
+    run = ["trainer.max_steps=2", "callbacks.last_checkpoint.every_n_train_steps=2", "callbacks.text_samples=null",
+           "validate_first=false", "export=false"]
+    with caplog.at_level(logging.INFO, logger="herd"):
+        result = train(compose_train(tmp_path, prepared_corpus, *run, "resume=auto", run_dir=runs / "run-b"))
+    assert result["resume"] is None and result["trainer"].global_step == 2
+    assert (f"resume=auto: no complete last.ckpt in this run's folder {runs / 'run-b'}; starting fresh; other runs "
+            f"of task 'pretrain' have checkpoints (the newest: {runs / 'run-a' / 'checkpoints' / 'last.ckpt'}), which "
+            "resume=auto never continues") in caplog.text
+    latest = compose_train(tmp_path, prepared_corpus, *run, "resume=latest", "trainer.max_steps=3", run_dir=runs / "run-c")
+    result = train(latest)
+    # the newest last.ckpt of the task is now run B's own
+    assert result["resume"].path == str(runs / "run-b" / "checkpoints" / "last.ckpt") and result["resume"].step == 2
+    assert result["trainer"].global_step == 3
+    changed = compose_train(tmp_path, prepared_corpus, *run, "resume=latest", "trainer.max_steps=3", "seed=7",
+                            run_dir=runs / "run-d")
+    with pytest.raises(ConfigError, match="seed: 1234 \\(checkpoint\\) vs 7 \\(config\\)"):
+        train(changed)
+
+
+def test_resuming_with_settings_that_change_the_run_is_refused_listing_them(tmp_path, prepared_corpus,
+                                                                              two_step_checkpoint):
+    """Beyond the model's shape: the seed, the optimizer, the schedule, the data, the stage's hyperparameters.
+    resume_with_changes=true continues anyway; what users change on purpose needs no flag."""
+    run = [f"ckpt_path={two_step_checkpoint}", "callbacks.text_samples=null", "export=false", "validate_first=false"]
+    cfg = compose_train(tmp_path, prepared_corpus, *run, "trainer.max_steps=3", "seed=7", "stage.optimizer.lr=0.01",
+                        "stage.scheduler.warmup_steps=5", "data.batch_size=4")
+    with pytest.raises(ConfigError, match="was trained with other settings than this run's config") as error:
+        train(cfg)
+    message = str(error.value)
+    for difference in ("seed: 1234 (checkpoint) vs 7 (config)", "data.seed: 1234 (checkpoint) vs 7 (config)",
+                       "stage.optimizer.lr: 0.003 (checkpoint) vs 0.01 (config)",
+                       "stage.scheduler.warmup_steps: 30 (checkpoint) vs 5 (config)",
+                       "data.batch_size: 8 (checkpoint) vs 4 (config)", "resume_with_changes=true"):
+        assert difference in message, difference
+    assert "max_steps:" not in message and "\n" not in message
+    cfg = compose_train(tmp_path, prepared_corpus, *run, "trainer.max_steps=3", "seed=7", "resume_with_changes=true")
+    assert train(cfg)["trainer"].global_step == 3
+    cfg = compose_train(tmp_path, prepared_corpus, *run, "trainer.max_steps=4", "trainer.val_check_interval=1",
+                        "trainer.log_every_n_steps=1", "callbacks.last_checkpoint.every_n_train_steps=1",
+                        "stage.on_nonfinite=skip_step", "data.num_workers=0")
+    assert train(cfg)["trainer"].global_step == 4
+
+
 def model_directory(tmp_path, prepared_corpus, tokenizer_dir=None):
     """A random model of the tests' shape saved as a Hugging Face directory, with the given tokenizer folder."""
     cfg = compose_train(tmp_path, prepared_corpus)
@@ -260,6 +315,19 @@ def test_a_model_directory_with_the_datas_tokenizer_is_accepted(tmp_path, prepar
     start = model_directory(tmp_path, prepared_corpus, prepared_corpus / "tokenizer")
     cfg = compose_train(tmp_path, prepared_corpus, f"stage.init_from={start}", "debug=fast")
     assert train(cfg)["trainer"].global_step == 1
+
+
+@pytest.mark.parametrize(("damaged", "named"), [("tokenizer.json", "is not a valid tokenizer.json"),
+                                                ("tokenizer_config.json", "is not valid JSON")])
+def test_a_model_directory_with_an_invalid_tokenizer_file_is_refused_naming_it(tmp_path, prepared_corpus, damaged,
+                                                                                named):
+    start = model_directory(tmp_path, prepared_corpus, prepared_corpus / "tokenizer")
+    (start / damaged).write_text("{not json")
+    cfg = compose_train(tmp_path, prepared_corpus, f"stage.init_from={start}", "debug=fast")
+    with pytest.raises(ConfigError) as error:
+        train(cfg)
+    message = str(error.value)
+    assert f"{start / damaged} {named}" in message and "\n" not in message
 
 
 def test_debug_fast_writes_nothing_resume_would_take(tmp_path, prepared_corpus):

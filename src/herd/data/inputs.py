@@ -11,7 +11,10 @@ than :data:`MAX_CONTROL_SHARE` of control characters (other than tab, newlines, 
 vertical tab) is a :class:`BadInputError`, whose ``reason`` is one of :data:`BAD_INPUT_REASONS`.
 By default it is raised; pass an ``on_bad_input`` callback to skip it instead.
 Every kind of example read from jsonl (text, dialogs, preferences, media) starts at
-:func:`jsonl_records`.
+:func:`jsonl_records`, which reads each line with a bounded ``readline``: a line longer than
+``max_line_bytes`` (:data:`MAX_LINE_BYTES` by default, ``herd.prepare``'s ``max_line_bytes`` through
+:func:`line_limit`) is a :class:`BadInputError` (``too_long_line``) before it is decoded, parsed or
+tokenized, and reading it holds at most about ``max_line_bytes`` plus one chunk in memory.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ import json
 import logging
 import re
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +34,12 @@ logger = logging.getLogger(__name__)
 _JSONL_SUFFIXES = (".jsonl", ".ndjson")
 
 # Why an input is not usable text (BadInputError.reason).
-BAD_INPUT_REASONS = ("not_utf8", "binary", "malformed_json", "not_an_object", "missing_field", "not_a_string")
+BAD_INPUT_REASONS = ("not_utf8", "binary", "malformed_json", "not_an_object", "missing_field", "not_a_string",
+                     "too_long_line")
+# The longest jsonl line read (bytes, without its newline); longer ones are skipped unread (too_long_line).
+MAX_LINE_BYTES = 8 * 1024**2
+_SKIP_CHUNK_BYTES = 1024**2  # what reading past a too-long line holds at a time
+_max_line_bytes: ContextVar[int] = ContextVar("max_line_bytes", default=MAX_LINE_BYTES)
 # A text with a larger share of control characters (see _CONTROL) is taken for binary data.
 MAX_CONTROL_SHARE = 0.05
 # Unicode category Cc, less the whitespace of ordinary text: \t \n \v \f \r.
@@ -135,26 +145,62 @@ def jsonl_documents(
         yield Document(f"{doc_id}:{line_number}", text)
 
 
+@contextmanager
+def line_limit(max_line_bytes: int) -> Iterator[None]:
+    """Within the block, :func:`jsonl_records` skips lines longer than ``max_line_bytes`` (a positive int)."""
+    if not isinstance(max_line_bytes, int) or isinstance(max_line_bytes, bool) or max_line_bytes < 1:
+        raise ValueError(f"max_line_bytes must be a positive number of bytes, got {max_line_bytes!r}")
+    token = _max_line_bytes.set(max_line_bytes)
+    try:
+        yield
+    finally:
+        _max_line_bytes.reset(token)
+
+
 def jsonl_records(
-    path: Path, on_bad_input: OnBadInput = raise_bad_input, expected: str = "fields"
+    path: Path, on_bad_input: OnBadInput = raise_bad_input, expected: str = "fields", max_line_bytes: int | None = None
 ) -> Iterator[tuple[int, dict[str, Any]]]:
     """``(line number, JSON object)`` of each non-blank line of a jsonl file.
 
     A line that is not UTF-8, not JSON or not a JSON object goes to ``on_bad_input`` as a
     :class:`BadInputError` located at ``file:line`` (reasons ``not_utf8``, ``malformed_json``,
-    ``not_an_object``); ``expected`` says in that message what an object should hold. Every kind
-    of example read from jsonl (text, dialogs) starts here.
+    ``not_an_object``); ``expected`` says in that message what an object should hold. A line
+    longer than ``max_line_bytes`` (None: the :func:`line_limit` in force, else
+    :data:`MAX_LINE_BYTES`) is reported as ``too_long_line`` without being decoded or kept in
+    memory. Every kind of example read from jsonl (text, dialogs, preferences, media) starts here.
     """
-    # surrogateescape: a line that is not UTF-8 is reported alone, and the next lines still read
-    with open(path, encoding="utf-8", errors="surrogateescape") as lines:
-        for line_number, line in enumerate(lines, start=1):
+    limit = max_line_bytes if max_line_bytes is not None else _max_line_bytes.get()
+    with open(path, "rb") as lines:
+        line_number = 0
+        while raw := lines.readline(limit + 1):
+            line_number += 1
+            where = f"{path}:{line_number}"
+            if len(raw) > limit and not raw.endswith(b"\n"):
+                size = len(raw) + _skip_rest_of_line(lines)
+                on_bad_input(BadInputError(
+                    f"{where}: the line is {size:,} bytes, more than max_line_bytes={limit:,}: skipped unread; "
+                    "raise max_line_bytes to keep such lines, or shorten the line", "too_long_line", where))
+                continue
+            # surrogateescape: a line that is not UTF-8 is reported alone, and the next lines still read
+            line = raw.decode("utf-8", errors="surrogateescape")
+            del raw
             if line.strip():
                 try:
-                    record = _jsonl_object(line, f"{path}:{line_number}", expected)
+                    record = _jsonl_object(line, where, expected)
                 except BadInputError as err:
                     on_bad_input(err)
                     continue
                 yield line_number, record
+
+
+def _skip_rest_of_line(lines) -> int:
+    """Read past the rest of the current line a chunk at a time; returns its bytes (without the newline)."""
+    skipped = 0
+    while chunk := lines.readline(_SKIP_CHUNK_BYTES):
+        if chunk.endswith(b"\n"):
+            return skipped + len(chunk) - 1
+        skipped += len(chunk)
+    return skipped
 
 
 def _jsonl_object(line: str, where: str, expected: str) -> dict[str, Any]:

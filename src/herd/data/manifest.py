@@ -9,6 +9,7 @@ file herd reads.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -145,6 +146,20 @@ class Manifest:
     def fingerprint(self) -> str:
         """Fingerprint of the tokenizer the shards were made with."""
         return str(self.data["tokenizer"]["fingerprint"])
+
+    @property
+    def content_fingerprint(self) -> str:
+        """A digest of what the shards hold: the tokenizer's fingerprint and each shard's source, split, rows
+        and sha256, not where the files are. Data prepared again from other inputs (or with other
+        settings) gets another one; the same folder moved elsewhere keeps it."""
+        digest = hashlib.sha256(self.fingerprint.encode())
+        for name in sorted(self.data["sources"]):
+            splits = self.data["sources"][name].get("splits", {})
+            for split in sorted(splits):
+                for shard in splits[split].get("shards", []):
+                    content = shard.get("sha256") or shard.get("path")
+                    digest.update(json.dumps([name, split, shard.get("rows"), content]).encode())
+        return digest.hexdigest()[:16]
 
     @property
     def tokenizer_location(self) -> str:

@@ -33,6 +33,7 @@ from herd.interop.modeldir import (
     end_of_text_id,
     iter_tensors,
     read_config_json,
+    staged_directory,
     tokenizer_files,
     tokenizer_size,
     weight_files,
@@ -539,24 +540,25 @@ def _write_directory(
     config: ModelConfig, state: dict[str, torch.Tensor], path: Path, tokenizer: Any, max_shard_bytes: int,
     reward: bool = False,
 ) -> Path:
-    """Weights (HF names), tokenizer and config.json into ``path``; the tokenizer is checked first."""
+    """Weights (HF names), tokenizer and config.json into ``path`` (through :func:`staged_directory`); the
+    tokenizer is checked first."""
     out_dtype = next(iter(state.values())).dtype
     bos, eos = None, None
     with tempfile.TemporaryDirectory(prefix="herd-tokenizer-") as staging:
         if tokenizer is not None:  # checked before anything is written into path
             source, files = tokenizer_files(tokenizer, Path(staging))
             _check_tokenizer_fits(source, config, tokenizer)
-        path.mkdir(parents=True, exist_ok=True)
-        write_weights(state, path, max_shard_bytes)
-        if tokenizer is not None:
-            bos, eos = copy_tokenizer(source, files, path)
-    hf_config = config_to_hf(config, dtype=out_dtype, bos_token_id=bos, eos_token_id=eos)
-    if reward:
-        hf_config.architectures = [REWARD_ARCHITECTURE]
-        hf_config.num_labels = 1
-        end_of_text = end_of_text_id(path)
-        hf_config.pad_token_id = end_of_text if end_of_text is not None else eos
-    hf_config.save_pretrained(path)
+        with staged_directory(path) as out:
+            write_weights(state, out, max_shard_bytes)
+            if tokenizer is not None:
+                bos, eos = copy_tokenizer(source, files, out)
+            hf_config = config_to_hf(config, dtype=out_dtype, bos_token_id=bos, eos_token_id=eos)
+            if reward:
+                hf_config.architectures = [REWARD_ARCHITECTURE]
+                hf_config.num_labels = 1
+                end_of_text = end_of_text_id(out)
+                hf_config.pad_token_id = end_of_text if end_of_text is not None else eos
+            hf_config.save_pretrained(out)
     return path
 
 

@@ -369,15 +369,15 @@ def save_vision(
         if tokenizer is not None:
             source, files = modeldir.tokenizer_files(tokenizer, Path(staging) / "source")
             staged = _tokenizer_with_image_token(source, files, Path(staging) / "out", model.config.vocab_size)
-        path.mkdir(parents=True, exist_ok=True)
-        modeldir.write_weights(state, path, max_shard_bytes)
-        if staged is not None:
-            ids["bos"], ids["eos"] = modeldir.copy_tokenizer(staged, sorted(staged.iterdir()), path)
-            ids["pad"] = modeldir.end_of_text_id(path)
-    config = configs_to_hf(model, dtype=out_dtype, bos_token_id=ids["bos"], eos_token_id=ids["eos"],
-                           pad_token_id=ids["pad"])
-    config.save_pretrained(path)
-    _write_preprocessor_config(model.vision_config, path)
+        with modeldir.staged_directory(path) as out:
+            modeldir.write_weights(state, out, max_shard_bytes)
+            if staged is not None:
+                ids["bos"], ids["eos"] = modeldir.copy_tokenizer(staged, sorted(staged.iterdir()), out)
+                ids["pad"] = modeldir.end_of_text_id(out)
+            config = configs_to_hf(model, dtype=out_dtype, bos_token_id=ids["bos"], eos_token_id=ids["eos"],
+                                   pad_token_id=ids["pad"])
+            config.save_pretrained(out)
+            _write_preprocessor_config(model.vision_config, out)
     return path
 
 

@@ -11,6 +11,9 @@ reward models), :mod:`herd.interop.mllama` (Llama 3.2 Vision), :mod:`herd.intero
   creates its files with mode 0600, which would hide the weights from the other users of a
   shared filesystem while the rest of the directory is readable.
 - Only safetensors are read: pickled ``*.bin``/``*.pt`` weights are refused, never unpickled.
+- A directory is written into a hidden temporary folder beside it and moved into place only when
+  every file is complete (:func:`staged_directory`): a full disk or a kill while writing leaves
+  the previous directory (or none), never an empty or half-written one.
 """
 
 from __future__ import annotations
@@ -20,12 +23,15 @@ import logging
 import os
 import shutil
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from herd.paths import disk_full
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +108,69 @@ def iter_tensors(files: list[Path], device: str | torch.device) -> Iterator[tupl
             raise
         except Exception as err:  # safetensors raises its own error types for damaged files
             raise CheckpointError(f"{file} is not a readable safetensors file: {err}") from None
+
+
+# ------------------------------------------------------------------------------------- writing
+
+STAGING = ".tmp-"  # .<name>.tmp-<pid>: a directory being written beside <name>
+
+
+@contextmanager
+def staged_directory(path: str | Path) -> Iterator[Path]:
+    """A new hidden folder beside ``path`` to write a model directory into; it takes ``path``'s place when
+    the block ends, and is removed if the block fails (``path`` is then as it was, or still absent).
+
+    A missing ``path`` is created by one rename. An existing one keeps the files the new directory
+    does not hold (anything but an earlier write's weights), and gets each new file by a rename,
+    ``config.json`` last. An error with no space left on device is raised as an ``OSError``
+    naming ``path``. Leftovers of a killed write (``.<name>.tmp-<pid>`` of a process that is gone)
+    are removed first.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for leftover in path.parent.glob(f".{path.name}{STAGING}*"):
+        if not _process_alive(leftover.name.rsplit(STAGING, 1)[1]):
+            shutil.rmtree(leftover, ignore_errors=True)
+    staging = path.with_name(f".{path.name}{STAGING}{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        yield staging
+        _publish(staging, path)
+    except BaseException as err:
+        shutil.rmtree(staging, ignore_errors=True)
+        full = disk_full(err) if isinstance(err, Exception) else None
+        if full is not None:
+            raise OSError(full.errno, f"{os.strerror(full.errno)} while writing the model directory {path} (nothing "
+                          "was left there)", str(path)) from err
+        raise
+
+
+def _publish(staging: Path, path: Path) -> None:
+    if not path.exists():
+        os.rename(staging, path)
+        return
+    if not path.is_dir():
+        raise FileExistsError(f"{path} exists and is not a folder: write the model directory somewhere else")
+    for stale in [*path.glob("model*.safetensors"), path / SAFETENSORS_INDEX]:
+        if not (staging / stale.name).exists():
+            stale.unlink(missing_ok=True)  # weights of an earlier write that the new one does not replace
+    for entry in sorted(staging.iterdir(), key=lambda e: e.name == CONFIG_FILE):  # config.json last
+        target = path / entry.name
+        if entry.is_dir() and target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        os.replace(entry, target)
+    staging.rmdir()
+
+
+def _process_alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def shard_file_name(index: int, count: int) -> str:

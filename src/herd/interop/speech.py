@@ -73,12 +73,13 @@ def save_speech(
     backbone = {name.removeprefix("backbone."): t for name, t in state.items() if name.startswith("backbone.")}
     adapter = {name: t.detach().contiguous().cpu() for name, t in state.items()
                if name.startswith(("encoder.", "adapter."))}
-    path = hf.save(model.backbone, path, tokenizer=tokenizer, state_dict=backbone)
-    modeldir.save_safetensors(adapter, path / ADAPTER_WEIGHTS)
-    meta = {"format": FORMAT, "speech": model.speech_config.to_dict(), "features": FEATURES,
-            "special_tokens": SPEECH_TOKENS}
-    (path / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
-    return path
+    with modeldir.staged_directory(path) as out:  # the language model and the adapter appear together
+        hf.save(model.backbone, out, tokenizer=tokenizer, state_dict=backbone)
+        modeldir.save_safetensors(adapter, out / ADAPTER_WEIGHTS)
+        meta = {"format": FORMAT, "speech": model.speech_config.to_dict(), "features": FEATURES,
+                "special_tokens": SPEECH_TOKENS}
+        (out / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
+    return Path(path)
 
 
 def load_speech(

@@ -115,6 +115,9 @@ class BackboneStage(L.LightningModule):
         self.model: Transformer | None = None
         self.tokens_seen = 0
         self.start_metrics: dict[str, float] = {}  # validation before training (the summary's "from")
+        # the run's resolved config and data fingerprint (set by herd.train), kept in every checkpoint so that a
+        # resume can tell what would change: {"config": {...}, "data": "<fingerprint>" or None}
+        self.run_record: dict[str, Any] | None = None
         self.lr_schedule: WarmupCosineAnneal | None = None
         self._grad_norm: torch.Tensor | None = None
         if init_from is not None and not (Path(init_from) / "config.json").is_file():
@@ -312,6 +315,13 @@ class BackboneStage(L.LightningModule):
                                  "stage.on_nonfinite=skip_step.")
         checkpoint["herd"] = {"tokens_seen": self.tokens_seen, "model_config": self.model_config.to_dict(),
                               "skipped_steps": self.skipped_steps, "start_metrics": dict(self.start_metrics)}
+        if self.run_record is not None:
+            checkpoint["herd"]["run"] = self.run_record
+
+    def data_bound_state(self, herd: dict[str, Any]) -> str | None:
+        """What a checkpoint's ``herd`` entry holds that is only valid on the exact data it was trained on
+        (None: nothing); a resume on other data is then refused whatever ``resume_with_changes`` says."""
+        return None
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         herd = checkpoint.get("herd", {})

@@ -52,6 +52,8 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
+from herd.paths import disk_full
+
 TEMPORARY = ".tmp-"  # <name>.tmp-<pid> (files), <name>.tmp-step<N> (sharded folders), <name>.tmp-removing-<pid>
 OLD = ".old-"  # <name>.old-<pid>: the previous checkpoint while a new one is swapped in
 SHARDED_INDEX = ".metadata"  # torch.distributed.checkpoint's index of the shard files
@@ -82,6 +84,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(temporary, target)
+        except Exception as err:
+            full = disk_full(err)
+            if full is None:
+                raise
+            # torch reports it as a zip-writer position error; name the cause and the file instead
+            raise OSError(full.errno, f"{os.strerror(full.errno)} while writing the checkpoint {target} (the "
+                          f"previous {target.name}, if any, is intact)", str(target)) from err
         finally:
             temporary.unlink(missing_ok=True)
 
@@ -303,14 +312,46 @@ def checkpoint_metadata(path: str | Path) -> dict[str, Any]:
     file = path / SHARDED_META if path.is_dir() else path
     if path.is_dir() and not file.is_file():
         raise ValueError(f"{path} is a folder but not a sharded checkpoint (no {SHARDED_META})")
-    try:
-        checkpoint = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
-        raise ValueError(f"{file} is not a checkpoint herd can read: {err}") from err
-    if not isinstance(checkpoint, dict):
-        raise ValueError(f"{file} is not a checkpoint (it holds a {type(checkpoint).__name__}, not a dict)")
+    checkpoint = load_checkpoint_file(file, mmap=True)
     return {key: value for key, value in checkpoint.items()
             if key not in WEIGHT_ENTRIES and not isinstance(value, torch.Tensor)}
+
+
+def load_checkpoint_file(file: str | Path, mmap: bool = False) -> dict[str, Any]:
+    """``torch.load(file, weights_only=True)`` of a checkpoint file (or a sharded folder's ``meta.pt``),
+    with a one-line error naming the file for anything that is not a readable checkpoint.
+
+    Raises :class:`UnsafeCheckpointError` for a file that holds objects other than plain data (a
+    crafted pickle: nothing in it is run) and ``ValueError`` for a truncated, damaged or foreign file.
+    """
+    file = Path(file)
+    try:
+        checkpoint = torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
+    except FileNotFoundError:
+        raise
+    except pickle.UnpicklingError as err:
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        refused = [line for line in lines if "GLOBAL" in line]  # torch's weights-only reader met a class or function
+        if refused:
+            raise UnsafeCheckpointError(f"{file} is not a checkpoint herd can read safely ({refused[0].rstrip('.')}); "
+                                        "nothing in it was loaded or run: use a checkpoint that herd wrote") from None
+        after = [lines[i + 1] for i, line in enumerate(lines[:-1]) if line.endswith("WeightsUnpickler error:")]
+        reason = f"UnpicklingError: {after[0]}" if after else _first_sentence(err)
+        raise ValueError(f"{file} is not a readable checkpoint ({reason}): it is truncated, damaged or not a torch "
+                         "checkpoint; use another one, e.g. the run's checkpoints/last.ckpt") from None
+    except Exception as err:  # truncated, damaged or not a torch file: torch raises RuntimeError, KeyError, ...
+        raise ValueError(f"{file} is not a readable checkpoint ({_first_sentence(err)}): it is truncated, damaged "
+                         "or not a torch checkpoint; use another one, e.g. the run's checkpoints/last.ckpt") from None
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"{file} is not a checkpoint (it holds a {type(checkpoint).__name__}, not a dict)")
+    return checkpoint
+
+
+def _first_sentence(err: BaseException) -> str:
+    """The start of an error's message, on one line (torch's run over several sentences and lines)."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    text = text.split(". ")[0]
+    return f"{type(err).__name__}: {text[:200]}"
 
 
 # ----------------------------------------------------------------- reading torch.distributed.checkpoint safely

@@ -262,6 +262,12 @@ class DPOStage(BackboneStage):
         if self.reference_logps is not None:
             checkpoint["herd"]["dpo_reference_logps"] = {k: v.tolist() for k, v in self.reference_logps.items()}
 
+    def data_bound_state(self, herd: dict[str, Any]) -> str | None:
+        """The precomputed reference log-probs, keyed by the rows they were computed on."""
+        if self.reference == "precompute" and herd.get("dpo_reference_logps") is not None:
+            return "its precomputed reference log-probs (stage.reference=precompute), computed row by row on that data"
+        return None
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
         stored = checkpoint.get("herd", {}).get("dpo_reference_logps")

@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 from herd.data.chat import Llama3Format, encode_dialog
 from herd.data.inputs import BadInputError
-from herd.data.kinds import PrepareError
+from herd.data.kinds import BadInputs, PrepareError
 from herd.data.kinds.preference import (
     BAD_INPUT_REASONS,
     Ranking,
@@ -169,6 +169,7 @@ BAD_LINES = [
     ('{"prompt": "q", "responses": [{"content": "a", "rank": 0}, {"content": "b", "rank": 1.5}]}', "bad_rank"),
     ('{"prompt": "q", "responses": [{"content": "a", "rank": 0}, {"content": "b", "rank": true}]}', "bad_rank"),
     ('{"prompt": "q", "responses": [{"content": "a", "rank": 1}, {"content": "b", "rank": 1}]}', "no_pairs"),
+    ('{"prompt": "q", "chosen": "same", "rejected": " same\\n"}', "identical_responses"),
 ]  # fmt: skip
 
 
@@ -179,10 +180,33 @@ def test_each_bad_line_is_named_with_its_reason(tmp_path):
     assert list(iter_rankings(str(path), on_bad_input=errors.append)) == []
     assert [e.reason for e in errors] == [reason for _, reason in BAD_LINES] + ["not_utf8"]
     assert [e.location for e in errors] == [f"{path}:{n}" for n in range(1, len(BAD_LINES) + 2)]
-    assert set(BAD_INPUT_REASONS) == {e.reason for e in errors} | {"too_many_responses"}
+    assert set(BAD_INPUT_REASONS) == {e.reason for e in errors} | {"too_many_responses", "too_long_line"}
     assert "not a usable preference ranking" in str(errors[3])
     with pytest.raises(BadInputError, match=f"{path}:1: malformed JSON"):
         list(iter_rankings(str(path)))
+
+
+def test_identical_responses_at_different_ranks_are_a_counted_skip(tmp_path):
+    """A pair whose chosen equals its rejected (after strip) teaches nothing: skipped as identical_responses.
+    Equal texts at one rank (a tie) form no pair and stay."""
+    path = tmp_path / "pairs.jsonl"
+    lines = [
+        {"prompt": "q", "chosen": "  An answer.\n", "rejected": "An answer."},
+        {"prompt": "q", "responses": [{"content": "a", "rank": 0}, {"content": "b", "rank": 1},
+                                      {"content": "a ", "rank": 2}]},
+        {"prompt": "q", "responses": [{"content": "a", "rank": 0}, {"content": "a", "rank": 0},
+                                      {"content": "b", "rank": 1}]},
+    ]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    errors: list[BadInputError] = []
+    kept = list(iter_rankings(str(path), on_bad_input=errors.append))
+    assert [e.reason for e in errors] == ["identical_responses"] * 2
+    assert [e.location for e in errors] == [f"{path}:1", f"{path}:2"]
+    assert "response 2 (rank 2) is the same text as response 0 (rank 0)" in str(errors[1])
+    assert [r.id for r in kept] == ["pairs.jsonl:3"]
+    bad_inputs = BadInputs("skip", "pairs", log=False)
+    list(iter_rankings(str(path), on_bad_input=bad_inputs))
+    assert bad_inputs.skipped == {"identical_responses": 2}
 
 
 def test_stdlib_preferences_options_parse_like_sft():
@@ -358,6 +382,64 @@ def test_bad_lines_are_counted_and_the_limit_holds(tiny_tokenizer, tmp_path):
         prepare(_config(tmp_path / "long", {"prefs": {"input": str(_jsonl(tmp_path / "long.jsonl", _records(0))),
                                                       "kind": "preference"}},
                         tokenizer={"path": str(folder)}))  # fmt: skip
+
+
+# Prepares a preference jsonl once to warm up, then again with a 20 MB line in it, and prints the peak
+# Python allocations (tracemalloc) and the growth of the peak resident memory during that second run.
+PEAK_SCRIPT = """
+import json, sys, time, tracemalloc
+from pathlib import Path
+from omegaconf import OmegaConf
+from herd.prepare import prepare
+root, tokenizer, small, big, config = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5]
+def run(name, data):
+    cfg = OmegaConf.load(config)
+    cfg.pop("hydra")
+    cfg.merge_with({"output_dir": str(root / name), "seq_len": 127, "val_fraction": 0.0, "num_proc": 1,
+                    "progress": False, "shards": {"max_rows": 64, "min_count": 1}, "tokenizer": {"path": tokenizer}})
+    cfg.sources = {"prefs": {"input": data, "kind": "preference"}}
+    return prepare(cfg)
+def status(key):
+    line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(key))
+    return int(line.split()[1]) * 1024
+run("warm", small)
+try:
+    Path("/proc/self/clear_refs").write_text("5")  # resets the peak resident size (VmHWM) to the current one
+    resident = status("VmRSS:")
+except OSError:  # not Linux: only the Python allocations are measured
+    resident = None
+tracemalloc.start()
+started = time.perf_counter()
+out = run("big", big)
+seconds = time.perf_counter() - started
+peak_python = tracemalloc.get_traced_memory()[1]
+peak_resident = status("VmHWM:") if resident is not None else 0
+entry = json.loads((out / "manifest.json").read_text())["sources"]["prefs"]
+print(json.dumps({"python_mb": peak_python / 1e6, "resident_growth_mb": (peak_resident - (resident or 0)) / 1e6,
+                  "seconds": seconds, "skipped": entry["skipped"], "examples": entry["examples"]}))
+"""
+
+
+def test_a_20_mb_line_is_skipped_before_parsing_under_200_mb_peak(tiny_tokenizer, tmp_path):
+    """A 20 MB ranking is dropped as too_long_line (max_line_bytes, 8 MiB) before it is decoded, parsed,
+    rendered or tokenized: the run's peak memory grows by far less than 200 MB (in a fresh process)."""
+    import subprocess
+    import sys
+
+    folder = tiny_tokenizer.save(tmp_path / "tokenizer")
+    good = [json.dumps(r) for r in _records(12)[:-1]]
+    small = tmp_path / "small.jsonl"
+    small.write_text("\n".join(good) + "\n")
+    huge = json.dumps({"prompt": "q", "chosen": "a" * 20_000_000, "rejected": "b"})
+    big = tmp_path / "big.jsonl"
+    big.write_text("\n".join([*good[:3], huge, *good[3:]]) + "\n")
+    done = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(tmp_path), str(folder), str(small), str(big),
+                           str(repo_root() / "configs" / "prepare.yaml")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    measured = json.loads(done.stdout.strip().splitlines()[-1])
+    print(measured)
+    assert measured["skipped"] == {"too_long_line": 1} and measured["examples"] == 12
+    assert measured["python_mb"] < 200 and measured["resident_growth_mb"] < 200, measured
 
 
 @pytest.mark.parametrize("style", ["chatml", "llama2", "llama3"])

@@ -88,9 +88,9 @@ if TYPE_CHECKING:
 STDLIB_SFT = "stdlib:sft"
 STDLIB_TRANSCRIPTS = "stdlib:transcripts"
 TOO_LONG = ("drop", "truncate")
-# Why a line is not a usable dialog (BadInputError.reason); the first four are shared with text.
+# Why a line is not a usable dialog (BadInputError.reason); the first five are shared with text.
 BAD_INPUT_REASONS = (
-    "not_utf8", "malformed_json", "not_an_object", "binary",
+    "not_utf8", "malformed_json", "not_an_object", "binary", "too_long_line",
     "no_messages", "bad_message", "unknown_role", "empty_content", "no_assistant_turn", "template_error",
 )  # fmt: skip
 _SFT_OPTIONS = {"seed": int, "per_definition": int, "max_per_module": int, "system": str}

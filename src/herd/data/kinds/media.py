@@ -75,7 +75,7 @@ class MediaFields:
 def bad_input_reasons(fields: MediaFields) -> tuple[str, ...]:
     """The BadInputError reasons of a media kind."""
     media, text = fields.media, fields.text
-    return ("not_utf8", "malformed_json", "not_an_object", f"missing_{media}", f"unreadable_{media}",
+    return ("not_utf8", "malformed_json", "not_an_object", "too_long_line", f"missing_{media}", f"unreadable_{media}",
             f"corrupt_{media}", f"no_{text}", f"empty_{text}", "bad_field")
 
 

@@ -95,11 +95,11 @@ from herd.data.shards import SPLITS
 if TYPE_CHECKING:
     pass
 
-# Why a line is not a usable ranking (BadInputError.reason); the first four are shared with text.
+# Why a line is not a usable ranking (BadInputError.reason); the first five are shared with text.
 BAD_INPUT_REASONS = (
-    "not_utf8", "malformed_json", "not_an_object", "binary",
+    "not_utf8", "malformed_json", "not_an_object", "binary", "too_long_line",
     "no_prompt", "no_responses", "too_few_responses", "too_many_responses",
-    "bad_message", "unknown_role", "empty_content", "bad_rank", "no_pairs",
+    "bad_message", "unknown_role", "empty_content", "bad_rank", "no_pairs", "identical_responses",
 )  # fmt: skip
 EXTRAS = ("response_ids", "ranks")  # the layout's members beyond tokens, document ids and loss mask
 # Response ids and ranks are stored as int16.
@@ -220,8 +220,23 @@ def record_ranking(record: Mapping[str, Any], where: str, ranking_id: str) -> Ra
         )
     if len({response.rank for response in responses}) == 1:
         raise _bad(where, "no_pairs", f"every response has rank {responses[0].rank}: ties form no pair")
+    _check_distinct(responses, where)
     ranking_id = _name(record, "id", where) or ranking_id
     return Ranking(ranking_id, prompt, responses, _name(record, "group", where))
+
+
+def _check_distinct(responses: Sequence[Response], where: str) -> None:
+    """Refuse two responses of different ranks with the same message (content compared after strip):
+    the pair would teach the model to prefer a text over itself."""
+    seen: dict[tuple[Any, ...], Response] = {}
+    for index, response in enumerate(responses):
+        message = response.message
+        key = (message["content"].strip(), *((flag, message[flag]) for flag in sorted(message) if flag not in
+                                              ("role", "content")))
+        first = seen.setdefault(key, response)
+        if first.rank != response.rank:
+            raise _bad(where, "identical_responses", f"response {index} (rank {response.rank}) is the same text as "
+                       f"response {responses.index(first)} (rank {first.rank}): a pair needs two different answers")
 
 
 def _prompt(record: Mapping[str, Any], where: str) -> list[dict[str, Any]]:
