@@ -74,8 +74,8 @@ def encode(rows: list[list[tuple[list[int], list[list[int]]]]]) -> dict[str, tor
 def step(model: Transformer, batch: dict[str, torch.Tensor], separate: bool) -> torch.Tensor:
     """Forward, log-probs, DPO loss (reference = the policy's own detached log-probs), backward."""
     responses = find_responses(batch)
-    logits = model(batch["tokens"], document_ids=batch["document_ids"], response_ids=batch["response_ids"])
-    logps, _ = response_logps(logits, batch["targets"], responses.token_response, responses.count)
+    hidden = model.hidden_states(batch["tokens"], document_ids=batch["document_ids"], response_ids=batch["response_ids"])
+    logps, _ = response_logps(hidden, model.output.weight, batch["targets"], responses.token_response, responses.count)
     if separate:  # rows 2i and 2i+1 hold the chosen and the rejected of pair i
         better, worse = torch.arange(0, responses.count, 2), torch.arange(1, responses.count, 2)
     else:

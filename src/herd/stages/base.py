@@ -27,7 +27,6 @@ from typing import Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torch.distributed.tensor import DTensor
@@ -36,6 +35,7 @@ from torchmetrics import MeanMetric, Metric
 from herd import logs
 from herd.interop import gguf, hf
 from herd.model import ModelConfig, Transformer
+from herd.model.loss import target_logps, target_scores
 from herd.stages.parallelize import (
     apply_activation_checkpointing,
     apply_fsdp,
@@ -360,8 +360,10 @@ class FrozenBackboneError(RuntimeError):
 class AdapterStage(BackboneStage):
     """A :class:`BackboneStage` whose backbone stays frozen while ``model.adapter_modules()`` train.
 
-    A subclass gives :meth:`target_logits` (the logits at the trained positions and their
-    targets); the next-token loss, its logging and the validation loss and accuracy are shared.
+    A subclass gives :meth:`target_hidden` (the final hidden states at the trained positions and
+    their targets); the next-token loss (the backbone's output layer on those positions only, in
+    chunks: :func:`herd.model.loss.target_logps`), its logging and the validation loss and accuracy
+    are shared.
     ``skipped_key`` names the DataModule's count of examples whose media failed to decode.
     """
 
@@ -457,14 +459,20 @@ class AdapterStage(BackboneStage):
             raise FrozenBackboneError("the frozen backbone's weights changed during training; an adapter must leave "
                                       "the language model untouched")
 
-    def target_logits(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits (trained positions, vocab) float32 and their targets."""
+    def target_hidden(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Final normed hidden states (trained positions, dim) and their targets (trained positions,)."""
         raise NotImplementedError
+
+    def target_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed next-token cross-entropy at the trained positions, and how many there are."""
+        hidden, targets = self.target_hidden(batch)
+        total = -target_logps(hidden, self.model.backbone.output.weight, targets).sum()
+        return total, targets.new_tensor(targets.numel())
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """Next-token cross-entropy at the trained positions; logs it, the tokens seen and the skipped media."""
-        logits, targets = self.target_logits(batch)
-        loss = F.cross_entropy(logits, targets)
+        total, n_tokens = self.target_loss(batch)
+        loss = total / n_tokens.clamp(min=1)
         self.count_tokens(batch["tokens"])
         sync = self.trainer.world_size > 1
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, sync_dist=sync)
@@ -476,12 +484,11 @@ class AdapterStage(BackboneStage):
 
     def update_val_loss(self, batch: dict[str, torch.Tensor]) -> None:
         """Add the batch to ``val/loss`` and ``val/accuracy`` (token-weighted over the trained positions)."""
-        logits, targets = self.target_logits(batch)
-        n = targets.numel()
+        hidden, targets = self.target_hidden(batch)
+        total, n, correct = target_scores(hidden, self.model.backbone.output.weight, targets)
         if n:
-            loss = F.cross_entropy(logits, targets, reduction="sum")
-            self.val_loss.update(loss / n, weight=n)
-            self.val_accuracy.update((logits.argmax(-1) == targets).float().mean(), weight=n)
+            self.val_loss.update(total / n, weight=int(n))
+            self.val_accuracy.update(correct / n, weight=int(n))
 
     def tokenizer(self):
         """The data's tokenizer (:class:`herd.data.tokenizer.Tokenizer`), loaded once."""

@@ -9,6 +9,10 @@ header and termination tokens, for chosen and rejected alike)::
     nll       = -(sum of pi log-probs over the chosen tokens) / (number of chosen tokens)
     loss      = mean over pairs of loss_pair + nll_weight * nll
 
+Log-probs come from the output layer applied to the scored positions only, in chunks
+(:func:`herd.stages.preference.response_logps`), for the policy, the live reference and the
+precomputed one alike: no (batch, seq, vocab) logits.
+
 "Chosen" for the NLL term is the best-ranked response of each prompt. The paper's defaults:
 beta 0.1, nll_weight 0.2, LR 1e-5. A prompt and all its responses share one row (the prompt is
 encoded once, see :mod:`herd.stages.preference`).
@@ -39,6 +43,7 @@ from herd import logs
 from herd.stages.base import BackboneStage
 from herd.stages.preference import (
     Responses,
+    best_ranked,
     check_preference_batch,
     find_responses,
     ranked_pairs,
@@ -71,10 +76,7 @@ def dpo_loss(
 
 def chosen_nll(logps: torch.Tensor, tokens: torch.Tensor, responses: Responses) -> torch.Tensor:
     """Mean negative log-likelihood of the chosen tokens: over the best-ranked response(s) of each prompt."""
-    best_rank = torch.full((int(responses.groups.max()) + 1,), torch.iinfo(responses.ranks.dtype).max,
-                           dtype=responses.ranks.dtype, device=responses.ranks.device)
-    best_rank = best_rank.scatter_reduce(0, responses.groups, responses.ranks, reduce="amin")
-    chosen = responses.ranks == best_rank[responses.groups]
+    chosen = best_ranked(responses)
     return -logps[chosen].sum() / tokens[chosen].sum().clamp(min=1)
 
 
@@ -202,17 +204,23 @@ class DPOStage(BackboneStage):
 
     def _logps(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Responses]:
         """Summed log-probs (R,) of each response's content tokens under ``model``."""
-        responses = find_responses(batch)
-        logits = model(batch["tokens"], document_ids=batch["document_ids"], response_ids=batch["response_ids"])
-        logps, _ = response_logps(logits, batch["targets"], responses.token_response, responses.count)
+        logps, _, responses = self._response_logps(model, batch)
         return logps, responses
+
+    def _response_logps(self, model: nn.Module, batch: dict[str, torch.Tensor]):
+        """(summed log-probs (R,), scored tokens (R,), responses): the output layer runs on the scored
+        positions only, one chunk at a time (no (batch, seq, vocab) logits)."""
+        responses = find_responses(batch)
+        hidden = model.hidden_states(batch["tokens"], document_ids=batch["document_ids"],
+                                     response_ids=batch["response_ids"])  # (batch, seq, dim)
+        logps, tokens = response_logps(hidden, model.output.weight, batch["targets"], responses.token_response,
+                                       responses.count)
+        return logps, tokens, responses
 
     def step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
         """The loss of a batch, its metrics, and the number of pairs."""
         check_preference_batch(batch, "dpo")
-        responses = find_responses(batch)
-        logits = self.model(batch["tokens"], document_ids=batch["document_ids"], response_ids=batch["response_ids"])
-        logps, tokens = response_logps(logits, batch["targets"], responses.token_response, responses.count)
+        logps, tokens, responses = self._response_logps(self.model, batch)
         reference = self._reference_logps(batch, responses)
         better, worse = ranked_pairs(responses.ranks, responses.groups)
         if better.numel() == 0:
