@@ -127,6 +127,7 @@ def test_the_reward_stage_never_runs_the_lm_head(small_config, start):
         with WeightNeverUsed(stage.model.output.weight):
             rewards, responses = stage.rewards(batch)
             rewards.sum().backward()
+            stage.loss_counts(batch)
     finally:
         handle.remove()
     assert responses.count == 4 and stage.value_head.weight.grad is not None

@@ -9,6 +9,8 @@ header and termination tokens, for chosen and rejected alike)::
     nll       = -(sum of pi log-probs over the chosen tokens) / (number of chosen tokens)
     loss      = mean over pairs of loss_pair + nll_weight * nll
 
+With gradient accumulation (and data parallelism) the means run over the whole window: every pair
+and every chosen token of the k micro-batches on all ranks (:mod:`herd.stages.accumulation`).
 Log-probs come from the output layer applied to the scored positions only, in chunks
 (:func:`herd.stages.preference.response_logps`), for the policy, the live reference and the
 precomputed one alike: no (batch, seq, vocab) logits.
@@ -48,6 +50,7 @@ from herd.stages.preference import (
     find_responses,
     ranked_pairs,
     response_logps,
+    response_token_counts,
 )
 
 REFERENCES = ("precompute", "live")
@@ -217,8 +220,18 @@ class DPOStage(BackboneStage):
                                        responses.count)
         return logps, tokens, responses
 
-    def step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
-        """The loss of a batch, its metrics, and the number of pairs."""
+    def loss_counts(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The DPO term is a mean over pairs, the NLL term a mean over the chosen responses' tokens."""
+        check_preference_batch(batch, "dpo")
+        responses = find_responses(batch)
+        better, _ = ranked_pairs(responses.ranks, responses.groups)
+        tokens = response_token_counts(batch["targets"], responses.token_response, responses.count)
+        return {"pairs": torch.tensor(better.numel()), "chosen_tokens": tokens[best_ranked(responses)].sum()}
+
+    def terms(self, batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], int]:
+        """The batch's loss terms as sums ({"pairs": sum of pair losses, "chosen_tokens": nll_weight x the
+        chosen tokens' summed NLL}, divided by the counts of :meth:`loss_counts`), its metrics (the
+        batch's own loss among them), and its number of pairs."""
         check_preference_batch(batch, "dpo")
         logps, tokens, responses = self._response_logps(self.model, batch)
         reference = self._reference_logps(batch, responses)
@@ -228,7 +241,11 @@ class DPOStage(BackboneStage):
         losses, chosen_rewards, rejected_rewards = dpo_loss(
             logps[better], logps[worse], reference[better], reference[worse], self.beta
         )
-        nll = chosen_nll(logps, tokens, responses)
+        chosen = best_ranked(responses)
+        chosen_tokens = tokens[chosen].sum().clamp(min=1)
+        nll_sum = -logps[chosen].sum()
+        sums = {"pairs": losses.sum(), "chosen_tokens": self.nll_weight * nll_sum}
+        nll = nll_sum / chosen_tokens
         loss = losses.mean() + self.nll_weight * nll
         metrics = {
             "loss": loss.detach(),
@@ -239,16 +256,26 @@ class DPOStage(BackboneStage):
             "rewards/accuracy": (chosen_rewards > rejected_rewards).float().mean(),
             "logps/chosen": logps[better].detach().mean(),
         }
-        return loss, metrics, int(better.numel())
+        return sums, metrics, int(better.numel())
+
+    def step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+        """The loss of a batch on its own (mean over its pairs + nll_weight x its chosen tokens' mean NLL),
+        its metrics, and the number of pairs."""
+        sums, metrics, pairs = self.terms(batch)
+        counts = self.loss_counts(batch)
+        loss = sum(value / counts[term].clamp(min=1).to(value.device) for term, value in sums.items())
+        return loss, metrics, pairs
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss, metrics, _ = self.step(batch)
+        """The DPO loss over the whole accumulation window on every rank: the pair term averaged over all
+        its pairs, the NLL term over all its chosen tokens (see :mod:`herd.stages.accumulation`)."""
+        sums, metrics, _ = self.terms(batch)
         self.count_tokens(batch["tokens"])
         sync = self.trainer.world_size > 1
         for name, value in metrics.items():
             self.log(f"train/{name}", value, on_step=True, on_epoch=False, prog_bar=name == "loss", sync_dist=sync)
         self.log("train/tokens_seen", float(self.tokens_seen), on_step=True, on_epoch=False)
-        return loss
+        return self.window_loss(sums, batch)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         _, metrics, pairs = self.step(batch)

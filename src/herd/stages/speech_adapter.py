@@ -100,6 +100,7 @@ class SpeechAdapterStage(AdapterStage):
 
     def setup(self, stage: str) -> None:
         """Give the DataModule the model's frame arithmetic, and check that its speech tokens fit the model."""
+        super().setup(stage)
         datamodule = self.trainer.datamodule if self.trainer is not None else None
         if datamodule is None:
             return

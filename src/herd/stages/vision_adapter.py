@@ -127,6 +127,7 @@ class VisionAdapterStage(AdapterStage):
 
     def setup(self, stage: str) -> None:
         """Give the DataModule the model's tiling, and check that it reads image data with our <|image|> id."""
+        super().setup(stage)
         datamodule = self.trainer.datamodule if self.trainer is not None else None
         if datamodule is None:
             return
