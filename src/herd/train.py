@@ -12,6 +12,7 @@ wraps it for the command line::
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 import os
@@ -30,9 +31,9 @@ import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-from herd import cli, logs
+from herd import cli, logs, threads
 from herd.data.manifest import ManifestError
 from herd.data.shards import ShardError
 from herd.data.tokenizer import Tokenizer, TokenizerError
@@ -71,6 +72,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     output_dir = Path(cfg.paths.output_dir)
     (output_dir / FAILED_FILE).unlink(missing_ok=True)  # a requeued or restarted run tries again
     _check_run_length(cfg)
+    threads.apply(thread_budget(cfg))  # before anything runs a torch op
     objects = build(cfg)
     trainer, stage, datamodule = objects["trainer"], objects["stage"], objects["datamodule"]
     if _is_rank_zero():
@@ -187,14 +189,45 @@ def build(cfg: DictConfig) -> dict[str, Any]:
         stage = instantiate(cfg.stage, _partial_=True, _convert_="all")(model=model_config)
         callbacks = [instantiate(c, _convert_="all") for c in cfg.callbacks.values() if c is not None]
         loggers = [instantiate(c, _convert_="all") for c in cfg.logger.values() if c is not None] if cfg.logger else False
-        trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, plugins=[AtomicCheckpointIO()],
-                              _convert_="all")
+        trainer = instantiate(_lightning_trainer(cfg), callbacks=callbacks, logger=loggers,
+                              plugins=[AtomicCheckpointIO()], _convert_="all")
     except InstantiationException as err:
         raise ConfigError(_explain(err)) from err
     except (ValueError, FileNotFoundError) as err:
         raise ConfigError(str(err)) from err
     _check_optimizer(stage)
     return {"model_config": model_config, "datamodule": datamodule, "stage": stage, "trainer": trainer}
+
+
+def _lightning_trainer(cfg: DictConfig) -> DictConfig:
+    """``cfg.trainer`` without herd's own keys (``threads``), for Lightning's Trainer."""
+    trainer = copy.copy(cfg.trainer)  # keeps its parent: ${paths.output_dir} still resolves
+    with open_dict(trainer):
+        trainer.pop("threads", None)
+    return trainer
+
+
+def thread_budget(cfg: DictConfig) -> threads.ThreadBudget:
+    """torch's intra-op threads for this process (:mod:`herd.threads`): ``trainer.threads``, or herd's
+    choice from the cores it may use, the ranks sharing them and ``data.num_workers``."""
+    try:
+        return threads.choose(workers=int(cfg.data.get("num_workers") or 0), devices=_devices_per_node(cfg.trainer),
+                              threads=cfg.trainer.get("threads"))
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+
+
+def _devices_per_node(trainer: DictConfig) -> int:
+    """The ranks Lightning starts on this node: ``trainer.devices`` (a count, a list, or auto/-1)."""
+    devices = trainer.get("devices", 1)
+    if isinstance(devices, int) and devices > 0:
+        return devices
+    if OmegaConf.is_list(devices) or isinstance(devices, list | tuple):
+        return max(1, len(devices))
+    if isinstance(devices, str) and devices.strip().isdigit():
+        return max(1, int(devices))
+    on_gpu = trainer.get("accelerator") in ("gpu", "cuda", "auto") and torch.cuda.is_available()
+    return max(1, torch.cuda.device_count()) if on_gpu else 1  # auto / -1: every GPU, or one CPU process
 
 
 def model_config_of(cfg: DictConfig) -> ModelConfig:

@@ -1,4 +1,5 @@
-"""The next-token losses every stage shares: against the formula, chunked == full, evaluation scores."""
+"""The next-token losses every stage shares: against the formula, chunked == full, evaluation scores, and
+the one chunked log-prob (values and gradients equal whole logits'; no chunk of logits kept for backward)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 from helpers.training import two_document_batch
 from herd.constants import IGNORE_INDEX
 from herd.model import ModelConfig, Transformer
-from herd.model.loss import next_token_loss, next_token_scores
+from herd.model.loss import chunk_rows, next_token_loss, next_token_scores, target_logps
 
 
 @pytest.fixture
@@ -63,6 +64,57 @@ def test_evaluation_scores_match_the_loss_and_a_hand_counted_accuracy(small_conf
     hits = sum(int(predicted[b, t] == batch["targets"][b, t]) for b in range(2) for t in range(40)
                if batch["targets"][b, t] != IGNORE_INDEX)
     assert correct.item() == hits >= 20
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, None])
+def test_target_logps_and_their_gradients_equal_whole_logits(chunk_size):
+    hidden = torch.randn(50, 16, requires_grad=True)
+    weight = torch.randn(97, 16, requires_grad=True)
+    targets = torch.randint(0, 97, (50,))
+    upstream = torch.randn(50)  # a per-token weight, as DPO's sigmoid gives
+    got = target_logps(hidden, weight, targets, chunk_size)
+    (got * upstream).sum().backward()
+    got_grads = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    expected = (hidden @ weight.T).log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
+    (expected * upstream).sum().backward()
+    assert got.dtype == torch.float32 and torch.allclose(got, expected, rtol=1e-6, atol=1e-6)
+    assert torch.allclose(got_grads[0], hidden.grad, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(got_grads[1], weight.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_the_backward_keeps_no_chunk_of_logits():
+    hidden = torch.randn(64, 16, requires_grad=True)
+    weight = torch.randn(1000, 16, requires_grad=True)
+    saved = []
+
+    def pack(tensor):
+        saved.append(tensor)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        logps = target_logps(hidden, weight, torch.randint(0, 1000, (64,)), chunk_size=16)
+    kept = sum(t.numel() for t in saved if t is not weight)
+    assert kept < 16 * 1000  # hidden (64 x 16), targets and one logsumexp per row: no (chunk, vocab) logits
+    logps.sum().backward()
+    assert weight.grad.shape == weight.shape
+
+
+def test_under_bf16_autocast_the_matmul_is_bf16_and_the_softmax_float32():
+    hidden, weight = torch.randn(30, 32), torch.randn(97, 32)
+    targets = torch.randint(0, 97, (30,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = target_logps(hidden, weight, targets, chunk_size=8)
+        logits = torch.nn.functional.linear(hidden, weight)
+    assert logits.dtype == torch.bfloat16 and got.dtype == torch.float32
+    expected = logits.float().log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
+    assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_without_a_chunk_size_a_chunk_holds_128_mib_of_float32_logits():
+    assert chunk_rows(8192) == 4096 and chunk_rows(128256) == 261 and chunk_rows(97, 5) == 5
+    with pytest.raises(ValueError, match="positive"):
+        chunk_rows(97, 0)
 
 
 def test_ignore_index_is_defined_once_below_every_layer():

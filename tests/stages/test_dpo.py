@@ -79,9 +79,10 @@ def test_masked_tokens_get_no_gradient_and_the_nll_is_the_chosen_tokens_mean_nll
     stage = _stage(small_config, start)
     batch = preference_batch([_groups(2)], seq=64)
     responses = find_responses(batch)
-    logits = stage.model(batch["tokens"], document_ids=batch["document_ids"],
-                         response_ids=batch["response_ids"]).detach().requires_grad_(True)
-    logps, tokens = response_logps(logits, batch["targets"], responses.token_response, responses.count)
+    hidden = stage.model.hidden_states(batch["tokens"], document_ids=batch["document_ids"],
+                                       response_ids=batch["response_ids"]).detach().requires_grad_(True)
+    logps, tokens = response_logps(hidden, stage.model.output.weight, batch["targets"], responses.token_response,
+                                   responses.count)
     reference = logps.detach() - torch.randn_like(logps)  # policy != reference: a real DPO gradient
     better = torch.tensor([0, 3, 3, 4])
     worse = torch.tensor([1, 2, 4, 2])
@@ -89,10 +90,10 @@ def test_masked_tokens_get_no_gradient_and_the_nll_is_the_chosen_tokens_mean_nll
     nll = chosen_nll(logps, tokens, responses)
     (losses.mean() + 0.2 * nll).backward()
     scored = batch["targets"] != -100  # the position predicting a content token
-    assert logits.grad[~scored].abs().max() == 0  # prompt, headers, eot, padding: no gradient
-    assert (logits.grad[scored].abs().sum(-1) > 0).all()
+    assert hidden.grad[~scored].abs().max() == 0  # prompt, headers, eot, padding: no gradient
+    assert (hidden.grad[scored].abs().sum(-1) > 0).all()
     # the NLL by hand: rank-0 responses are 0 (first group) and 3 (second group)
-    log_probs = logits.detach().log_softmax(-1)[0]
+    log_probs = stage.model.output(hidden.detach()).log_softmax(-1)[0]
     chosen = [p for p in range(63) if scored[0, p] and responses.token_response[0, p].item() in (0, 3)]
     by_hand = -sum(log_probs[p, batch["targets"][0, p]].item() for p in chosen) / len(chosen)
     assert nll.item() == pytest.approx(by_hand, rel=1e-5)

@@ -67,7 +67,7 @@ def test_prompt_tokens_and_other_dialogs_carry_exactly_zero_gradient(tokenizer, 
     first[batch["document_ids"] != 0] = IGNORE_INDEX  # train on the first dialog's answer only
     captured = {}
     handles = [model.tok_embeddings.register_forward_hook(lambda m, i, out: captured.setdefault("emb", out).retain_grad()),
-               model.output.register_forward_hook(lambda m, i, out: captured.setdefault("logits", out).retain_grad())]
+               model.norm.register_forward_hook(lambda m, i, out: captured.setdefault("hidden", out).retain_grad())]
     try:
         loss, _ = next_token_loss(model, {**batch, "targets": first})
         loss.backward()
@@ -75,10 +75,10 @@ def test_prompt_tokens_and_other_dialogs_carry_exactly_zero_gradient(tokenizer, 
         for handle in handles:
             handle.remove()
         model.zero_grad()
-    logits_grad = captured["logits"].grad[0]  # (seq, vocab)
+    hidden_grad = captured["hidden"].grad[0]  # (seq, dim): the output layer's input
     no_target = first[0] == IGNORE_INDEX
-    assert torch.count_nonzero(logits_grad[no_target]) == 0  # prompts, headers: not a single non-zero
-    assert torch.count_nonzero(logits_grad[~no_target]) > 0
+    assert torch.count_nonzero(hidden_grad[no_target]) == 0  # prompts, headers: not a single non-zero
+    assert torch.count_nonzero(hidden_grad[~no_target]) > 0
     embedding_grad = captured["emb"].grad[0]  # (seq, dim)
     others = batch["document_ids"][0] != 0
     assert torch.count_nonzero(embedding_grad[others]) == 0  # the other dialogs in the row: exactly zero

@@ -113,7 +113,8 @@ def test_the_transcript_loss_covers_transcript_tokens_only():
     stage = stage_with_model()
     batch = speech_batch()
     with torch.no_grad():
-        logits, targets = stage.transcript_logits(batch)
+        hidden, targets = stage.transcript_hidden(batch)
+        logits = stage.model.backbone.output(hidden)
         full = stage.model(batch["tokens"], batch["features"], batch["feature_lengths"], batch["speech_mask"])
     selected = batch["targets"] != -100
     assert torch.equal(targets, batch["targets"][selected])
@@ -125,9 +126,9 @@ def test_withheld_audio_makes_the_loss_deaf_to_the_clips():
     first = speech_batch()
     second = dict(first, features=torch.randn(2, 80, 16))
     with torch.no_grad():
-        assert torch.equal(stage.transcript_logits(first)[0], stage.transcript_logits(second)[0])
+        assert torch.equal(stage.transcript_hidden(first)[0], stage.transcript_hidden(second)[0])
         stage.withhold_audio = False
-        assert not torch.equal(stage.transcript_logits(first)[0], stage.transcript_logits(second)[0])
+        assert not torch.equal(stage.transcript_hidden(first)[0], stage.transcript_hidden(second)[0])
 
 
 def test_a_changed_backbone_or_an_optimizer_holding_it_is_refused():

@@ -104,7 +104,8 @@ def test_the_caption_loss_covers_caption_tokens_only():
         for block in stage.model.cross_layers:
             block.attention_gate.fill_(0.5)
         batch = caption_batch()
-        logits, targets = stage.caption_logits(batch)
+        hidden, targets = stage.caption_hidden(batch)
+        logits = stage.model.backbone.output(hidden)
         full = stage.model(batch["tokens"], stage.images(batch))
     selected = batch["targets"] != -100
     assert torch.equal(targets, batch["targets"][selected])
@@ -119,9 +120,9 @@ def test_withheld_images_make_the_loss_blind_to_the_pictures():
             block.attention_gate.fill_(0.5)
         first = caption_batch()
         second = dict(first, pixel_values=torch.randn(2, 1, 3, 16, 16))
-        assert torch.equal(stage.caption_logits(first)[0], stage.caption_logits(second)[0])
+        assert torch.equal(stage.caption_hidden(first)[0], stage.caption_hidden(second)[0])
         stage.withhold_images = False
-        assert not torch.equal(stage.caption_logits(first)[0], stage.caption_logits(second)[0])
+        assert not torch.equal(stage.caption_hidden(first)[0], stage.caption_hidden(second)[0])
 
 
 def test_the_gates_learn_at_their_own_rate():

@@ -53,6 +53,7 @@ from herd.data.embedded.corpus import module_name, stdlib_dir, stdlib_files
 from herd.data.embedded.sft import module_definitions
 from herd.data.kinds import assign_split
 from herd.logs import Progress
+from herd.model.loss import target_logps
 
 NORMALISATIONS = ("raw", "per_token", "per_char")
 AXES = ("order", "format", "labels")
@@ -294,7 +295,8 @@ def continuation_logprobs(
     for its continuations and runs those as one right-padded batch (a causal model's scores at
     real positions do not depend on what follows them). Other modules get each (context +
     continuation) row whole. Only positions that predict continuation tokens go through the output
-    head. A request longer than ``max_len`` (default: the model's ``max_seq_len``) loses context
+    head, one chunk of logits at a time (:func:`herd.model.loss.target_logps`); a module without
+    ``hidden_states`` and ``output`` gives whole logits, read at those positions. A request longer than ``max_len`` (default: the model's ``max_seq_len``) loses context
     tokens from the left. ``batch_size`` bounds the rows of one forward pass.
     """
     max_len = max_len or getattr(getattr(model, "config", None), "max_seq_len", None) or 1 << 30
@@ -341,8 +343,7 @@ def _shared_context_scores(model, work, max_len: int) -> dict[int, float]:
     pad = torch.tensor([width - len(c) for c in contexts])
     if pad.any():
         cache.pad_left(pad)
-    last = model.hidden_states(prompts.to(device), cache=cache)[:, -1]  # (prompts, dim)
-    first = torch.log_softmax(model.output(last).float(), dim=-1)  # predicts each continuation's first token
+    last = model.hidden_states(prompts.to(device), cache=cache)[:, -1]  # (prompts, dim): predicts each first token
     owners = [p for p, (_, conts) in enumerate(work) for _ in conts]
     continuations = [cont for _, conts in work for _, cont in conts]
     cache.select(torch.tensor(owners))
@@ -355,11 +356,13 @@ def _shared_context_scores(model, work, max_len: int) -> dict[int, float]:
     positions = [j for cont in continuations for j in range(len(cont) - 1)]
     rows_t = torch.tensor(rows, dtype=torch.long, device=device)
     positions_t = torch.tensor(positions, dtype=torch.long, device=device)
-    later = torch.log_softmax(model.output(hidden[rows_t, positions_t]).float(), dim=-1)
-    picked = later.gather(1, tokens[rows_t, positions_t + 1][:, None]).squeeze(1)
-    sums = torch.zeros(len(continuations), dtype=torch.float64, device=device).index_add_(0, rows_t, picked.double())
     owners_t = torch.tensor(owners, dtype=torch.long, device=device)
-    sums += first[owners_t, tokens[:, 0]].double()
+    # the scored positions only: each continuation's first token (from its context's last state), then the rest
+    scored = torch.cat([last[owners_t], hidden[rows_t, positions_t]])  # (scored, dim)
+    targets = torch.cat([tokens[:, 0], tokens[rows_t, positions_t + 1]])
+    picked = target_logps(scored, model.output.weight, targets)  # (scored,), one chunk of logits at a time
+    owner = torch.cat([torch.arange(len(continuations), device=device), rows_t])
+    sums = torch.zeros(len(continuations), dtype=torch.float64, device=device).index_add_(0, owner, picked.double())
     indices = [i for _, conts in work for i, _ in conts]
     return {i: float(v) for i, v in zip(indices, sums.cpu(), strict=True)}
 
@@ -382,8 +385,12 @@ def _whole_row_scores(model, work, max_len: int) -> dict[int, float]:
     tokens = tokens.to(device)
     rows_t = torch.tensor(picked_rows, dtype=torch.long, device=device)
     positions_t = torch.tensor(picked_positions, dtype=torch.long, device=device)
-    logits = model(tokens[:, :-1])[rows_t, positions_t]  # (picked, vocab)
-    picked = torch.log_softmax(logits.float(), dim=-1).gather(1, tokens[rows_t, positions_t + 1][:, None]).squeeze(1)
+    targets = tokens[rows_t, positions_t + 1]
+    if hasattr(model, "hidden_states") and hasattr(model, "output"):  # the head at the scored positions only
+        picked = target_logps(model.hidden_states(tokens[:, :-1])[rows_t, positions_t], model.output.weight, targets)
+    else:  # a module that only gives logits
+        logits = model(tokens[:, :-1])[rows_t, positions_t]  # (picked, vocab)
+        picked = torch.log_softmax(logits.float(), dim=-1).gather(1, targets[:, None]).squeeze(1)
     sums = torch.zeros(len(rows), dtype=torch.float64, device=device).index_add_(0, rows_t, picked.double())
     return {index: float(v) for (index, _, _), v in zip(rows, sums.cpu(), strict=True)}
 

@@ -40,9 +40,13 @@ class RewardModel(nn.Module):
 
     @torch.no_grad()
     def score(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """Rewards (batch,) of right-padded rows: row i's reward is read at position ``lengths[i] - 1``."""
-        rewards = self(tokens)  # causal attention: padding after a row's end changes nothing before it
-        return rewards.gather(1, (lengths.to(rewards.device) - 1)[:, None]).squeeze(1)
+        """Rewards (batch,) of right-padded rows: row i's reward is read at position ``lengths[i] - 1``.
+
+        The head runs on those positions only; the backbone's output layer never runs.
+        """
+        hidden = self.backbone.hidden_states(tokens)  # causal: padding after a row's end changes nothing before it
+        last = hidden[torch.arange(len(tokens), device=hidden.device), lengths.to(hidden.device) - 1]  # (batch, dim)
+        return self.head(last).squeeze(-1).float()
 
 
 @torch.no_grad()

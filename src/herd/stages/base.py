@@ -8,6 +8,9 @@ loss, and gets from here:
 - ``configure_optimizers``: AdamW (or any ``_partial_`` optimizer) with no weight decay on norms
   and a per-step schedule;
 - ``tokens_seen``, counted over all ranks and stored in checkpoints;
+- exact gradient accumulation (:mod:`herd.stages.accumulation`): a stage names the counts its
+  loss divides by (:meth:`BackboneStage.loss_counts`) and divides its sums by those of the whole
+  accumulation window on every rank (:meth:`BackboneStage.window_loss`);
 - gradient-norm logging before clipping;
 - non-finite losses (``on_nonfinite``): stop with a clear error, or skip the step's update; and
   no checkpoint is ever written from non-finite weights.
@@ -27,15 +30,17 @@ from typing import Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torch.distributed.tensor import DTensor
 from torchmetrics import MeanMetric, Metric
 
 from herd import logs
+from herd.constants import IGNORE_INDEX
 from herd.interop import gguf, hf
 from herd.model import ModelConfig, Transformer
+from herd.model.loss import target_logps, target_scores
+from herd.stages import accumulation
 from herd.stages.parallelize import (
     apply_activation_checkpointing,
     apply_fsdp,
@@ -249,6 +254,40 @@ class BackboneStage(L.LightningModule):
 
     # ------------------------------------------------------------------------- accounting
 
+    def setup(self, stage: str) -> None:
+        """For fitting: tag the train batches with their accumulation window's counts
+        (:func:`herd.stages.accumulation.install`)."""
+        if stage == "fit" and self._trainer is not None:
+            accumulation.install(self.trainer, self.loss_counts)
+
+    def loss_counts(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """What this stage's training loss divides by, counted in one micro-batch from the batch alone
+        (no model): {term: int64 scalar}. Here the predicted tokens (``targets`` != -100)."""
+        return {"tokens": (batch["targets"] != IGNORE_INDEX).sum()}
+
+    def window_totals(self, batch: dict[str, Any]) -> tuple[dict[str, torch.Tensor], float]:
+        """The totals of :meth:`loss_counts` over the batch's accumulation window on every rank, and the
+        factor k * W (``accumulate_grad_batches`` x world size) that undoes Lightning's division by k and
+        the data-parallel mean (see :mod:`herd.stages.accumulation`). A batch without its window's
+        counts (validation, a dataloader without a DataModule) gives its own counts and factor 1."""
+        window = batch.get(accumulation.WINDOW_KEY) if self._trainer is not None else None
+        if window is None:
+            return self.loss_counts(batch), 1.0
+        terms = list(window)
+        total = torch.stack([window[term].to(torch.long) for term in terms])
+        world = self.trainer.world_size
+        if world > 1:
+            torch.distributed.all_reduce(total)  # sum over the ranks (every rank runs every micro-batch)
+        factor = float(self.trainer.accumulate_grad_batches * world)
+        return dict(zip(terms, total.unbind(0), strict=True)), factor
+
+    def window_loss(self, sums: dict[str, torch.Tensor], batch: dict[str, Any]) -> torch.Tensor:
+        """The loss to return from ``training_step``: sum over terms of ``sums[term]`` (this micro-batch's)
+        divided by the window's total of that term, times the factor of :meth:`window_totals`. Its
+        gradient, accumulated and averaged as Lightning does, is that of the whole window as one batch."""
+        totals, factor = self.window_totals(batch)
+        return sum(value * (factor / totals[term].clamp(min=1).to(value.dtype)) for term, value in sums.items())
+
     def count_tokens(self, tokens: torch.Tensor) -> int:
         """Add this step's global token count (every rank reads an equal batch) to ``tokens_seen``."""
         self.tokens_seen += tokens.numel() * self.trainer.world_size
@@ -370,8 +409,10 @@ class FrozenBackboneError(RuntimeError):
 class AdapterStage(BackboneStage):
     """A :class:`BackboneStage` whose backbone stays frozen while ``model.adapter_modules()`` train.
 
-    A subclass gives :meth:`target_logits` (the logits at the trained positions and their
-    targets); the next-token loss, its logging and the validation loss and accuracy are shared.
+    A subclass gives :meth:`target_hidden` (the final hidden states at the trained positions and
+    their targets); the next-token loss (the backbone's output layer on those positions only, in
+    chunks: :func:`herd.model.loss.target_logps`), its logging and the validation loss and accuracy
+    are shared.
     ``skipped_key`` names the DataModule's count of examples whose media failed to decode.
     """
 
@@ -467,17 +508,25 @@ class AdapterStage(BackboneStage):
             raise FrozenBackboneError("the frozen backbone's weights changed during training; an adapter must leave "
                                       "the language model untouched")
 
-    def target_logits(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits (trained positions, vocab) float32 and their targets."""
+    def target_hidden(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Final normed hidden states (trained positions, dim) and their targets (trained positions,)."""
         raise NotImplementedError
 
+    def target_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed next-token cross-entropy at the trained positions, and how many there are."""
+        hidden, targets = self.target_hidden(batch)
+        total = -target_logps(hidden, self.model.backbone.output.weight, targets).sum()
+        return total, targets.new_tensor(targets.numel())
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        """Next-token cross-entropy at the trained positions; logs it, the tokens seen and the skipped media."""
-        logits, targets = self.target_logits(batch)
-        loss = F.cross_entropy(logits, targets)
+        """Next-token cross-entropy at the trained positions, token-weighted over the accumulation
+        window; logs it, the tokens seen and the skipped media."""
+        total, n_tokens = self.target_loss(batch)
+        loss = self.window_loss({"tokens": total}, batch)
         self.count_tokens(batch["tokens"])
         sync = self.trainer.world_size > 1
-        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, sync_dist=sync)
+        self.log("train/loss", total.detach() / n_tokens.clamp(min=1), on_step=True, on_epoch=False, prog_bar=True,
+                 sync_dist=sync)
         self.log("train/tokens_seen", float(self.tokens_seen), on_step=True, on_epoch=False)
         skipped = getattr(self.trainer.datamodule, self.skipped_key, None) if self.skipped_key else None
         if skipped is not None:
@@ -486,12 +535,11 @@ class AdapterStage(BackboneStage):
 
     def update_val_loss(self, batch: dict[str, torch.Tensor]) -> None:
         """Add the batch to ``val/loss`` and ``val/accuracy`` (token-weighted over the trained positions)."""
-        logits, targets = self.target_logits(batch)
-        n = targets.numel()
+        hidden, targets = self.target_hidden(batch)
+        total, n, correct = target_scores(hidden, self.model.backbone.output.weight, targets)
         if n:
-            loss = F.cross_entropy(logits, targets, reduction="sum")
-            self.val_loss.update(loss / n, weight=n)
-            self.val_accuracy.update((logits.argmax(-1) == targets).float().mean(), weight=n)
+            self.val_loss.update(total / n, weight=int(n))
+            self.val_accuracy.update(correct / n, weight=int(n))
 
     def tokenizer(self):
         """The data's tokenizer (:class:`herd.data.tokenizer.Tokenizer`), loaded once."""

@@ -9,6 +9,12 @@ header and termination tokens, for chosen and rejected alike)::
     nll       = -(sum of pi log-probs over the chosen tokens) / (number of chosen tokens)
     loss      = mean over pairs of loss_pair + nll_weight * nll
 
+With gradient accumulation (and data parallelism) the means run over the whole window: every pair
+and every chosen token of the k micro-batches on all ranks (:mod:`herd.stages.accumulation`).
+Log-probs come from the output layer applied to the scored positions only, in chunks
+(:func:`herd.stages.preference.response_logps`), for the policy, the live reference and the
+precomputed one alike: no (batch, seq, vocab) logits.
+
 "Chosen" for the NLL term is the best-ranked response of each prompt. The paper's defaults:
 beta 0.1, nll_weight 0.2, LR 1e-5. A prompt and all its responses share one row (the prompt is
 encoded once, see :mod:`herd.stages.preference`).
@@ -39,10 +45,12 @@ from herd import logs
 from herd.stages.base import BackboneStage
 from herd.stages.preference import (
     Responses,
+    best_ranked,
     check_preference_batch,
     find_responses,
     ranked_pairs,
     response_logps,
+    response_token_counts,
 )
 
 REFERENCES = ("precompute", "live")
@@ -71,10 +79,7 @@ def dpo_loss(
 
 def chosen_nll(logps: torch.Tensor, tokens: torch.Tensor, responses: Responses) -> torch.Tensor:
     """Mean negative log-likelihood of the chosen tokens: over the best-ranked response(s) of each prompt."""
-    best_rank = torch.full((int(responses.groups.max()) + 1,), torch.iinfo(responses.ranks.dtype).max,
-                           dtype=responses.ranks.dtype, device=responses.ranks.device)
-    best_rank = best_rank.scatter_reduce(0, responses.groups, responses.ranks, reduce="amin")
-    chosen = responses.ranks == best_rank[responses.groups]
+    chosen = best_ranked(responses)
     return -logps[chosen].sum() / tokens[chosen].sum().clamp(min=1)
 
 
@@ -202,17 +207,33 @@ class DPOStage(BackboneStage):
 
     def _logps(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Responses]:
         """Summed log-probs (R,) of each response's content tokens under ``model``."""
-        responses = find_responses(batch)
-        logits = model(batch["tokens"], document_ids=batch["document_ids"], response_ids=batch["response_ids"])
-        logps, _ = response_logps(logits, batch["targets"], responses.token_response, responses.count)
+        logps, _, responses = self._response_logps(model, batch)
         return logps, responses
 
-    def step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
-        """The loss of a batch, its metrics, and the number of pairs."""
+    def _response_logps(self, model: nn.Module, batch: dict[str, torch.Tensor]):
+        """(summed log-probs (R,), scored tokens (R,), responses): the output layer runs on the scored
+        positions only, one chunk at a time (no (batch, seq, vocab) logits)."""
+        responses = find_responses(batch)
+        hidden = model.hidden_states(batch["tokens"], document_ids=batch["document_ids"],
+                                     response_ids=batch["response_ids"])  # (batch, seq, dim)
+        logps, tokens = response_logps(hidden, model.output.weight, batch["targets"], responses.token_response,
+                                       responses.count)
+        return logps, tokens, responses
+
+    def loss_counts(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The DPO term is a mean over pairs, the NLL term a mean over the chosen responses' tokens."""
         check_preference_batch(batch, "dpo")
         responses = find_responses(batch)
-        logits = self.model(batch["tokens"], document_ids=batch["document_ids"], response_ids=batch["response_ids"])
-        logps, tokens = response_logps(logits, batch["targets"], responses.token_response, responses.count)
+        better, _ = ranked_pairs(responses.ranks, responses.groups)
+        tokens = response_token_counts(batch["targets"], responses.token_response, responses.count)
+        return {"pairs": torch.tensor(better.numel()), "chosen_tokens": tokens[best_ranked(responses)].sum()}
+
+    def terms(self, batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], int]:
+        """The batch's loss terms as sums ({"pairs": sum of pair losses, "chosen_tokens": nll_weight x the
+        chosen tokens' summed NLL}, divided by the counts of :meth:`loss_counts`), its metrics (the
+        batch's own loss among them), and its number of pairs."""
+        check_preference_batch(batch, "dpo")
+        logps, tokens, responses = self._response_logps(self.model, batch)
         reference = self._reference_logps(batch, responses)
         better, worse = ranked_pairs(responses.ranks, responses.groups)
         if better.numel() == 0:
@@ -220,7 +241,11 @@ class DPOStage(BackboneStage):
         losses, chosen_rewards, rejected_rewards = dpo_loss(
             logps[better], logps[worse], reference[better], reference[worse], self.beta
         )
-        nll = chosen_nll(logps, tokens, responses)
+        chosen = best_ranked(responses)
+        chosen_tokens = tokens[chosen].sum().clamp(min=1)
+        nll_sum = -logps[chosen].sum()
+        sums = {"pairs": losses.sum(), "chosen_tokens": self.nll_weight * nll_sum}
+        nll = nll_sum / chosen_tokens
         loss = losses.mean() + self.nll_weight * nll
         metrics = {
             "loss": loss.detach(),
@@ -231,16 +256,26 @@ class DPOStage(BackboneStage):
             "rewards/accuracy": (chosen_rewards > rejected_rewards).float().mean(),
             "logps/chosen": logps[better].detach().mean(),
         }
-        return loss, metrics, int(better.numel())
+        return sums, metrics, int(better.numel())
+
+    def step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+        """The loss of a batch on its own (mean over its pairs + nll_weight x its chosen tokens' mean NLL),
+        its metrics, and the number of pairs."""
+        sums, metrics, pairs = self.terms(batch)
+        counts = self.loss_counts(batch)
+        loss = sum(value / counts[term].clamp(min=1).to(value.device) for term, value in sums.items())
+        return loss, metrics, pairs
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss, metrics, _ = self.step(batch)
+        """The DPO loss over the whole accumulation window on every rank: the pair term averaged over all
+        its pairs, the NLL term over all its chosen tokens (see :mod:`herd.stages.accumulation`)."""
+        sums, metrics, _ = self.terms(batch)
         self.count_tokens(batch["tokens"])
         sync = self.trainer.world_size > 1
         for name, value in metrics.items():
             self.log(f"train/{name}", value, on_step=True, on_epoch=False, prog_bar=name == "loss", sync_dist=sync)
         self.log("train/tokens_seen", float(self.tokens_seen), on_step=True, on_epoch=False)
-        return loss
+        return self.window_loss(sums, batch)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         _, metrics, pairs = self.step(batch)

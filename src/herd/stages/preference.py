@@ -21,9 +21,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from herd.constants import IGNORE_INDEX
+from herd.model.loss import sequence_logps
 
 PREFERENCE_KEYS = ("response_ids", "ranks")
 
@@ -91,27 +91,41 @@ def ranked_pairs(ranks: torch.Tensor, groups: torch.Tensor) -> tuple[torch.Tenso
 
 
 def response_logps(
-    logits: torch.Tensor, targets: torch.Tensor, token_response: torch.Tensor, count: int
+    hidden: torch.Tensor,
+    output_weight: torch.Tensor,
+    targets: torch.Tensor,
+    token_response: torch.Tensor,
+    count: int,
+    chunk_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probabilities of each response's target tokens, and how many tokens each sums.
 
-    ``logits`` (batch, seq, vocab) predict ``targets`` (batch, seq; -100 where nothing is scored);
-    the log-prob at position p scores token p + 1, which belongs to the response of position p
-    (``token_response``). Returns two (count,) float32 tensors.
+    ``hidden`` (batch, seq, dim) are the final normed hidden states (``model.hidden_states``),
+    ``output_weight`` the output layer's (vocab, dim) weight; position p predicts ``targets`` (batch,
+    seq; -100 where nothing is scored), token p + 1, which belongs to the response of position p
+    (``token_response``). Only the scored positions go through the output layer, one chunk at a time
+    (:func:`herd.model.loss.sequence_logps`): no (batch, seq, vocab) logits. Returns two (count,)
+    tensors: float32 sums and long counts.
     """
-    scored = targets != IGNORE_INDEX
-    token_logps = -F.cross_entropy(
-        logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
-    ).view_as(targets)  # (batch, seq); 0 where not scored
-    index = token_response[scored]
+    index = token_response[targets != IGNORE_INDEX]
     if bool((index < 0).any()):
         raise ValueError("a scored target lies outside every response: the batch's targets and response_ids "
                          "disagree (re-run herd.prepare)")
-    sums = token_logps.new_zeros(count).index_add(0, index, token_logps[scored])
-    tokens = torch.zeros(count, dtype=torch.long, device=targets.device).index_add(
-        0, index, torch.ones_like(index)
-    )
-    return sums, tokens
+    return sequence_logps(hidden, output_weight, targets, token_response, count, chunk_size)
+
+
+def response_token_counts(targets: torch.Tensor, token_response: torch.Tensor, count: int) -> torch.Tensor:
+    """How many scored target tokens each of ``count`` responses has (count,), from the batch alone."""
+    index = token_response[targets != IGNORE_INDEX]
+    return torch.zeros(count, dtype=torch.long, device=targets.device).index_add(0, index, torch.ones_like(index))
+
+
+def best_ranked(responses: Responses) -> torch.Tensor:
+    """(R,) bool: the best-ranked response(s) of each prompt (the "chosen" of the NLL term)."""
+    best_rank = torch.full((int(responses.groups.max()) + 1,), torch.iinfo(responses.ranks.dtype).max,
+                           dtype=responses.ranks.dtype, device=responses.ranks.device)
+    best_rank = best_rank.scatter_reduce(0, responses.groups, responses.ranks, reduce="amin")
+    return responses.ranks == best_rank[responses.groups]
 
 
 def pair_accuracy(better_scores: torch.Tensor, worse_scores: torch.Tensor) -> torch.Tensor:

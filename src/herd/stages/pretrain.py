@@ -3,7 +3,8 @@
 Batches are dicts of (batch, seq) tensors: ``tokens``, ``document_ids`` and ``targets`` (the next
 token, or -100 where the next token belongs to another document). The same stage serves
 long-context continued pretraining. The losses are :mod:`herd.model.loss`'s, shared with the
-long-context schedule and ``herd.evaluate``.
+long-context schedule and ``herd.evaluate``: the output layer runs on the predicted positions only,
+one chunk at a time, and never builds (batch, seq, vocab) logits.
 """
 
 from __future__ import annotations
@@ -19,7 +20,10 @@ class PretrainStage(BackboneStage):
     """Next-token prediction; logs train/loss, and val/loss, val/perplexity and val/accuracy (greedy
     next-token accuracy), all token-weighted over the predicted tokens of the val split.
 
-    ``loss_chunk_size`` (positions per chunk) turns on the chunked cross-entropy for long contexts.
+    The training loss is token-weighted over the whole accumulation window on every rank (see
+    :mod:`herd.stages.accumulation`). The output layer runs on the predicted positions only,
+    ``loss_chunk_size`` of them at a time (null: as many as keep a chunk's float32 logits near
+    128 MiB, see :mod:`herd.model.loss`).
     """
 
     def __init__(self, *args, loss_chunk_size: int | None = None, **kwargs) -> None:
@@ -31,11 +35,12 @@ class PretrainStage(BackboneStage):
         self.val_accuracy = MeanMetric()
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss, _ = next_token_loss(self.model, batch, self.loss_chunk_size)
+        """The mean cross-entropy over every predicted token of the accumulation window (all ranks)."""
+        loss, n_tokens = next_token_loss(self.model, batch, self.loss_chunk_size)
         self.count_tokens(batch["tokens"])
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, sync_dist=self.trainer.world_size > 1)
         self.log("train/tokens_seen", float(self.tokens_seen), on_step=True, on_epoch=False)
-        return loss
+        return self.window_loss({"tokens": loss * n_tokens}, batch)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         total, n_tokens, correct = next_token_scores(self.model, batch, self.loss_chunk_size)

@@ -7,7 +7,10 @@ Linear from dim to 1, no bias) on the final hidden state of its last token, its 
 
 The loss of one prompt is the mean, over every ordered pair (better, worse) of its ranking, of
 ``-log sigmoid(r_better - r_worse)``, without a margin term (:func:`ranking_loss`); tied ranks form
-no pair. A batch's loss is the mean over its prompts. Validation logs ``val/loss`` and the
+no pair. A batch's loss is the mean over its prompts; with gradient accumulation (and data
+parallelism) the mean runs over every prompt of the window on all ranks
+(:mod:`herd.stages.accumulation`). The language-model head never runs: the rewards come from
+the backbone's final hidden states (``hidden_states``) at the responses' last tokens only. Validation logs ``val/loss`` and the
 pairwise accuracy ``val/accuracy`` (a tied score counts 0.5), overall and per pair of ranks
 (``val/accuracy_0v1``: rank 0 against rank 1, and so on for ranks up to 2).
 
@@ -51,6 +54,11 @@ def ranking_loss(rewards: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
 
 def grouped_ranking_loss(rewards: torch.Tensor, ranks: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
     """:func:`ranking_loss` of each prompt (responses grouped by ``groups``), averaged over the prompts."""
+    return prompt_ranking_losses(rewards, ranks, groups).mean()
+
+
+def prompt_ranking_losses(rewards: torch.Tensor, ranks: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """:func:`ranking_loss` of each prompt that has a pair, (prompts with a pair,); refused without any pair."""
     better, worse = ranked_pairs(ranks, groups)
     if better.numel() == 0:
         raise ValueError("the ranking has no pair of responses with different ranks: nothing to learn from")
@@ -58,7 +66,13 @@ def grouped_ranking_loss(rewards: torch.Tensor, ranks: torch.Tensor, groups: tor
     pair_groups = groups[better]
     pairs_per_group = torch.bincount(pair_groups, minlength=int(groups.max()) + 1).to(losses.dtype)
     per_group = losses.new_zeros(pairs_per_group.shape).index_add(0, pair_groups, losses) / pairs_per_group.clamp(min=1)
-    return per_group[pairs_per_group > 0].mean()
+    return per_group[pairs_per_group > 0]
+
+
+def ranked_prompts(ranks: torch.Tensor, groups: torch.Tensor) -> int:
+    """How many prompts (``groups``) have at least one pair of different ranks."""
+    better, _ = ranked_pairs(ranks, groups)
+    return int(torch.unique(groups[better]).numel())
 
 
 class RewardStage(BackboneStage):
@@ -111,24 +125,31 @@ class RewardStage(BackboneStage):
         last = hidden[responses.rows, responses.ends]  # (R, dim): each response's <|eot_id|>
         return self.value_head(last).squeeze(-1).float(), responses
 
+    def loss_counts(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The loss is a mean over the prompts that have a pair."""
+        check_preference_batch(batch, "reward")
+        responses = find_responses(batch)
+        return {"prompts": torch.tensor(ranked_prompts(responses.ranks, responses.groups))}
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """The ranking loss averaged over every prompt of the accumulation window on every rank."""
         rewards, responses = self.rewards(batch)
-        loss = grouped_ranking_loss(rewards, responses.ranks, responses.groups)
+        per_prompt = prompt_ranking_losses(rewards, responses.ranks, responses.groups)
         better, worse = ranked_pairs(responses.ranks, responses.groups)
         self.count_tokens(batch["tokens"])
         sync = self.trainer.world_size > 1
-        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, sync_dist=sync)
+        self.log("train/loss", per_prompt.detach().mean(), on_step=True, on_epoch=False, prog_bar=True, sync_dist=sync)
         self.log("train/accuracy", pair_accuracy(rewards[better], rewards[worse]).mean(), on_step=True,
                  on_epoch=False, sync_dist=sync)
         self.log("train/tokens_seen", float(self.tokens_seen), on_step=True, on_epoch=False)
-        return loss
+        return self.window_loss({"prompts": per_prompt.sum()}, batch)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         rewards, responses = self.rewards(batch)
         better, worse = ranked_pairs(responses.ranks, responses.groups)
         if better.numel() == 0:
             return
-        n_prompts = int(torch.unique(responses.groups[better]).numel())
+        n_prompts = ranked_prompts(responses.ranks, responses.groups)
         self.val_loss.update(grouped_ranking_loss(rewards, responses.ranks, responses.groups), weight=n_prompts)
         correct = pair_accuracy(rewards[better], rewards[worse])
         self.val_accuracy.update(correct)

@@ -100,6 +100,7 @@ class SpeechAdapterStage(AdapterStage):
 
     def setup(self, stage: str) -> None:
         """Give the DataModule the model's frame arithmetic, and check that its speech tokens fit the model."""
+        super().setup(stage)
         datamodule = self.trainer.datamodule if self.trainer is not None else None
         if datamodule is None:
             return
@@ -120,17 +121,18 @@ class SpeechAdapterStage(AdapterStage):
         features = batch["features"]
         return torch.zeros_like(features) if self.withhold_audio else features
 
-    def target_logits(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """See :meth:`transcript_logits`."""
-        return self.transcript_logits(batch)
+    def target_hidden(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """See :meth:`transcript_hidden`."""
+        return self.transcript_hidden(batch)
 
-    def transcript_logits(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits (transcript tokens, vocab) float32 and their targets: the head runs on transcript positions only."""
+    def transcript_hidden(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Final hidden states (transcript tokens, dim) and their targets: the loss runs the head on
+        transcript positions only."""
         targets = batch["targets"]
         hidden = self.model(batch["tokens"], self.audio_features(batch), batch["feature_lengths"],
                             batch["speech_mask"], output_hidden=True)  # (batch, seq, dim)
         selected = targets != IGNORE_INDEX
-        return self.model.backbone.output(hidden[selected]).float(), targets[selected]
+        return hidden[selected], targets[selected]
 
     def on_validation_epoch_start(self) -> None:
         self._transcribed = 0

@@ -127,6 +127,7 @@ class VisionAdapterStage(AdapterStage):
 
     def setup(self, stage: str) -> None:
         """Give the DataModule the model's tiling, and check that it reads image data with our <|image|> id."""
+        super().setup(stage)
         datamodule = self.trainer.datamodule if self.trainer is not None else None
         if datamodule is None:
             return
@@ -149,16 +150,17 @@ class VisionAdapterStage(AdapterStage):
             pixels = torch.zeros_like(pixels)
         return ImageBatch(pixels, batch["aspect_ratio_ids"], batch["num_tiles"], batch["image_rows"])
 
-    def target_logits(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """See :meth:`caption_logits`."""
-        return self.caption_logits(batch)
+    def target_hidden(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """See :meth:`caption_hidden`."""
+        return self.caption_hidden(batch)
 
-    def caption_logits(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits (caption tokens, vocab) float32 and their targets: the head runs on caption positions only."""
+    def caption_hidden(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Final hidden states (caption tokens, dim) and their targets: the loss runs the head on caption
+        positions only."""
         targets = batch["targets"]
         hidden = self.model(batch["tokens"], self.images(batch), output_hidden=True)  # (batch, seq, dim)
         selected = targets != IGNORE_INDEX
-        return self.model.backbone.output(hidden[selected]).float(), targets[selected]
+        return hidden[selected], targets[selected]
 
     def on_validation_epoch_start(self) -> None:
         self._captioned = 0
