@@ -8,8 +8,9 @@ started with one of two thread settings:
   ``data.num_workers`` of configs/data/stdlib.yaml), as ``herd.train`` applies it;
 - default: torch's own choice (one thread per core of the machine).
 
-Each setting runs alone, then beside a competitor: another process running float32 matmuls with
-torch's default threads (another training job, say), started before and stopped after. The four runs
+Each setting runs alone, then beside a competitor, started before and stopped after: by default
+another process running float32 matmuls with torch's default threads (another training job, say);
+``--competitor python`` is a single-threaded pure-Python busy loop instead. The four runs
 alternate for ``--rounds`` rounds and each keeps its best (a shared machine's other load comes and
 goes). Reported per run: tokens/s over ``--steps`` steps after one warm-up step; then, per setting,
 beside / alone, and herd against the default beside the competitor. Target: herd's choice beside the competitor
@@ -62,12 +63,10 @@ seconds = time.perf_counter() - start
 print(json.dumps({"threads": torch.get_num_threads(), "tokens_per_s": steps * batch * seq / seconds}))
 """
 
-COMPETITOR = r"""
-import torch
-a = torch.randn(1024, 1024)
-while True:
-    b = a @ a
-"""
+COMPETITORS = {
+    "torch": "import torch\na = torch.randn(1024, 1024)\nwhile True:\n    b = a @ a\n",
+    "python": "while True:\n    pass\n",
+}
 
 
 def clean_env() -> dict[str, str]:
@@ -85,7 +84,7 @@ def train(setting: str, args) -> dict[str, float]:
 
 
 def beside_competitor(setting: str, args) -> dict[str, float]:
-    competitor = subprocess.Popen([sys.executable, "-c", COMPETITOR], env=clean_env(),
+    competitor = subprocess.Popen([sys.executable, "-c", COMPETITORS[args.competitor]], env=clean_env(),
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         time.sleep(2)  # the competitor is busy before the training starts
@@ -102,11 +101,13 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--workers", type=int, default=1, help="loader workers herd's choice leaves room for")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--competitor", choices=sorted(COMPETITORS), default="torch")
     args = parser.parse_args()
     cores = len(os.sched_getaffinity(0))
     print(f"tiny preset, {args.batch} x {args.seq} tokens per step, bf16 autocast; {cores} cores in the affinity "
-          f"mask; load average {os.getloadavg()[0]:.1f} at the start; competitor: a float32 matmul loop with "
-          "torch's default threads", flush=True)
+          f"mask; load average {os.getloadavg()[0]:.1f} at the start; competitor: "
+          + ("a float32 matmul loop with torch's default threads" if args.competitor == "torch"
+             else "a single-threaded Python busy loop"), flush=True)
     results: dict[tuple[str, str], dict[str, float]] = {}
     for round_ in range(args.rounds):
         for setting in ("herd", "default"):
