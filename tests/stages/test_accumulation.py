@@ -41,6 +41,12 @@ def one_batch(start):
     return get
 
 
+# Batches of 8 and of 1 run different kernel shapes, so fp32 rounding differs (see the README's
+# Development notes). The vision adapter's cross-attention reaches 2.6e-6 on some CPUs (1e-6 elsewhere);
+# row weighting is off by more than 1e-4, so 1e-5 still tells the two apart.
+TOLERANCE = {"vision_adapter": 1e-5}
+
+
 def relative_difference(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> float:
     """The largest ||got - want|| / ||want|| over the parameters."""
     assert got.keys() == want.keys()
@@ -50,7 +56,7 @@ def relative_difference(got: dict[str, torch.Tensor], want: dict[str, torch.Tens
 @pytest.mark.parametrize("stage", STAGES)
 def test_eight_accumulated_micro_batches_of_one_make_the_update_of_one_batch_of_eight(stage, start, one_batch):
     accumulated = step_parameters(stage, start, rows(stage), accumulate=8)
-    assert relative_difference(accumulated, one_batch(stage)) <= 1e-6
+    assert relative_difference(accumulated, one_batch(stage)) <= TOLERANCE.get(stage, 1e-6)
 
 
 @pytest.mark.parametrize("stage", STAGES)
@@ -90,4 +96,4 @@ def test_two_ranks_of_four_micro_batches_make_the_update_of_one_batch_of_eight(s
     assert result.returncode == 0, result.stderr[-4000:]
     for stage in STAGES:
         ranks = torch.load(tmp_path / f"{stage}.pt")
-        assert relative_difference(ranks, one_batch(stage)) <= 1e-6, stage
+        assert relative_difference(ranks, one_batch(stage)) <= TOLERANCE.get(stage, 1e-6), stage

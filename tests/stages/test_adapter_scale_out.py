@@ -4,7 +4,6 @@ stays, they export."""
 from __future__ import annotations
 
 import csv
-import dataclasses
 import math
 import subprocess
 import sys
@@ -15,7 +14,7 @@ import torch
 from helpers.training import TRAIN_VOCAB
 from herd.interop import hf, mllama
 from herd.interop import speech as speech_io
-from herd.model import Transformer
+from herd.model import ModelConfig, Transformer
 from herd.presets import model_preset
 
 SHAPE = {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": TRAIN_VOCAB}
@@ -32,7 +31,7 @@ ADAPTERS = {  # experiment: (data fixture, its own overrides, how its export loa
 def test_adapter_stage_on_two_processes(tmp_path, prepared_corpus, experiment, strategy, request):
     fixture, own, load = ADAPTERS[experiment]
     data = request.getfixturevalue(fixture)
-    config = dataclasses.replace(model_preset("tiny"), **SHAPE)
+    config = ModelConfig.from_dict({**model_preset("tiny").to_dict(), **SHAPE})  # head_dim derived again
     start = hf.save(Transformer(config), tmp_path / "start", tokenizer=prepared_corpus / "tokenizer")
     run_dir = tmp_path / "run"
     command = [sys.executable, "-m", "herd.train", f"experiment={experiment}", f"stage.init_from={start}",

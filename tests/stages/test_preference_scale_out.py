@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import dataclasses
 import math
 import subprocess
 import sys
@@ -13,14 +12,14 @@ import torch
 
 from helpers.training import PREFERENCE_SEQ_LEN, TRAIN_VOCAB
 from herd.interop import hf
-from herd.model import Transformer
+from herd.model import ModelConfig, Transformer
 from herd.presets import model_preset
 
 SHAPE = {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": TRAIN_VOCAB}
 
 
 def _run(tmp_path, prepared_corpus, prepared_preferences, stage, *overrides):
-    config = dataclasses.replace(model_preset("tiny"), **SHAPE)  # the shape the command line composes
+    config = ModelConfig.from_dict({**model_preset("tiny").to_dict(), **SHAPE})  # head_dim derived again  # the shape the command line composes
     start = hf.save(Transformer(config), tmp_path / "start", tokenizer=prepared_corpus / "tokenizer")
     run_dir = tmp_path / "run"
     command = [sys.executable, "-m", "herd.train", f"stage={stage}", f"stage.init_from={start}",
