@@ -41,8 +41,8 @@ def one_batch(start):
     return get
 
 
-# Batches of 8 and of 1 run different kernel shapes, so fp32 rounding differs (see the README's
-# Development notes). The vision adapter's cross-attention reaches 2.6e-6 on some CPUs (1e-6 elsewhere);
+# Batches of 8 and of 1 run different kernel shapes, so fp32 rounding differs (see
+# docs/development.md, "Development"). The vision adapter's cross-attention reaches 2.6e-6 on some CPUs (1e-6 elsewhere);
 # row weighting is off by more than 1e-4, so 1e-5 still tells the two apart.
 TOLERANCE = {"vision_adapter": 1e-5}
 
