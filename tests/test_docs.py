@@ -113,9 +113,10 @@ def test_the_config_check_sees_every_group_and_a_removed_row(tmp_path):
 
 
 def entry_points() -> list[str]:
-    """The commands: modules of src/herd with a ``main`` function run under ``if __name__ == "__main__"``."""
+    """The commands: modules of src/herd with a ``main`` function run under ``if __name__ == "__main__"``
+    (``__main__.py`` and other private modules left out: ``python -m herd`` is not a ``herd.<command>``)."""
     commands = []
-    for path in sorted((ROOT / "src" / "herd").glob("*.py")):
+    for path in sorted((ROOT / "src" / "herd").glob("[!_]*.py")):
         tree = ast.parse(_text(path))
         has_main = any(isinstance(node, ast.FunctionDef) and node.name == "main" for node in tree.body)
         runs_main = any(isinstance(node, ast.If) and "__main__" in ast.unparse(node.test) for node in tree.body)
