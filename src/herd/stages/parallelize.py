@@ -185,9 +185,64 @@ def _model_parallel_strategy_class():
                                  f"{context_parallel_size!r}")
             self._context_parallel_size = context_parallel_size
 
+            self._active_context = context_parallel_size  # ranks sharing a row now (a divisor of the above)
+            self._contexts: dict[int, ContextParallel | None] = {}
+
         @property
         def context_parallel_size(self) -> int:
+            """The mesh's context-parallel dimension (``strategy.context_parallel_size``)."""
             return self._context_parallel_size
+
+        @property
+        def active_context_parallel_size(self) -> int:
+            """How many ranks share each row now: the mesh's size, or the divisor a context stage chose."""
+            return self._active_context
+
+        def use_context_parallel(self, size: int | None) -> None:
+            """Let ``size`` ranks share each row from now on (None: the mesh's size); every rank calls this.
+
+            ``size`` divides ``context_parallel_size``; the ranks of a context-parallel group that no
+            longer share a row read different rows instead (they become data-parallel replicas, see
+            :attr:`distributed_sampler_kwargs`), so a stage of short rows wastes no rank.
+            """
+            size = self._context_parallel_size if size is None else size
+            if not isinstance(size, int) or size < 1 or self._context_parallel_size % size:
+                raise ValueError(f"context_parallel={size!r} must be a positive divisor of strategy."
+                                 f"context_parallel_size={self._context_parallel_size}")
+            self._active_context = size
+
+        def active_context_parallel(self) -> ContextParallel | None:
+            """The group this rank shares its rows with now (None: it computes whole rows)."""
+            size = self._active_context
+            if self._device_mesh is None or size == 1:
+                return None
+            if size not in self._contexts:  # a collective: every rank gets here in the same order
+                self._contexts[size] = self._context_group(size)
+            return self._contexts[size]
+
+        def _context_group(self, size: int) -> ContextParallel:
+            mesh = self._device_mesh
+            if size == self._context_parallel_size:
+                return ContextParallel(mesh["context_parallel"].get_group())
+            ranks = mesh.mesh  # (data, context, tensor) global ranks
+            mine = None
+            for data in range(ranks.shape[0]):
+                for tensor in range(ranks.shape[2]):
+                    for block in range(ranks.shape[1] // size):
+                        members = ranks[data, block * size : (block + 1) * size, tensor].tolist()
+                        group = torch.distributed.new_group(members)  # every rank creates every group
+                        if self.global_rank in members:
+                            mine = ContextParallel(group)
+            return mine
+
+        @property
+        def distributed_sampler_kwargs(self) -> dict[str, int]:
+            """The data-parallel rank and replicas: context-parallel ranks that share rows read the same ones."""
+            mesh = self.device_mesh
+            split = self._context_parallel_size // self._active_context
+            context_rank = mesh["context_parallel"].get_local_rank()
+            return {"num_replicas": mesh["data_parallel"].size() * split,
+                    "rank": mesh["data_parallel"].get_local_rank() * split + context_rank // self._active_context}
 
         def setup_environment(self) -> None:
             from torch.distributed.device_mesh import init_device_mesh
