@@ -71,7 +71,23 @@ class BatchRamp(L.Callback):
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         trainer.reload_dataloaders_every_n_epochs = 1
-        self.enter_stage(trainer, pl_module)
+        self._fit = (trainer, pl_module)
+        if not restores_after_fit_start(trainer):  # else: entered by load_state_dict, once tokens_seen is known
+            self.enter_stage(trainer, pl_module)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"version": 1}  # not empty, so that a resume calls load_state_dict
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.restored()
+
+    def restored(self) -> None:
+        """After a restore that comes after ``on_fit_start`` (sharded strategies restore the module, the
+        data position and the callbacks after setting the model up), enter the stage in force at the
+        restored ``tokens_seen``, before the first train dataloader is made."""
+        fit = getattr(self, "_fit", None)
+        if fit is not None:
+            self.enter_stage(*fit)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.enter_stage(trainer, pl_module)
@@ -93,6 +109,13 @@ class BatchRamp(L.Callback):
             logs.info(logger, f"schedule: stage {index} from {tokens_seen:,} tokens: batch {stage.batch_size} x "
                               f"seq {stage.seq_len} per device")
         return index
+
+
+def restores_after_fit_start(trainer: L.Trainer) -> bool:
+    """Whether this fit resumes a checkpoint that is restored only after ``on_fit_start`` (sharded
+    strategies restore modules and callbacks after setting the model up): the schedule's state and
+    ``tokens_seen`` are then known only once the restore has run (:meth:`BatchRamp.restored`)."""
+    return bool(trainer.ckpt_path) and trainer.strategy.restore_checkpoint_after_setup
 
 
 @dataclass
@@ -194,7 +217,7 @@ class ContextSchedule(BatchRamp):
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.short_seq_len = self.short_seq_len or trainer.datamodule.seq_len
-        if self.baseline_short_loss is None:  # not restored from a checkpoint
+        if self.baseline_short_loss is None and not restores_after_fit_start(trainer):  # a fresh start
             self.baseline_short_loss = self.short_context_loss(trainer, pl_module)
             result = self.needle_result(trainer, pl_module, max(s.seq_len for s in self.stages))
             self._log(trainer, pl_module, {"stage": -1, "short_loss": self.baseline_short_loss,
@@ -346,3 +369,4 @@ class ContextSchedule(BatchRamp):
         self.stages = [RampStage(**s) for s in state_dict["stages"]]
         self.total_tokens = state_dict["total_tokens"]
         self.results = list(state_dict["results"])
+        self.restored()

@@ -210,6 +210,7 @@ def _model_parallel_strategy_class():
                 raise ValueError(f"context_parallel={size!r} must be a positive divisor of strategy."
                                  f"context_parallel_size={self._context_parallel_size}")
             self._active_context = size
+            self.active_context_parallel()  # a new group is made now, while every rank is here
 
         def active_context_parallel(self) -> ContextParallel | None:
             """The group this rank shares its rows with now (None: it computes whole rows)."""
