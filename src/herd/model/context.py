@@ -85,6 +85,11 @@ class ContextParallel:
         return _GatherRow.apply(local, dim, self)
 
 
+# torch >= 2.13 names them *_single (the *_tensor names still work, with a deprecation warning)
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
 def _to_row_order(parts: torch.Tensor, size: int) -> torch.Tensor:
     """(size * local, ...) parts in rank order -> (seq, ...) in row order (dim 0)."""
     chunk = parts.shape[0] // (2 * size)
@@ -107,7 +112,7 @@ class _GatherRow(torch.autograd.Function):
         ctx.dim, ctx.cp = dim, cp
         moved = local.movedim(dim, 0).contiguous()
         parts = moved.new_empty((cp.size * moved.shape[0], *moved.shape[1:]))
-        dist.all_gather_into_tensor(parts, moved, group=cp.group)
+        _all_gather(parts, moved, group=cp.group)
         return _to_row_order(parts, cp.size).movedim(0, dim)
 
     @staticmethod
@@ -115,5 +120,5 @@ class _GatherRow(torch.autograd.Function):
         cp, dim = ctx.cp, ctx.dim
         parts = _to_rank_order(grad_row.movedim(dim, 0).contiguous(), cp.size).contiguous()
         local = parts.new_empty((parts.shape[0] // cp.size, *parts.shape[1:]))
-        dist.reduce_scatter_tensor(local, parts, group=cp.group)
+        _reduce_scatter(local, parts, group=cp.group)
         return local.movedim(0, dim), None, None
