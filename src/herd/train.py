@@ -91,7 +91,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         stage.start_metrics = {k: float(v) for k, v in validated.items()}
     # finishing: the run's own checkpoint is at max_steps (the run was stopped after saving it, before its
     # export): fit restores it, trains no step and runs the end-of-training hooks (e.g. checkpoint averaging)
-    trainer.fit(stage, datamodule=datamodule, ckpt_path=resume.path if resume else None)
+    # the checkpoint is set on the trainer (not passed to fit) so that callbacks see it from on_fit_start on,
+    # also where a sharded strategy restores it only after on_fit_start (see callbacks.schedules)
+    trainer.ckpt_path = resume.path if resume else None
+    trainer.fit(stage, datamodule=datamodule)
     if finishing:
         # the stop may have come before the last validation was logged: validate the model that is exported
         trainer.validate(stage, datamodule=datamodule, verbose=False)

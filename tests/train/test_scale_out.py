@@ -47,10 +47,11 @@ def single_process(tmp_path_factory) -> list[float]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp2", "fsdp2_tp"])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2", "fsdp2_tp", "fsdp2_cp"])
 def test_two_processes_match_one_process(tmp_path, single_process, strategy):
-    # fsdp2_tp on 2 ranks = 1 data-parallel rank x tensor parallel 2: each rank reads the whole batch.
-    per_rank = GLOBAL_BATCH if strategy == "fsdp2_tp" else GLOBAL_BATCH // 2
+    # fsdp2_tp (fsdp2_cp) on 2 ranks = 1 data-parallel rank x tensor (context) parallel 2: each rank reads the
+    # whole batch; under context parallelism each computes half of every row.
+    per_rank = GLOBAL_BATCH if strategy in ("fsdp2_tp", "fsdp2_cp") else GLOBAL_BATCH // 2
     run(tmp_path / "run", f"strategy={strategy}", "trainer.devices=2", f"data.batch_size={per_rank}")
     assert losses(tmp_path / "run") == pytest.approx(single_process, rel=1e-4)
 

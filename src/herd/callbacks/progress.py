@@ -21,6 +21,7 @@ import lightning as L
 from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 
 from herd import logs
+from herd.data.loaders.ranks import data_parallel_size
 
 logger = logs.get_logger(__name__)
 
@@ -101,7 +102,7 @@ class LineProgress(ProgressBar):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if isinstance(batch, dict) and "tokens" in batch:
-            self._tokens_since_last += batch["tokens"].numel() * trainer.world_size
+            self._tokens_since_last += batch["tokens"].numel() * data_parallel_size(trainer)
         step, now, total = trainer.global_step, time.perf_counter(), run_length(trainer)
         due = (step - self._last_step >= self.every_n_steps or now - self._last_time >= self.every_seconds
                or step == total)

@@ -20,12 +20,13 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
 from herd import logs
+from herd.data.loaders.ranks import data_parallel_size
 from herd.evaluation.needle import NeedleResult, collect_haystack, needle_accuracy
 from herd.model.loss import next_token_loss
 
 logger = logs.get_logger(__name__)
 
-_STAGE_KEYS = frozenset({"seq_len", "tokens", "batch_size", "rope_theta", "rope_scaling", "weights"})
+_STAGE_KEYS = frozenset({"seq_len", "tokens", "batch_size", "rope_theta", "rope_scaling", "weights", "context_parallel"})
 
 
 @dataclass(frozen=True)
@@ -62,11 +63,31 @@ class BatchRamp(L.Callback):
     def final_tokens_per_step(self, trainer: L.Trainer) -> int:
         """Global batch in tokens of the last stage (used to express annealing in tokens)."""
         last = self.stages[-1]
-        return last.batch_size * last.seq_len * trainer.world_size
+        return last.batch_size * last.seq_len * self.replicas(trainer, len(self.stages) - 1)
+
+    def replicas(self, trainer: L.Trainer, index: int) -> int:
+        """Data-parallel replicas during stage ``index`` (each reads ``batch_size`` rows per step)."""
+        return data_parallel_size(trainer)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         trainer.reload_dataloaders_every_n_epochs = 1
-        self.enter_stage(trainer, pl_module)
+        self._fit = (trainer, pl_module)
+        if not restores_after_fit_start(trainer):  # else: entered by load_state_dict, once tokens_seen is known
+            self.enter_stage(trainer, pl_module)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"version": 1}  # not empty, so that a resume calls load_state_dict
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.restored()
+
+    def restored(self) -> None:
+        """After a restore that comes after ``on_fit_start`` (sharded strategies restore the module, the
+        data position and the callbacks after setting the model up), enter the stage in force at the
+        restored ``tokens_seen``, before the first train dataloader is made."""
+        fit = getattr(self, "_fit", None)
+        if fit is not None:
+            self.enter_stage(*fit)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.enter_stage(trainer, pl_module)
@@ -81,13 +102,20 @@ class BatchRamp(L.Callback):
         if end is None:
             trainer.limit_train_batches = 1.0
         else:
-            per_step = stage.batch_size * stage.seq_len * trainer.world_size
+            per_step = stage.batch_size * stage.seq_len * self.replicas(trainer, index)
             trainer.limit_train_batches = max(1, math.ceil((end - tokens_seen) / per_step))
         if index != getattr(self, "_announced", None):  # enter_stage also runs at each epoch's end
             self._announced = index
             logs.info(logger, f"schedule: stage {index} from {tokens_seen:,} tokens: batch {stage.batch_size} x "
                               f"seq {stage.seq_len} per device")
         return index
+
+
+def restores_after_fit_start(trainer: L.Trainer) -> bool:
+    """Whether this fit resumes a checkpoint that is restored only after ``on_fit_start`` (sharded
+    strategies restore modules and callbacks after setting the model up): the schedule's state and
+    ``tokens_seen`` are then known only once the restore has run (:meth:`BatchRamp.restored`)."""
+    return bool(trainer.ckpt_path) and trainer.strategy.restore_checkpoint_after_setup
 
 
 @dataclass
@@ -131,7 +159,9 @@ class ContextSchedule(BatchRamp):
     ``tokens_per_batch // seq_len``, so the batch in tokens stays constant), ``rope_theta`` and
     ``rope_scaling`` (applied to the model when the stage starts), and ``weights`` (mixture
     weights by source name for this stage; sources it leaves out, and stages without it, use
-    ``data.sources.*.weight``). The run stops after the last
+    ``data.sources.*.weight``), and ``context_parallel`` (under ``strategy=fsdp2_cp``: how many
+    ranks share each row in this stage, a divisor of ``strategy.context_parallel_size``; the
+    others read rows of their own; default: all of them). The run stops after the last
     stage. Gate results and needle heatmaps are logged as ``gate/*`` and ``needle/*``.
     """
 
@@ -180,14 +210,14 @@ class ContextSchedule(BatchRamp):
         steps = 0
         for i, stage in enumerate(self.stages):
             steps += math.ceil((self.stage_end(i) - stage.after_tokens) / (stage.batch_size * stage.seq_len
-                                                                            * trainer.world_size))
+                                                                            * self.replicas(trainer, i)))
         return steps
 
     # ----------------------------------------------------------------------------- hooks
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.short_seq_len = self.short_seq_len or trainer.datamodule.seq_len
-        if self.baseline_short_loss is None:  # not restored from a checkpoint
+        if self.baseline_short_loss is None and not restores_after_fit_start(trainer):  # a fresh start
             self.baseline_short_loss = self.short_context_loss(trainer, pl_module)
             result = self.needle_result(trainer, pl_module, max(s.seq_len for s in self.stages))
             self._log(trainer, pl_module, {"stage": -1, "short_loss": self.baseline_short_loss,
@@ -196,7 +226,24 @@ class ContextSchedule(BatchRamp):
                            f"needle:\n{result.table()}")
         super().on_fit_start(trainer, pl_module)
 
+    def replicas(self, trainer: L.Trainer, index: int) -> int:
+        return data_parallel_size(trainer, self._context_parallel_of(trainer, index))
+
+    def _context_parallel_of(self, trainer: L.Trainer, index: int) -> int:
+        """How many ranks share a row in stage ``index``."""
+        size = self.context_stages[index].get("context_parallel")
+        configured = getattr(trainer.strategy, "context_parallel_size", 1)
+        if size is None:
+            return configured
+        if not isinstance(size, int) or size < 1 or configured % size:
+            raise ValueError(f"context stage {index}: context_parallel={size!r} must be a positive divisor of "
+                             f"strategy.context_parallel_size={configured} (use strategy=fsdp2_cp to share rows)")
+        return size
+
     def enter_stage(self, trainer: L.Trainer, pl_module: L.LightningModule) -> int:
+        size = self._context_parallel_of(trainer, self.stage_at(pl_module.tokens_seen))
+        if hasattr(trainer.strategy, "use_context_parallel"):
+            trainer.strategy.use_context_parallel(size)  # before the stage's dataloader is made
         index = super().enter_stage(trainer, pl_module)
         self._set_weights(trainer.datamodule, self.context_stages[index].get("weights"))
         if index != self._current:
@@ -322,3 +369,4 @@ class ContextSchedule(BatchRamp):
         self.stages = [RampStage(**s) for s in state_dict["stages"]]
         self.total_tokens = state_dict["total_tokens"]
         self.results = list(state_dict["results"])
+        self.restored()

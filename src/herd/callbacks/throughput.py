@@ -12,6 +12,7 @@ import lightning as L
 import torch
 
 from herd import logs
+from herd.data.loaders.ranks import data_parallel_size
 
 logger = logs.get_logger(__name__)
 
@@ -47,7 +48,7 @@ class Throughput(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._times.append(time.perf_counter() - self._start)
-        self._tokens.append(batch["tokens"].numel() * trainer.world_size)
+        self._tokens.append(batch["tokens"].numel() * data_parallel_size(trainer))  # whole rows per replica
         self._times, self._tokens = self._times[-self.window :], self._tokens[-self.window :]
         tokens_per_s = sum(self._tokens) / max(sum(self._times), 1e-9)
         pl_module.log("train/tokens_per_s", tokens_per_s, on_step=True, on_epoch=False)

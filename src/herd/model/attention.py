@@ -7,6 +7,10 @@ Masks are built once per forward by :func:`build_attention_mask` and shared by e
   cache: causal, never a left-padding slot, see :meth:`KVCache.pad_left`);
 - a FlexAttention ``BlockMask`` when ``config.attention == "flex"`` and the tensors are on a GPU.
 
+Under context parallelism (:mod:`herd.model.context`) a rank holds some of a row's queries and
+attends them to the whole row's keys: the mask is then (batch, 1, local queries, seq), built from
+the whole row's ids at the global places of its queries (``query_index``).
+
 Packed rows mark their documents with ``document_ids``: attention never crosses a document.
 Shared-prompt rows (preference data: one prompt followed by several responses to it) also mark
 ``response_ids``, 0 on the prompt and k = 1, 2, ... on the k-th response of the document. A
@@ -25,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from herd.model.config import ModelConfig
+from herd.model.context import ContextParallel
 from herd.model.rope import apply_rotary
 
 try:  # FlexAttention ships with torch >= 2.5
@@ -164,46 +169,75 @@ def build_attention_mask(
     document_ids: torch.Tensor | None = None,
     response_ids: torch.Tensor | None = None,
     cache: KVCache | None = None,
+    query_index: torch.Tensor | None = None,
+    kv_len: int | None = None,
 ) -> Any:
     """The mask every layer uses this forward (see the module docstring for its forms).
 
     ``response_ids`` (batch, seq), for shared-prompt rows: 0 on a document's prompt, k on its
     k-th response; a response sees the prompt and itself only.
+    ``query_index`` (q_len,), under context parallelism: the places in the row of the queries of
+    this rank, whose keys are the whole row (``kv_len`` places; ``document_ids`` and
+    ``response_ids`` are then the whole row's). Plain causal attention then needs a mask too.
     """
     if cache is not None:
-        if document_ids is not None or response_ids is not None:
-            raise ValueError("document_ids cannot be combined with a KV cache (nor can response_ids); decode one "
-                             "document per row")
+        if document_ids is not None or response_ids is not None or query_index is not None:
+            raise ValueError("document_ids cannot be combined with a KV cache (nor can response_ids or context "
+                             "parallelism); decode one document per row")
         return cache.attention_mask(q_len)
-    if document_ids is None and response_ids is None:
+    if query_index is None and document_ids is None and response_ids is None:
         return None
-    if document_ids is None:
+    if query_index is None:
+        query_index = torch.arange(q_len, device=device)
+    kv_len = kv_len if kv_len is not None else q_len
+    if document_ids is None and response_ids is not None:
         document_ids = torch.zeros_like(response_ids)
     if use_flex(config, device):
-        return document_block_mask(document_ids, response_ids)
-    allowed = document_ids[:, :, None] == document_ids[:, None, :]  # (batch, seq, seq): same document
+        return document_block_mask(document_ids, response_ids, query_index=query_index, batch=batch, kv_len=kv_len)
+    causal = query_index[:, None] >= torch.arange(kv_len, device=device)[None, :]  # (q_len, kv_len)
+    if document_ids is None:
+        return causal[None, None]  # (1, 1, q_len, kv_len)
+    query_documents = document_ids.index_select(1, query_index)
+    allowed = query_documents[:, :, None] == document_ids[:, None, :]  # (batch, q_len, kv_len): same document
     if response_ids is not None:
         key_is_prompt = (response_ids == 0)[:, None, :]
-        allowed = allowed & (key_is_prompt | (response_ids[:, :, None] == response_ids[:, None, :]))
-    causal = torch.ones(q_len, q_len, dtype=torch.bool, device=device).tril()
-    return (allowed & causal)[:, None]  # (batch, 1, seq, seq)
+        query_responses = response_ids.index_select(1, query_index)
+        allowed = allowed & (key_is_prompt | (query_responses[:, :, None] == response_ids[:, None, :]))
+    return (allowed & causal)[:, None]  # (batch, 1, q_len, kv_len)
 
 
-def document_block_mask(document_ids: torch.Tensor, response_ids: torch.Tensor | None = None) -> Any:
+def document_block_mask(
+    document_ids: torch.Tensor | None,
+    response_ids: torch.Tensor | None = None,
+    *,
+    query_index: torch.Tensor | None = None,
+    batch: int | None = None,
+    kv_len: int | None = None,
+) -> Any:
     """A FlexAttention block mask: causal, never across packed documents, and (with ``response_ids``)
-    never from one response of a shared prompt to another."""
+    never from one response of a shared prompt to another. ``query_index`` maps the queries to their
+    places in the row (context parallelism; default: the queries are the row)."""
+    if document_ids is not None:
+        batch, kv_len = document_ids.shape
+    device = document_ids.device if document_ids is not None else query_index.device
+    if query_index is None:
+        query_index = torch.arange(kv_len, device=device)
+
+    def causal_mask(b, h, q_idx, kv_idx):
+        return query_index[q_idx] >= kv_idx
 
     def document_mask(b, h, q_idx, kv_idx):
-        return (q_idx >= kv_idx) & (document_ids[b, q_idx] == document_ids[b, kv_idx])
+        return causal_mask(b, h, q_idx, kv_idx) & (document_ids[b, query_index[q_idx]] == document_ids[b, kv_idx])
 
     def shared_prompt_mask(b, h, q_idx, kv_idx):
         key_response = response_ids[b, kv_idx]
-        own_or_prompt = (key_response == 0) | (key_response == response_ids[b, q_idx])
+        own_or_prompt = (key_response == 0) | (key_response == response_ids[b, query_index[q_idx]])
         return document_mask(b, h, q_idx, kv_idx) & own_or_prompt
 
-    batch, seq = document_ids.shape
-    mask_mod = document_mask if response_ids is None else shared_prompt_mask
-    return create_block_mask(mask_mod, batch, None, seq, seq, device=document_ids.device)
+    mask_mod = (causal_mask if document_ids is None else document_mask if response_ids is None
+                else shared_prompt_mask)
+    return create_block_mask(mask_mod, batch if document_ids is not None else None, None, query_index.numel(),
+                             kv_len, device=device)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Any) -> torch.Tensor:
@@ -245,13 +279,17 @@ class Attention(nn.Module):
         sin: torch.Tensor,
         mask: Any,
         cache: KVCache | None = None,
+        context: ContextParallel | None = None,
     ) -> torch.Tensor:
-        """x (batch, seq, dim) -> (batch, seq, dim)."""
+        """x (batch, seq, dim) -> (batch, seq, dim). Under ``context`` parallelism x holds this rank's
+        places of the row, and the keys and values of the whole row are gathered from the group."""
         batch, seq, _ = x.shape
         q = self.wq(x).view(batch, seq, self.n_heads, self.head_dim)
         k = self.wk(x).view(batch, seq, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(batch, seq, self.n_kv_heads, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if context is not None:
+            k, v = context.gather(k), context.gather(v)  # (batch, row, n_kv_heads, head_dim)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (batch, heads, seq, head_dim)
         if cache is not None:
             k, v = cache.update(self.layer_id, k, v)

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from herd.constants import IGNORE_INDEX
+from herd.model.context import ContextParallel
 from herd.model.transformer import Transformer
 
 LOGIT_BUDGET = 1 << 25  # float32 logits in one chunk when no chunk_size is given (128 MiB)
@@ -63,15 +64,17 @@ def scored(hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, t
 
 
 def next_token_loss(
-    model: Transformer, batch: dict[str, torch.Tensor], chunk_size: int | None = None
+    model: Transformer, batch: dict[str, torch.Tensor], chunk_size: int | None = None,
+    context: ContextParallel | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean cross-entropy over the predicted tokens, and how many tokens it averaged.
 
     The head runs on the predicted positions only, ``chunk_size`` of them at a time (see the
-    module docstring); the (batch, seq, vocab) logits never exist.
+    module docstring); the (batch, seq, vocab) logits never exist. Under ``context`` parallelism
+    the batch holds whole rows and the mean and count are those of this rank's places.
     """
-    hidden = model.hidden_states(batch["tokens"], document_ids=batch.get("document_ids"))  # (batch, seq, dim)
-    rows, targets, _ = scored(hidden, batch["targets"])
+    hidden = model.hidden_states(batch["tokens"], document_ids=batch.get("document_ids"), context=context)
+    rows, targets, _ = scored(hidden, _local(batch["targets"], context))
     n_tokens = targets.new_tensor(targets.numel())
     total = -target_logps(rows, model.output.weight, targets, chunk_size).sum()
     return total / n_tokens.clamp(min=1), n_tokens
@@ -79,13 +82,14 @@ def next_token_loss(
 
 @torch.no_grad()
 def next_token_scores(
-    model: Transformer, batch: dict[str, torch.Tensor], chunk_size: int | None = None
+    model: Transformer, batch: dict[str, torch.Tensor], chunk_size: int | None = None,
+    context: ContextParallel | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """For evaluation: the summed cross-entropy, the number of predicted tokens, and how many of them
     the model ranks first (greedy next-token accuracy). One forward pass; the head runs on the
-    predicted positions only, one chunk at a time."""
-    hidden = model.hidden_states(batch["tokens"], document_ids=batch.get("document_ids"))
-    rows, targets, _ = scored(hidden, batch["targets"])
+    predicted positions only, one chunk at a time. Under ``context`` parallelism: of this rank's places."""
+    hidden = model.hidden_states(batch["tokens"], document_ids=batch.get("document_ids"), context=context)
+    rows, targets, _ = scored(hidden, _local(batch["targets"], context))
     return target_scores(rows, model.output.weight, targets, chunk_size)
 
 
@@ -142,6 +146,11 @@ def chunked_cross_entropy(
 
 
 # ---------------------------------------------------------------------------------- internals
+
+
+def _local(tensor: torch.Tensor, context: ContextParallel | None) -> torch.Tensor:
+    """This rank's places of a (batch, seq) tensor under context parallelism; the tensor itself without."""
+    return context.shard(tensor) if context is not None else tensor
 
 
 def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:

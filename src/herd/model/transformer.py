@@ -11,6 +11,7 @@ from torch import nn
 
 from herd.model.attention import Attention, KVCache, build_attention_mask
 from herd.model.config import ModelConfig
+from herd.model.context import ContextParallel
 from herd.model.rope import RotaryEmbedding
 
 
@@ -55,9 +56,10 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
         self.feed_forward = FeedForward(config.dim, config.ffn_hidden_dim, bias=config.mlp_bias)
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x, cos, sin, mask, cache: KVCache | None = None,
+                context: ContextParallel | None = None) -> torch.Tensor:
         """x (batch, seq, dim) -> (batch, seq, dim)."""
-        h = x + self.attention(self.attention_norm(x), cos, sin, mask, cache)
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask, cache, context)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -145,6 +147,7 @@ class Transformer(nn.Module):
         embedding_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
         output_hidden: bool = False,
+        context: ContextParallel | None = None,
     ) -> torch.Tensor:
         """tokens (batch, seq) -> logits (batch, seq, vocab), or with ``output_hidden`` the final
         normed hidden states (batch, seq, dim) without the output head.
@@ -160,18 +163,36 @@ class Transformer(nn.Module):
         embeddings are the model's own, so an all-false mask changes nothing.
         With a ``cache``, positions continue from what it holds (left padding excluded, see
         :meth:`KVCache.pad_left`) and it is advanced.
+        With ``context`` parallelism (:mod:`herd.model.context`) every input is the whole row, the
+        same on every rank of the group; positions and masks are those of the whole row, and each
+        rank computes and returns its own ``seq / size`` places (``context.shard`` of the row).
         """
         batch, seq = tokens.shape
+        if context is not None and context.size > 1 and cache is not None:
+            raise ValueError("context parallelism computes whole rows spread over ranks; decode with a KV cache "
+                             "without it")
         if position_ids is None and cache is not None:
             position_ids = cache.positions(seq)  # continues each row, counted from its first real token
         elif position_ids is None:
             position_ids = default_position_ids(tokens, document_ids, response_ids=response_ids)
-        mask = build_attention_mask(self.config, batch, seq, tokens.device, document_ids=document_ids,
-                                    response_ids=response_ids, cache=cache)
-        cos, sin = self.rope(position_ids)
+        cos, sin = self.rope(position_ids)  # of the whole row (length-dependent scalings see all of it)
+        if context is not None and context.size > 1:
+            index = context.local_index(seq, tokens.device)
+            mask = build_attention_mask(self.config, batch, index.numel(), tokens.device, document_ids=document_ids,
+                                        response_ids=response_ids, query_index=index, kv_len=seq)
+            cos, sin = context.shard(cos), context.shard(sin)
+            tokens = context.shard(tokens)
+            if input_embeddings is not None:
+                input_embeddings = context.shard(input_embeddings)
+            if embedding_mask is not None:
+                embedding_mask = context.shard(embedding_mask)
+        else:
+            context = None
+            mask = build_attention_mask(self.config, batch, seq, tokens.device, document_ids=document_ids,
+                                        response_ids=response_ids, cache=cache)
         h = self.embed(tokens, input_embeddings, embedding_mask)
         for block in self.layers:
-            h = block(h, cos, sin, mask, cache)
+            h = block(h, cos, sin, mask, cache, context)
         if cache is not None:
             cache.advance(seq)
         h = self.norm(h)

@@ -37,8 +37,10 @@ from torchmetrics import MeanMetric, Metric
 
 from herd import logs
 from herd.constants import IGNORE_INDEX
+from herd.data.loaders.ranks import data_parallel_size
 from herd.interop import gguf, hf
 from herd.model import ModelConfig, Transformer
+from herd.model.context import ContextParallel
 from herd.model.loss import target_logps, target_scores
 from herd.stages import accumulation
 from herd.stages.parallelize import (
@@ -47,6 +49,7 @@ from herd.stages.parallelize import (
     apply_tensor_parallel,
     checkpoint_every,
     compile_blocks,
+    fsdp_mesh,
     full_state_dict,
     grad_norm,
     scale_grads,
@@ -71,6 +74,8 @@ class BackboneStage(L.LightningModule):
     # next-token loss (then it is compared with a uniform guess and the data's unigram entropy).
     summary_metrics: tuple[str, ...] = ("val/loss", "val/accuracy", "val/answer_f1")
     next_token_loss = True
+    # Whether the stage's losses run under context parallelism (strategy.context_parallel_size > 1).
+    supports_context_parallel = False
 
     def __init__(
         self,
@@ -157,6 +162,7 @@ class BackboneStage(L.LightningModule):
         do not require gradients, and under FSDP2 it is sharded over the same mesh.
         """
         mesh = self._device_mesh
+        self._check_context_parallel(mesh)
         meta = mesh is not None and self.init_from is None and self._wants_meta_init()
         if self.init_from is not None:
             model = hf.load(self.init_from, dtype=torch.float32, config=self.model_config)
@@ -172,11 +178,34 @@ class BackboneStage(L.LightningModule):
             if self.compile_blocks:
                 compile_blocks(model)
         if mesh is not None:
-            apply_fsdp(model, mesh["data_parallel"], **self.fsdp_options)
+            apply_fsdp(model, fsdp_mesh(mesh), **self.fsdp_options)
         if meta:
             model.to_empty(device=self.trainer.strategy.root_device)
             model.init_weights()
         return model
+
+    def _check_context_parallel(self, mesh) -> None:
+        names = (mesh.mesh_dim_names or ()) if mesh is not None else ()
+        size = mesh["context_parallel"].size() if "context_parallel" in names else 1
+        if size > 1 and not self.supports_context_parallel:
+            raise ValueError(f"{type(self).__name__} does not run under context parallelism (strategy."
+                             f"context_parallel_size={size}): use it with stage=pretrain, long_context or sft, or set "
+                             "strategy.context_parallel_size=1")
+
+    @property
+    def context(self) -> ContextParallel | None:
+        """The group this rank shares its rows with under context parallelism (None: whole rows).
+
+        The strategy owns it (``strategy=fsdp2_cp``); a context stage may change it between epochs.
+        """
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        active = getattr(strategy, "active_context_parallel", None)
+        return active() if active is not None else None
+
+    def local(self, tensor: torch.Tensor) -> torch.Tensor:
+        """This rank's places of a (batch, seq) tensor of whole rows under context parallelism; else itself."""
+        context = self.context
+        return context.shard(tensor) if context is not None else tensor
 
     def _wants_meta_init(self) -> bool:
         return self.meta_init if self.meta_init is not None else self.model_config.num_params() >= 1e9
@@ -250,7 +279,7 @@ class BackboneStage(L.LightningModule):
             if hasattr(callback, "final_tokens_per_step"):
                 return callback.final_tokens_per_step(self.trainer)
         datamodule = self.trainer.datamodule
-        return datamodule.batch_size * datamodule.seq_len * self.trainer.world_size
+        return datamodule.batch_size * datamodule.seq_len * data_parallel_size(self.trainer)
 
     # ------------------------------------------------------------------------- accounting
 
@@ -262,8 +291,9 @@ class BackboneStage(L.LightningModule):
 
     def loss_counts(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """What this stage's training loss divides by, counted in one micro-batch from the batch alone
-        (no model): {term: int64 scalar}. Here the predicted tokens (``targets`` != -100)."""
-        return {"tokens": (batch["targets"] != IGNORE_INDEX).sum()}
+        (no model): {term: int64 scalar}. Here the predicted tokens (``targets`` != -100); under context
+        parallelism those of this rank's places, so that the sum over every rank counts each token once."""
+        return {"tokens": (self.local(batch["targets"]) != IGNORE_INDEX).sum()}
 
     def window_totals(self, batch: dict[str, Any]) -> tuple[dict[str, torch.Tensor], float]:
         """The totals of :meth:`loss_counts` over the batch's accumulation window on every rank, and the
@@ -289,8 +319,9 @@ class BackboneStage(L.LightningModule):
         return sum(value * (factor / totals[term].clamp(min=1).to(value.dtype)) for term, value in sums.items())
 
     def count_tokens(self, tokens: torch.Tensor) -> int:
-        """Add this step's global token count (every rank reads an equal batch) to ``tokens_seen``."""
-        self.tokens_seen += tokens.numel() * self.trainer.world_size
+        """Add this step's global token count to ``tokens_seen``: every data-parallel replica reads an equal
+        batch of whole rows (tensor- and context-parallel ranks of a replica read the same rows)."""
+        self.tokens_seen += tokens.numel() * data_parallel_size(self.trainer)
         return self.tokens_seen
 
     def on_before_backward(self, loss: torch.Tensor) -> None:
@@ -463,6 +494,7 @@ class AdapterStage(BackboneStage):
         by the adapter stages).
         """
         mesh = self._device_mesh
+        self._check_context_parallel(mesh)
         if mesh is not None and mesh["tensor_parallel"].size() > 1:
             raise ValueError(f"stage={self.stage_name} does not support tensor parallelism: use strategy=fsdp2 or ddp")
         meta = mesh is not None and self.init_from is None and self._wants_meta_init()
@@ -478,7 +510,7 @@ class AdapterStage(BackboneStage):
         if self.compile_blocks:
             compile_blocks(model.backbone)
         if mesh is not None:
-            shard_adapter_model(model, self.shard_units(model), mesh["data_parallel"], **self.fsdp_options)
+            shard_adapter_model(model, self.shard_units(model), fsdp_mesh(mesh), **self.fsdp_options)
         if meta:
             model.to_empty(device=self.trainer.strategy.root_device)
             model.init_weights()

@@ -1,5 +1,15 @@
 """Parallelism applied to the plain backbone from outside, in the order torchtitan uses:
-tensor parallel, activation checkpointing, per-block compile, then FSDP2 sharding."""
+tensor parallel, activation checkpointing, per-block compile, then FSDP2 sharding.
+
+The device mesh of ``strategy=fsdp2`` / ``fsdp2_tp`` / ``fsdp2_cp`` has three dimensions,
+``data_parallel x context_parallel x tensor_parallel`` (each of size 1 when unused):
+- tensor parallel ranks split the heads and the FFN width of every block;
+- context parallel ranks split every row along the sequence (:mod:`herd.model.context`); they
+  read the same rows, so the data is split by the data-parallel rank alone;
+- FSDP2 shards the weights over data x context parallel (:func:`fsdp_mesh`): the gradients of a
+  context-parallel group's parts of a row add up in the same reduce-scatter that averages the
+  data-parallel replicas.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +26,7 @@ from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, 
 
 from herd.dtypes import FP32_BF16_OR_NULL, torch_dtype
 from herd.model import Transformer
+from herd.model.context import ContextParallel
 
 
 def checkpoint_every(setting: str | int | None) -> int:
@@ -103,6 +114,22 @@ def apply_tensor_parallel(model: Transformer, mesh: DeviceMesh) -> None:
         block.attention.n_kv_heads //= size
 
 
+def fsdp_mesh(mesh: DeviceMesh) -> DeviceMesh:
+    """The mesh FSDP2 shards over: data parallel, or data x context parallel flattened into one dimension."""
+    names = mesh.mesh_dim_names or ()
+    if "context_parallel" not in names or mesh["context_parallel"].size() == 1:
+        return mesh["data_parallel"]
+    return mesh["data_parallel", "context_parallel"]._flatten("data_context_parallel")
+
+
+def context_parallel(mesh: DeviceMesh | None) -> ContextParallel | None:
+    """The context-parallel group of this rank (None without a mesh, or when its size is 1)."""
+    if mesh is None or "context_parallel" not in (mesh.mesh_dim_names or ()):
+        return None
+    group = mesh["context_parallel"]
+    return ContextParallel(group.get_group()) if group.size() > 1 else None
+
+
 def compile_blocks(model: Transformer) -> None:
     """``torch.compile`` each block on its own (keeps compile time and graph breaks local)."""
     for index, block in enumerate(model.layers):
@@ -133,10 +160,13 @@ def _model_parallel_strategy_class():
     from herd.stages import checkpoint_io
 
     class DataParallelByDefault(ModelParallelStrategy):
-        """ModelParallelStrategy whose ``data_parallel_size="auto"`` is every rank not used for tensor parallel,
-        and whose sharded checkpoints are atomic and read safely.
+        """ModelParallelStrategy with a context-parallel dimension, whose ``data_parallel_size="auto"`` is
+        every rank not used for tensor or context parallelism, and whose sharded checkpoints are atomic and
+        read safely.
 
-        (Lightning's own "auto" means one data-parallel group per node.)
+        (Lightning's own "auto" means one data-parallel group per node.) The mesh is
+        ``data_parallel x context_parallel x tensor_parallel`` (see the module docstring): context-parallel
+        ranks of one group are neighbours, and tensor-parallel ranks the closest (one node's GPUs).
 
         Sharded checkpoints (``save_distributed_checkpoint=True``):
         - every rank writes into ``<name>.tmp-step<global_step>``; after a barrier rank 0 publishes it
@@ -148,14 +178,96 @@ def _model_parallel_strategy_class():
           (``checkpoint_io.load_sharded``), never with a full pickle.
         """
 
+        def __init__(self, *args, context_parallel_size: int = 1, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            if not isinstance(context_parallel_size, int) or context_parallel_size < 1:
+                raise ValueError(f"strategy.context_parallel_size must be a positive integer, got "
+                                 f"{context_parallel_size!r}")
+            self._context_parallel_size = context_parallel_size
+
+            self._active_context = context_parallel_size  # ranks sharing a row now (a divisor of the above)
+            self._contexts: dict[int, ContextParallel | None] = {}
+
+        @property
+        def context_parallel_size(self) -> int:
+            """The mesh's context-parallel dimension (``strategy.context_parallel_size``)."""
+            return self._context_parallel_size
+
+        @property
+        def active_context_parallel_size(self) -> int:
+            """How many ranks share each row now: the mesh's size, or the divisor a context stage chose."""
+            return self._active_context
+
+        def use_context_parallel(self, size: int | None) -> None:
+            """Let ``size`` ranks share each row from now on (None: the mesh's size); every rank calls this.
+
+            ``size`` divides ``context_parallel_size``; the ranks of a context-parallel group that no
+            longer share a row read different rows instead (they become data-parallel replicas, see
+            :attr:`distributed_sampler_kwargs`), so a stage of short rows wastes no rank.
+            """
+            size = self._context_parallel_size if size is None else size
+            if not isinstance(size, int) or size < 1 or self._context_parallel_size % size:
+                raise ValueError(f"context_parallel={size!r} must be a positive divisor of strategy."
+                                 f"context_parallel_size={self._context_parallel_size}")
+            self._active_context = size
+            self.active_context_parallel()  # a new group is made now, while every rank is here
+
+        def active_context_parallel(self) -> ContextParallel | None:
+            """The group this rank shares its rows with now (None: it computes whole rows)."""
+            size = self._active_context
+            if self._device_mesh is None or size == 1:
+                return None
+            if size not in self._contexts:  # a collective: every rank gets here in the same order
+                self._contexts[size] = self._context_group(size)
+            return self._contexts[size]
+
+        def _context_group(self, size: int) -> ContextParallel:
+            mesh = self._device_mesh
+            if size == self._context_parallel_size:
+                return ContextParallel(mesh["context_parallel"].get_group())
+            ranks = mesh.mesh  # (data, context, tensor) global ranks
+            mine = None
+            for data in range(ranks.shape[0]):
+                for tensor in range(ranks.shape[2]):
+                    for block in range(ranks.shape[1] // size):
+                        members = ranks[data, block * size : (block + 1) * size, tensor].tolist()
+                        group = torch.distributed.new_group(members)  # every rank creates every group
+                        if self.global_rank in members:
+                            mine = ContextParallel(group)
+            return mine
+
+        @property
+        def distributed_sampler_kwargs(self) -> dict[str, int]:
+            """The data-parallel rank and replicas: context-parallel ranks that share rows read the same ones."""
+            mesh = self.device_mesh
+            split = self._context_parallel_size // self._active_context
+            context_rank = mesh["context_parallel"].get_local_rank()
+            return {"num_replicas": mesh["data_parallel"].size() * split,
+                    "rank": mesh["data_parallel"].get_local_rank() * split + context_rank // self._active_context}
+
         def setup_environment(self) -> None:
-            tensor = self._tensor_parallel_size
-            if self._data_parallel_size == "auto" and tensor != "auto":
-                if self.world_size % tensor:
-                    raise ValueError(f"tensor_parallel_size={tensor} does not divide the world size {self.world_size} "
-                                     "(trainer.devices x trainer.num_nodes)")
-                self._data_parallel_size = self.world_size // tensor
-            super().setup_environment()
+            from torch.distributed.device_mesh import init_device_mesh
+
+            tensor, context = self._tensor_parallel_size, self._context_parallel_size
+            if tensor == "auto":
+                tensor = self.num_processes
+            if self._data_parallel_size == "auto":
+                if self.world_size % (tensor * context):
+                    raise ValueError(f"tensor_parallel_size={tensor} x context_parallel_size={context} does not divide "
+                                     f"the world size {self.world_size} (trainer.devices x trainer.num_nodes)")
+                self._data_parallel_size = self.world_size // (tensor * context)
+            self._tensor_parallel_size = tensor
+            data = self._data_parallel_size
+            if data * context * tensor != self.world_size:
+                raise ValueError(f"data_parallel_size={data} x context_parallel_size={context} x tensor_parallel_size="
+                                 f"{tensor} must equal the world size {self.world_size} (trainer.devices x "
+                                 "trainer.num_nodes)")
+            super(ModelParallelStrategy, self).setup_environment()  # the process group, as Lightning's does
+            self._setup_distributed()
+            self._device_mesh = init_device_mesh(
+                self.root_device.type, (data, context, tensor),
+                mesh_dim_names=("data_parallel", "context_parallel", "tensor_parallel"))
+            self.lightning_module._device_mesh = self._device_mesh
 
         def save_checkpoint(self, checkpoint: dict, filepath, storage_options=None) -> None:
             if not self._save_distributed_checkpoint or storage_options is not None or "://" in str(filepath):

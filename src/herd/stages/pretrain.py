@@ -12,8 +12,19 @@ from __future__ import annotations
 import torch
 from torchmetrics import MeanMetric
 
+from herd.model.context import ContextParallel
 from herd.model.loss import next_token_loss, next_token_scores
 from herd.stages.base import BackboneStage
+
+
+def row_mean(loss: torch.Tensor, n_tokens: torch.Tensor, context: ContextParallel | None) -> torch.Tensor:
+    """The mean over the whole rows of a micro-batch from this rank's mean over its places (context
+    parallelism: summed over the group, detached: for logging); ``loss`` itself without context parallelism."""
+    if context is None:
+        return loss
+    sums = torch.stack([loss.detach() * n_tokens, n_tokens.to(loss.dtype)])
+    torch.distributed.all_reduce(sums, group=context.group)
+    return sums[0] / sums[1].clamp(min=1)
 
 
 class PretrainStage(BackboneStage):
@@ -24,7 +35,13 @@ class PretrainStage(BackboneStage):
     :mod:`herd.stages.accumulation`). The output layer runs on the predicted positions only,
     ``loss_chunk_size`` of them at a time (null: as many as keep a chunk's float32 logits near
     128 MiB, see :mod:`herd.model.loss`).
+
+    It runs under context parallelism (``strategy=fsdp2_cp``): each rank computes its places of
+    every row, its loss divides their sum by the window's count over all ranks, and the logged
+    losses are those of the whole rows.
     """
+
+    supports_context_parallel = True
 
     def __init__(self, *args, loss_chunk_size: int | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -36,14 +53,16 @@ class PretrainStage(BackboneStage):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """The mean cross-entropy over every predicted token of the accumulation window (all ranks)."""
-        loss, n_tokens = next_token_loss(self.model, batch, self.loss_chunk_size)
+        context = self.context
+        loss, n_tokens = next_token_loss(self.model, batch, self.loss_chunk_size, context=context)
         self.count_tokens(batch["tokens"])
-        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, sync_dist=self.trainer.world_size > 1)
+        self.log("train/loss", row_mean(loss, n_tokens, context), on_step=True, on_epoch=False, prog_bar=True,
+                 sync_dist=self.trainer.world_size > 1)
         self.log("train/tokens_seen", float(self.tokens_seen), on_step=True, on_epoch=False)
         return self.window_loss({"tokens": loss * n_tokens}, batch)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        total, n_tokens, correct = next_token_scores(self.model, batch, self.loss_chunk_size)
+        total, n_tokens, correct = next_token_scores(self.model, batch, self.loss_chunk_size, context=self.context)
         if n_tokens > 0:  # token-weighted over the whole split
             self.val_loss.update(total / n_tokens, weight=n_tokens)
             self.val_accuracy.update(correct / n_tokens, weight=n_tokens)

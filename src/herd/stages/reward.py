@@ -33,6 +33,7 @@ from torchmetrics import MeanMetric
 from herd.interop import hf
 from herd.model.reward import init_value_head
 from herd.stages.base import BackboneStage
+from herd.stages.parallelize import fsdp_mesh
 from herd.stages.preference import check_preference_batch, find_responses, pair_accuracy, ranked_pairs
 
 # Rank pairs with their own accuracy in the logs (the paper ranks 2-3 responses).
@@ -109,7 +110,7 @@ class RewardStage(BackboneStage):
         else:
             init_value_head(head)
         if self._device_mesh is not None:  # sharded with the backbone, so its gradients are reduced too
-            fully_shard(head, mesh=self._device_mesh["data_parallel"])
+            fully_shard(head, mesh=fsdp_mesh(self._device_mesh))
         self.value_head = head
 
     def trained_modules(self) -> list[nn.Module]:

@@ -25,3 +25,16 @@ def data_parallel_rank(trainer: L.Trainer | None) -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def data_parallel_size(trainer: L.Trainer | None, context_parallel: int | None = None) -> int:
+    """How many model replicas read different rows (:func:`data_parallel_rank`'s world size).
+
+    With ``context_parallel``: how many there would be if that many ranks shared each row (a context
+    stage that changes it; the strategy's ranks that stop sharing rows read rows of their own).
+    """
+    _, replicas = data_parallel_rank(trainer)
+    if context_parallel is None or trainer is None:
+        return replicas
+    active = getattr(trainer.strategy, "active_context_parallel_size", 1)
+    return replicas * active // context_parallel

@@ -1,0 +1,72 @@
+"""Context parallelism in training runs: a context schedule whose stages change how many ranks share a row,
+killed after the change and resumed, logs the same losses as the run that was never stopped."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers.training import small_overrides
+
+# Stage 0: rows of 128, the two ranks read rows of their own (context_parallel: 1), 2 x 2 x 128 = 512
+# tokens a step, 4 steps. Stage 1: rows of 256 shared by both ranks (context_parallel: 2), 2 x 256 =
+# 512 tokens a step, 8 steps. The checkpoint of step 6 lies two steps into stage 1.
+SCHEDULE = ("+callbacks.context_schedule={_target_: herd.callbacks.schedules.ContextSchedule, tokens_per_batch: 256, "
+            "stages: [{seq_len: 128, tokens: 2048, context_parallel: 1}, "
+            "{seq_len: 256, tokens: 4096, batch_size: 2, context_parallel: 2}], "
+            "gate: {on_fail: warn}, needle: {lengths: [128], depths: [0.5], trials: 1}, short_val_batches: 1}")
+STEPS = 12
+
+
+def command(data_dir: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "herd.train", *small_overrides(data_dir), f"hydra.run.dir={run_dir}",
+            f"paths.log_dir={run_dir.parent}", "strategy=fsdp2_cp", "trainer.devices=2", "trainer.max_steps=100",
+            "trainer.precision=32-true", "trainer.log_every_n_steps=1", "trainer.val_check_interval=100",
+            "callbacks.last_checkpoint.every_n_train_steps=6", "callbacks.text_samples=null", "logger=csv",
+            "validate_first=false", "export=false", "stage.scheduler.warmup_steps=2", SCHEDULE, *extra]
+
+
+def logged(run_dir: Path) -> dict[int, tuple[float, float]]:
+    """Per step: train/loss and train/tokens_seen."""
+    with open(run_dir / "csv" / "metrics.csv") as f:
+        rows = [row for row in csv.DictReader(f) if row.get("train/loss")]
+    return {int(row["step"]): (float(row["train/loss"]), float(row["train/tokens_seen"])) for row in rows}
+
+
+@pytest.mark.slow
+def test_a_context_stage_change_resumes_exactly_after_a_kill(tmp_path, prepared_corpus):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    full = tmp_path / "full"
+    result = subprocess.run(command(prepared_corpus, full), env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    reference = logged(full)
+    assert sorted(reference) == list(range(STEPS))
+    assert reference[STEPS - 1][1] == 2048 + 4096  # tokens counted once per row, whichever ranks share it
+
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(command(prepared_corpus, killed), env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+    last = killed / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 600
+    while not (last / ".metadata").exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGKILL)  # the launcher and its second rank
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed mid-way"
+
+    resumed = tmp_path / "resumed"
+    result = subprocess.run(command(prepared_corpus, resumed, f"ckpt_path={last}"), env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    after = logged(resumed)
+    assert min(after) == 6 and sorted(after) == list(range(6, STEPS))  # from the checkpoint inside stage 1
+    for step, (loss, tokens) in after.items():
+        assert loss == pytest.approx(reference[step][0], rel=1e-5), step
+        assert tokens == reference[step][1]
