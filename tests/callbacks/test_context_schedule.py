@@ -89,3 +89,34 @@ def test_bad_stage_keys_and_weights_are_refused(tmp_path, prepared_corpus):
         ContextSchedule([{"seq_len": 64, "tokens": 10, "weight": {"a": 1}}], tokens_per_batch=64)
     with pytest.raises(ValueError, match=r"unknown source\(s\) \['web'\]"):
         run(tmp_path, prepared_corpus, schedule(first_stage=", weights: {web: 1.0}"))
+
+
+class _Strategy:
+    """What the schedule reads of strategy=fsdp2_cp: 256 ranks = 16 data-parallel x 16 context-parallel."""
+
+    context_parallel_size = 16
+    active_context_parallel_size = 16
+    distributed_sampler_kwargs = {"num_replicas": 16, "rank": 0}
+
+
+def test_the_paper_recipe_keeps_16m_tokens_per_step_while_context_parallelism_grows():
+    from types import SimpleNamespace
+
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from herd.presets import config_dir
+
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=llama3_long_context", "stage.init_from=/models/x"])
+    assert cfg.trainer.strategy.context_parallel_size == 16
+    schedule = instantiate(cfg.callbacks.context_schedule)
+    trainer = SimpleNamespace(strategy=_Strategy())
+    per_step = []
+    for index, stage in enumerate(schedule.stages):
+        sharing = schedule.context_stages[index]["context_parallel"]
+        assert stage.seq_len // sharing == 8192  # every GPU holds 8K tokens of each row
+        replicas = schedule.replicas(trainer, index)
+        assert replicas == 256 // sharing
+        per_step.append(schedule.batch_size(trainer, index) * stage.seq_len * replicas)
+    assert per_step == [16 * 2**20] * len(schedule.stages)

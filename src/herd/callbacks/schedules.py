@@ -63,11 +63,16 @@ class BatchRamp(L.Callback):
     def final_tokens_per_step(self, trainer: L.Trainer) -> int:
         """Global batch in tokens of the last stage (used to express annealing in tokens)."""
         last = self.stages[-1]
-        return last.batch_size * last.seq_len * self.replicas(trainer, len(self.stages) - 1)
+        index = len(self.stages) - 1
+        return self.batch_size(trainer, index) * last.seq_len * self.replicas(trainer, index)
 
     def replicas(self, trainer: L.Trainer, index: int) -> int:
         """Data-parallel replicas during stage ``index`` (each reads ``batch_size`` rows per step)."""
         return data_parallel_size(trainer)
+
+    def batch_size(self, trainer: L.Trainer, index: int) -> int:
+        """Rows per data-parallel replica and step in stage ``index``."""
+        return self.stages[index].batch_size
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         trainer.reload_dataloaders_every_n_epochs = 1
@@ -97,17 +102,18 @@ class BatchRamp(L.Callback):
         tokens_seen = pl_module.tokens_seen
         index = self.stage_at(tokens_seen)
         stage, end = self.stages[index], self.stage_end(index)
-        trainer.datamodule.set_batch_size(stage.batch_size)
+        batch_size = self.batch_size(trainer, index)
+        trainer.datamodule.set_batch_size(batch_size)
         trainer.datamodule.set_seq_len(stage.seq_len)
         if end is None:
             trainer.limit_train_batches = 1.0
         else:
-            per_step = stage.batch_size * stage.seq_len * self.replicas(trainer, index)
+            per_step = batch_size * stage.seq_len * self.replicas(trainer, index)
             trainer.limit_train_batches = max(1, math.ceil((end - tokens_seen) / per_step))
         if index != getattr(self, "_announced", None):  # enter_stage also runs at each epoch's end
             self._announced = index
-            logs.info(logger, f"schedule: stage {index} from {tokens_seen:,} tokens: batch {stage.batch_size} x "
-                              f"seq {stage.seq_len} per device")
+            logs.info(logger, f"schedule: stage {index} from {tokens_seen:,} tokens: batch {batch_size} x "
+                              f"seq {stage.seq_len} per data-parallel replica")
         return index
 
 
@@ -155,8 +161,9 @@ class NeedleSettings:
 class ContextSchedule(BatchRamp):
     """Long-context continued pretraining: a list of context stages, each ended by a gate.
 
-    Each stage: ``seq_len``, ``tokens`` (its budget), and optionally ``batch_size`` (default:
-    ``tokens_per_batch // seq_len``, so the batch in tokens stays constant), ``rope_theta`` and
+    Each stage: ``seq_len``, ``tokens`` (its budget), and optionally ``batch_size`` (rows per
+    data-parallel replica; default: ``tokens_per_batch`` tokens per device, i.e. ``tokens_per_batch
+    x context_parallel // seq_len`` rows, so the batch in tokens stays constant), ``rope_theta`` and
     ``rope_scaling`` (applied to the model when the stage starts), and ``weights`` (mixture
     weights by source name for this stage; sources it leaves out, and stages without it, use
     ``data.sources.*.weight``), and ``context_parallel`` (under ``strategy=fsdp2_cp``: how many
@@ -184,12 +191,13 @@ class ContextSchedule(BatchRamp):
             unknown = sorted(set(s) - _STAGE_KEYS)
             if unknown:
                 raise ValueError(f"context stage {i}: unknown key(s) {unknown}; a stage takes {sorted(_STAGE_KEYS)}")
-            batch_size = s.get("batch_size") or (tokens_per_batch or 0) // s["seq_len"]
+            batch_size = s.get("batch_size") or (tokens_per_batch or 0) * (s.get("context_parallel") or 1) // s["seq_len"]
             if batch_size <= 0:
                 raise ValueError(f"context stage {i}: give batch_size, or tokens_per_batch >= seq_len={s['seq_len']}")
             ramp.append(RampStage(start, batch_size, s["seq_len"]))
             start += int(s["tokens"])
         super().__init__(ramp)
+        self.tokens_per_batch = tokens_per_batch or 0
         self.total_tokens = start
         self.gate = Gate(**(gate or {}))
         self.needle = NeedleSettings(**(needle or {}))
@@ -209,7 +217,7 @@ class ContextSchedule(BatchRamp):
         """Optimizer steps of the whole schedule (without gate extensions): the LR schedule's length."""
         steps = 0
         for i, stage in enumerate(self.stages):
-            steps += math.ceil((self.stage_end(i) - stage.after_tokens) / (stage.batch_size * stage.seq_len
+            steps += math.ceil((self.stage_end(i) - stage.after_tokens) / (self.batch_size(trainer, i) * stage.seq_len
                                                                             * self.replicas(trainer, i)))
         return steps
 
@@ -228,6 +236,13 @@ class ContextSchedule(BatchRamp):
 
     def replicas(self, trainer: L.Trainer, index: int) -> int:
         return data_parallel_size(trainer, self._context_parallel_of(trainer, index))
+
+    def batch_size(self, trainer: L.Trainer, index: int) -> int:
+        """The stage's ``batch_size``, or ``tokens_per_batch`` tokens per device: a row shared by k ranks
+        (context parallelism) counts 1/k on each, so a replica reads k x tokens_per_batch / seq_len rows."""
+        if self.context_stages[index].get("batch_size"):
+            return self.stages[index].batch_size
+        return max(1, self.tokens_per_batch * self._context_parallel_of(trainer, index) // self.stages[index].seq_len)
 
     def _context_parallel_of(self, trainer: L.Trainer, index: int) -> int:
         """How many ranks share a row in stage ``index``."""
