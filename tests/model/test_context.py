@@ -97,6 +97,31 @@ def test_a_row_that_does_not_cut_into_2cp_chunks_is_refused():
         ContextParallel(size=4, rank=0).local_index(36)
 
 
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("shared_prompt", [False, True])
+@pytest.mark.parametrize("documents", [True, False])
+def test_flex_block_masks_of_a_ranks_queries_match_the_sdpa_masks(shared_prompt, documents):
+    """The GPU path (FlexAttention block masks over local queries x the whole row) agrees with the CPU
+    path (SDPA boolean masks); FlexAttention's forward runs eagerly on a CPU."""
+    from herd.model.attention import attend, build_attention_mask, document_block_mask, flex_attention
+
+    if flex_attention is None:
+        pytest.skip("FlexAttention needs torch >= 2.5")
+    batch_ = rows(2, seed=3, shared_prompt=shared_prompt)
+    document_ids = batch_["document_ids"] if documents else None
+    response_ids = batch_.get("response_ids") if documents else None
+    index = ContextParallel(size=2, rank=1).local_index(SEQ)
+    q = torch.randn(2, 4, index.numel(), 16)
+    k, v = torch.randn(2, 2, SEQ, 16), torch.randn(2, 2, SEQ, 16)
+    boolean = build_attention_mask(config(), 2, index.numel(), q.device, document_ids=document_ids,
+                                   response_ids=response_ids, query_index=index, kv_len=SEQ)
+    blocks = document_block_mask(document_ids, response_ids, query_index=index, batch=2, kv_len=SEQ)
+    with torch.no_grad():
+        assert (attend(q, k, v, blocks) - attend(q, k, v, boolean)).abs().max() < 1e-5
+    # rank 1 of 2 holds chunks 1 and 2 of 4: its first query is place 8, which sees no later place
+    assert int(boolean[0, 0, 0].nonzero().max()) == 8
+
+
 # ----------------------------------------------------------------------------- multi-process
 
 
