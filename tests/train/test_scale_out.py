@@ -83,6 +83,20 @@ def test_sharded_checkpoint_resumes_and_consolidates_for_transformers(tmp_path, 
         assert (reference(tokens).logits - final(tokens)).abs().max() < 1e-5
 
 
+@pytest.mark.slow
+def test_a_context_parallel_checkpoint_resumes_as_data_parallel_ranks(tmp_path, single_process):
+    # the same 2 ranks, first sharing every row (CP 2), then reading half the rows each (FSDP2 data parallel 2):
+    # FSDP2 shards over data x context either way, so the sharded checkpoint loads as it is
+    first, second = tmp_path / "first", tmp_path / "second"
+    run(first, "strategy=fsdp2_cp", "trainer.devices=2", f"data.batch_size={GLOBAL_BATCH}", "export=false",
+        "callbacks.last_checkpoint.every_n_train_steps=3", steps=3)
+    checkpoint = first / "checkpoints" / "last.ckpt"
+    run(second, "strategy=fsdp2", "trainer.devices=2", f"data.batch_size={GLOBAL_BATCH // 2}", "export=false",
+        f"ckpt_path={checkpoint}", "resume_with_changes=true", steps=6)
+    assert losses(first) == pytest.approx(single_process[:3], rel=1e-4)
+    assert losses(second) == pytest.approx(single_process[3:], rel=1e-4)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
