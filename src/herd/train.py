@@ -1,8 +1,9 @@
-"""herd's training entry point: the one place where config becomes objects.
+"""Train one stage (pretraining, long context, SFT, reward, DPO, vision or speech adapter) and export the model.
 
-``train(cfg)`` instantiates the model config, DataModule, stage, callbacks, loggers and trainer,
-fits, optionally tests, and exports the final model as a Hugging Face directory. ``main()`` only
-wraps it for the command line::
+herd's training entry point, the one place where config becomes objects: ``train(cfg)``
+instantiates the model config, DataModule, stage, callbacks, loggers and trainer, fits, optionally
+tests, and exports the final model as a Hugging Face directory. ``main()`` only wraps it for the
+command line::
 
     python -m herd.train                                  # tiny pretraining on the embedded corpus
     python -m herd.train model=llama3_8b trainer=gpu strategy=ddp trainer.devices=8

@@ -16,10 +16,12 @@ STEPS = 8
 QUIET = {"trainer.enable_progress_bar=false", "callbacks.progress_bar=null"}
 
 
-def herd_train(log_dir: Path, run_dir: Path | None, *overrides: str, data_dir: Path | None = None):
-    """Run the command with stdout and stderr redirected to files, as under sbatch or nohup."""
+def herd_train(log_dir: Path, run_dir: Path | None, *overrides: str, data_dir: Path | None = None,
+               command: tuple[str, ...] = ("-m", "herd.train")):
+    """Run the command with stdout and stderr redirected to files, as under sbatch or nohup
+    (``command``: ``-m herd train`` runs it as the herd command's subcommand)."""
     run = [f"hydra.run.dir={run_dir}"] if run_dir else []
-    cmd = [sys.executable, "-m", "herd.train", *[o for o in small_overrides(data_dir) if o not in QUIET],
+    cmd = [sys.executable, *command, *[o for o in small_overrides(data_dir) if o not in QUIET],
            f"paths.log_dir={log_dir}", *run, *overrides]
     out, err = log_dir / "stdout.txt", log_dir / "stderr.txt"
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -97,9 +99,14 @@ def test_a_run_that_cannot_start_fails_early_and_is_marked(tmp_path, prepared_co
 
 @pytest.mark.slow
 def test_debug_fast_leaves_nothing_for_resume_auto(tmp_path, prepared_corpus):
-    status, _, stderr = herd_train(tmp_path, None, "debug=fast", data_dir=prepared_corpus)
+    # `herd train debug=fast` (python -m herd train: the console script's main without its installation)
+    status, stdout, stderr = herd_train(tmp_path, None, "debug=fast", data_dir=prepared_corpus,
+                                        command=("-m", "herd", "train"))
     assert status == 0, stderr[-3000:]
-    assert list((tmp_path / "pretrain" / "debug").iterdir())  # the smoke test's own folder
+    run_dir, = (tmp_path / "pretrain" / "debug").iterdir()  # the smoke test's own folder
+    assert stdout.count("herd: training finished.") == 1
+    assert "herd: training finished." in (run_dir / "train.log").read_text()  # Hydra's job name: train
+    assert (run_dir / "export" / "config.json").is_file()
     assert not (tmp_path / "pretrain" / "runs").exists()
     assert not list(tmp_path.rglob("*.ckpt"))
     status, stdout, stderr = herd_train(tmp_path, None, "resume=auto", "trainer.max_steps=1", "export=false",
