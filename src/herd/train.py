@@ -427,7 +427,7 @@ RUN_KEYS = ("seed", "stage", "data", "trainer.accumulate_grad_batches", "trainer
 FREE_KEYS = ("data.num_workers", "data.pin_memory", "data.val_batch_size", "data.on_corrupt_shard", "data.seq_len",
              "data.expected_vocab_size", "data.expected_tokenizer_fingerprint", "stage.on_nonfinite",
              "stage.max_consecutive_skips", "stage.activation_checkpointing", "stage.compile_blocks", "stage.fsdp",
-             "stage.meta_init", "stage.loss_chunk_size")
+             "stage.meta_init", "stage.loss_chunk_size", "stage.allow_random_init")
 
 
 def data_fingerprint(datamodule) -> str | None:
