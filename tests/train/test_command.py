@@ -84,6 +84,8 @@ def test_tensorboard_hparams_hold_the_config_and_the_final_metrics(finished_run)
     scalars = events.Tags()["scalars"]
     assert "val/loss" in scalars and "epoch" not in scalars  # the hparams metric reads the val/loss scalar
     assert events.Scalars("val/loss")[-1].step == STEPS - 1  # the last validation (Lightning counts from 0)
+    # before training, and every 4 steps: the last step is on the interval and validated once
+    assert [e.step for e in events.Scalars("val/loss")] == [0, 3, 7]
 
 
 @pytest.mark.slow
