@@ -134,6 +134,8 @@ def test_a_killed_pipeline_resumes_without_redoing_finished_steps(fake):
     summary = json.loads((root / "run" / "summary.json").read_text())
     assert summary["status"] == "finished" and [s["skipped"] for s in summary["steps"]] == [True] * 3 + [False] * 3
     assert [row["round"] for row in summary["rounds"]] == [0, 1, 2]
+    final = f"{root}/run/round2/b/out.json"  # the last round's policy_step
+    assert summary["final_model"] == final and f"herd.pipeline: final model: {final}" in done.stdout
     # a changed option reruns the steps whose command changed, from scratch, and everything after them
     done = subprocess.run(_command(root, "flavour=spicy"), capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -244,6 +246,7 @@ def test_config_mistakes_are_refused_before_anything_runs(tmp_path):
         ({"setup": [{"name": "x", **python}, {"name": "x", **python}]}, "two steps are named 'x'"),
         ({"setup": [{"name": "x", "tool": "train", "args": ["hydra.run.dir=/x"]}]}, "which the pipeline sets itself"),
         ({"setup": [{"name": "x", "tool": "prepare", "seeds": [1, 2]}]}, "seeds only apply to tool=train"),
+        ({"setup": [{"name": "x", **python}], "final_model": "y"}, "final_model=y: no such step"),
     ]
     for steps, message in cases:
         with pytest.raises(PipelineError, match=message.replace("$", r"\$").replace("{", r"\{").replace("}", r"\}")):
@@ -278,6 +281,8 @@ def test_the_post_training_pipelines_compose_and_resolve(name, tmp_path):
     commands = {s.name: " ".join(s.command) for s in plan.steps}
     rounds = plan.rounds
     assert f"round{rounds}/dpo" in names or f"round{rounds}/dpo/seed1" in names
+    final = plan.final_model()  # the last round's DPO model (its seeds' average, where it has seeds)
+    assert final == plan.by_name[f"round{rounds}/dpo"].output and final.parent == tmp_path / "run" / f"round{rounds}" / "dpo"
     sample = commands[f"round{rounds}/sample"]
     assert f"policy={tmp_path}/run/round{rounds - 1}/dpo" in sample  # each round samples from the last DPO model
     assert f"reward_model={tmp_path}/run/round{rounds}/reward" in sample
@@ -317,6 +322,7 @@ def test_the_speech_pipeline_freezes_a_text_tuned_model_and_trains_its_baseline(
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         configs = {s.short: compose("train", overrides=s.command[3:]) for s in plan.steps if s.tool == "train"}
     assert configs["lm"].stage.init_from == str(tmp_path)
+    assert plan.final_model() == tmp_path / "run" / "setup" / "phrases" / "export"  # final_model: phrases
     runs = {"speech": ("lm", "speech_data", False), "text_only": ("lm", "speech_data", True),  # one word per clip
             "phrases": ("speech", "phrases_data", False),  # then 1 to 3 words, each run continuing its own
             "text_only_phrases": ("text_only", "phrases_data", True)}
@@ -325,3 +331,21 @@ def test_the_speech_pipeline_freezes_a_text_tuned_model_and_trains_its_baseline(
         assert cfg.stage._target_.endswith("SpeechAdapterStage") and cfg.stage.withhold_audio is withheld
         assert cfg.stage.init_from == f"{tmp_path}/run/setup/{start}/export"
         assert cfg.data.data_dir == f"{tmp_path}/run/setup/{data}/data"
+
+
+def test_a_prepare_steps_document_counts_are_its_documents_and_rankings(tmp_path, prepared_corpus,
+                                                                         prepared_preferences):
+    """Text counts documents (one per file of the fixture: 34 modules, as prose and as code); preference
+    rankings count as documents too (each one document of the packed rows), not 0."""
+    from herd.pipeline import Step, step_metrics
+
+    def metrics(prepared: Path) -> dict[str, float]:
+        return step_metrics(Step("setup/p", "setup", "p", 0, "prepare", tmp_path, prepared), {})
+
+    text = metrics(prepared_corpus)
+    files = {name: len(list((prepared_corpus.parent / name).iterdir())) for name in ("prose", "code")}
+    assert text["prose/documents"] == files["prose"] and text["code/documents"] == files["code"] == 34
+    rankings = metrics(prepared_preferences)
+    manifest = json.loads((prepared_preferences / "manifest.json").read_text())["sources"]["preferences"]
+    in_rows = sum(split["documents"] for split in manifest["splits"].values())  # document ids in the shards
+    assert rankings["preferences/documents"] == in_rows > 0

@@ -42,8 +42,10 @@ Where things go: everything lands in ``logs/pipeline/<run>/`` (``run`` defaults 
 name), one folder per step (``setup/sft``, ``round1/reward``, ``finish/round2/heldout``), so one
 ``tensorboard --logdir logs/pipeline/<run>`` shows every step. Each step folder holds the tool's
 own files, ``step.log`` (the step's console output) and ``step.json``: its command, status,
-wall and CPU seconds (of the step's processes), output and key metrics. ``summary.json`` lists every step with its output and metrics,
-and the per-round table of the pipeline's ``report`` columns, and is rewritten after each step.
+wall and CPU seconds (of the step's processes), output and key metrics. ``summary.json`` lists every
+step with its output and metrics, the per-round table of the pipeline's ``report`` columns and the
+final model (``final_model``: the output of the step the config's ``final_model`` names, else the
+last round's ``policy_step``), and is rewritten after each step.
 
 Failures and resuming: a step that exits with an error stops the pipeline, naming the step and its
 log (exit status 1). Running the same command again skips every step that finished with the same
@@ -302,6 +304,23 @@ class Plan:
             raise PipelineError(f"${{step:{reference}}} is {found.name}, which does not run before {view.step.name}")
         return found.output
 
+    def final_model(self) -> Path | None:
+        """The pipeline's result: the output of the step ``final_model`` names (``phrases``, ``setup/lm``,
+        ``last/dpo``), else the policy the last round ended with (its ``policy_step``); None without either."""
+        name = self.cfg.get("final_model")
+        if name is None:
+            step = self.by_name.get(f"round{self.rounds}/{self.cfg.get('policy_step')}") if self.rounds else None
+            return step.output if step is not None else None
+        reference = str(name).strip()
+        if reference.startswith("last/"):
+            reference = f"round{self.rounds}/{reference.removeprefix('last/')}"
+        candidates = [reference] if "/" in reference else [f"round{self.rounds}/{reference}", f"setup/{reference}"]
+        found = next((self.by_name[c] for c in candidates if c in self.by_name), None)
+        if found is None:
+            raise PipelineError(f"final_model={name}: no such step (looked for {candidates}); the steps are "
+                                f"{list(self.by_name)}")
+        return found.output
+
     def policy(self, view: View) -> str:
         """The policy entering the round of ``view`` (in finish steps: the policy round r ended with)."""
         step = view.step
@@ -492,8 +511,10 @@ class Runner:
                   "skipped": bool(self.records.get(s.name, {}).get("skipped")),
                   "seconds": self.records.get(s.name, {}).get("seconds"),
                   "metrics": self.records.get(s.name, {}).get("metrics", {})} for s in self.plan.steps]
+        final = self.plan.final_model()
         summary = {"pipeline": self.plan.cfg.get("name"), "run_dir": str(self.plan.run_dir),
-                   "start": self.plan.cfg.get("start"), "status": status, "failed_step": failed,
+                   "start": self.plan.cfg.get("start"), "final_model": None if final is None else str(final),
+                   "status": status, "failed_step": failed,
                    "started": self.started, "updated": datetime.now().isoformat(timespec="seconds"),
                    "rounds": report(self.plan, self.records), "steps": steps}
         write_record(self.plan.run_dir / SUMMARY_FILE, summary)
@@ -532,11 +553,22 @@ def step_metrics(step: Step, records: Mapping[str, Mapping[str, Any]]) -> dict[s
         manifest = json.loads((step.output / "manifest.json").read_text())
         out = {}
         for name, source in manifest.get("sources", {}).items():
-            for split, entry in source.get("splits", {}).items():
+            splits = source.get("splits", {})
+            for split, entry in splits.items():
                 out[f"{name}/{split}/rows"] = float(entry.get("rows", entry.get("examples", 0)))  # media: examples
-            out[f"{name}/documents"] = float(source.get("documents", 0))
+            out[f"{name}/documents"] = float(source_documents(source))
         return out
     return {}
+
+
+def source_documents(source: Mapping[str, Any]) -> int:
+    """A prepared source's documents: text and dialogs count ``documents``; preference rankings and media
+    count ``examples`` (a ranking, a captioned image: one document of the packed rows each); else the
+    splits' ``documents``."""
+    for key in ("documents", "examples"):
+        if source.get(key) is not None:
+            return int(source[key])
+    return int(sum(entry.get("documents", 0) for entry in source.get("splits", {}).values()))
 
 
 def training_metrics(folder: Path) -> dict[str, float]:
@@ -619,6 +651,7 @@ def plan_from(cfg: DictConfig) -> Plan:
     until = cfg.get("until")
     if until is not None and until not in plan.by_name:
         raise PipelineError(f"until={until}: no such step; the steps are {list(plan.by_name)}")
+    plan.final_model()  # a final_model that names no step is a config mistake too
     return plan
 
 
@@ -628,12 +661,18 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("dry_run"):
         for step in plan.steps:
             print(f"{step.name}:\n  {' '.join(step.command)}")
-        return {"steps": [s.name for s in plan.steps]}
+        final = plan.final_model()
+        if final is not None:
+            print(f"final model: {final}")
+        return {"steps": [s.name for s in plan.steps], "final_model": None if final is None else str(final)}
     plan.run_dir.mkdir(parents=True, exist_ok=True)
     logger.info("herd.pipeline: %d steps into %s", len(plan.steps), plan.run_dir)
     summary = Runner(plan, cfg.get("until")).run()
     logger.info("herd.pipeline: %s; summary: %s\n%s\nTensorBoard: tensorboard --logdir %s", summary["status"],
                 plan.run_dir / SUMMARY_FILE, format_report(summary["rounds"]), plan.run_dir)
+    if summary["final_model"] is not None and summary["status"] == "finished":
+        logger.info("herd.pipeline: final model: %s\n  chat with it: python -m herd.chat model_dir=%s",
+                    summary["final_model"], summary["final_model"])
     return summary
 
 
