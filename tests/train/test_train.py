@@ -281,6 +281,16 @@ def test_resuming_with_settings_that_change_the_run_is_refused_listing_them(tmp_
     assert train(cfg)["trainer"].global_step == 4
 
 
+def test_a_checkpoint_from_before_allow_random_init_resumes_without_a_difference():
+    """stage.allow_random_init (new in the config) changes nothing a resume continues: it is not listed."""
+    from herd.train import run_differences
+
+    old = {"seed": 1, "stage": {"init_from": "/m", "optimizer": {"lr": 0.1}}}
+    new = {"seed": 1, "stage": {"init_from": "/m", "allow_random_init": False, "optimizer": {"lr": 0.1}}}
+    assert run_differences(old, new) == []
+    assert run_differences(old, {**new, "seed": 2}) == ["seed: 1 (checkpoint) vs 2 (config)"]
+
+
 def model_directory(tmp_path, prepared_corpus, tokenizer_dir=None):
     """A random model of the tests' shape saved as a Hugging Face directory, with the given tokenizer folder."""
     cfg = compose_train(tmp_path, prepared_corpus)
