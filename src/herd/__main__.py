@@ -119,9 +119,9 @@ def _shortened(text: str, width: int) -> str:
 
 def _groups(config: Path) -> list[tuple[str, str | None]]:
     """The config groups of a primary config's defaults list, with their default option (None: none)."""
-    import yaml  # omegaconf's dependency; light to import
+    from omegaconf import OmegaConf  # light: no torch
 
-    data = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
+    data = OmegaConf.to_container(OmegaConf.load(config), resolve=False) or {}
     out = []
     for entry in data.get("defaults") or []:
         if not isinstance(entry, dict) or len(entry) != 1:
