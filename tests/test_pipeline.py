@@ -39,7 +39,8 @@ STEP = textwrap.dedent("""
         (folder / "partial").write_text("half done")
         (root / f"started-{name}").write_text("")
         time.sleep(120)
-    (folder / "out.json").write_text(json.dumps({"given": given, "resumed": resumed}))
+    number = int("".join(c for c in name if c.isdigit()) or 0)  # b2 -> 2: a figure for the report
+    (folder / "out.json").write_text(json.dumps({"given": given, "resumed": resumed, "score": number / 10}))
 """)
 
 PIPELINE = textwrap.dedent("""
@@ -65,6 +66,9 @@ PIPELINE = textwrap.dedent("""
         per_round: true
         argv: [python, "${oc.env:FAKE_ROOT}/step.py", "${dir:}", "check${round:}", "${policy:}"]
         output: out.json
+    report:
+      b score: b/score
+      check score: check/score
 """)
 
 
@@ -120,7 +124,7 @@ def test_a_killed_pipeline_resumes_without_redoing_finished_steps(fake):
     done = subprocess.run(_command(root, "until=round2/b"), capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
     assert _runs(root) == ["a", "b1", "b1", "b2"]  # a is not redone; b1 continues in its folder
-    assert _out(root, "round1/b") == {"given": f"{root}/run/setup/a/out.json|plain", "resumed": True}
+    assert _out(root, "round1/b") == {"given": f"{root}/run/setup/a/out.json|plain", "resumed": True, "score": 0.1}
     assert _out(root, "round2/b")["given"] == f"{root}/run/round1/b/out.json|plain"  # outputs feed the next round
     summary = json.loads((root / "run" / "summary.json").read_text())
     assert summary["status"] == "stopped"
@@ -134,11 +138,35 @@ def test_a_killed_pipeline_resumes_without_redoing_finished_steps(fake):
     summary = json.loads((root / "run" / "summary.json").read_text())
     assert summary["status"] == "finished" and [s["skipped"] for s in summary["steps"]] == [True] * 3 + [False] * 3
     assert [row["round"] for row in summary["rounds"]] == [0, 1, 2]
+    final = f"{root}/run/round2/b/out.json"  # the last round's policy_step
+    assert summary["final_model"] == final and f"herd.pipeline: final model: {final}" in done.stdout
+    # a command step's JSON output gives its figures; the report columns read them per round
+    assert [(r["b score"], r["check score"]) for r in summary["rounds"]] == [(None, 0.0), (0.1, 0.1), (0.2, 0.2)]
+    assert_report(root / "run", summary)
     # a changed option reruns the steps whose command changed, from scratch, and everything after them
     done = subprocess.run(_command(root, "flavour=spicy"), capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
     assert _runs(root)[7:] == ["b1", "b2", "check0", "check1", "check2"]
-    assert _out(root, "round1/b") == {"given": f"{root}/run/setup/a/out.json|spicy", "resumed": False}
+    assert _out(root, "round1/b") == {"given": f"{root}/run/setup/a/out.json|spicy", "resumed": False,
+                                      "score": 0.1}
+
+
+def assert_report(run_dir: Path, summary: dict) -> None:
+    """report.md next to summary.json: the final model and every step linked relative to the run folder,
+    the per-round table as summary.json has it, and its figure (a PNG beside it)."""
+    text = (run_dir / "report.md").read_text()
+    assert text.startswith(f"# herd.pipeline: fake ({summary['status']})")
+    assert "- **final model**: [round2/b/out.json](round2/b/out.json)" in text
+    table = text[text.index("## Per round"):].split("\n\n")[2].splitlines()
+    assert table[0] == "| round | seconds | cpu_seconds | b score | check score |"
+    assert [line.split(" | ")[-2:] for line in table[2:]] == [["-", "0 |"], ["0.1", "0.1 |"], ["0.2", "0.2 |"]]
+    assert "![per-round figures](report_rounds.png)" in text
+    assert (run_dir / "report_rounds.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for step in summary["steps"]:
+        name = step["name"]
+        assert f"| {name} | command | finished |" in text and f"[step.log]({name}/step.log)" in text
+        assert f"[{name}/out.json]({name}/out.json)" in text
+    assert "## Training curves" not in text  # no training step: no curves
 
 
 def _alive(pid: int) -> bool:
@@ -220,6 +248,10 @@ def test_a_failed_step_stops_the_pipeline_and_is_named(fake):
     assert _runs(root) == ["a", "b1"]
     summary = json.loads((root / "run" / "summary.json").read_text())
     assert (summary["status"], summary["failed_step"]) == ("failed", "round1/b")
+    report = (root / "run" / "report.md").read_text()
+    assert report.startswith("# herd.pipeline: fake (failed)")
+    assert "- **failed step**: round1/b (its log: [round1/b/step.log](round1/b/step.log))" in report
+    assert "(not written yet)" in report
     assert _status(root, "round1/b") == "failed"
 
 
@@ -244,6 +276,7 @@ def test_config_mistakes_are_refused_before_anything_runs(tmp_path):
         ({"setup": [{"name": "x", **python}, {"name": "x", **python}]}, "two steps are named 'x'"),
         ({"setup": [{"name": "x", "tool": "train", "args": ["hydra.run.dir=/x"]}]}, "which the pipeline sets itself"),
         ({"setup": [{"name": "x", "tool": "prepare", "seeds": [1, 2]}]}, "seeds only apply to tool=train"),
+        ({"setup": [{"name": "x", **python}], "final_model": "y"}, "final_model=y: no such step"),
     ]
     for steps, message in cases:
         with pytest.raises(PipelineError, match=message.replace("$", r"\$").replace("{", r"\{").replace("}", r"\}")):
@@ -278,6 +311,8 @@ def test_the_post_training_pipelines_compose_and_resolve(name, tmp_path):
     commands = {s.name: " ".join(s.command) for s in plan.steps}
     rounds = plan.rounds
     assert f"round{rounds}/dpo" in names or f"round{rounds}/dpo/seed1" in names
+    final = plan.final_model()  # the last round's DPO model (its seeds' average, where it has seeds)
+    assert final == plan.by_name[f"round{rounds}/dpo"].output and final.parent == tmp_path / "run" / f"round{rounds}" / "dpo"
     sample = commands[f"round{rounds}/sample"]
     assert f"policy={tmp_path}/run/round{rounds - 1}/dpo" in sample  # each round samples from the last DPO model
     assert f"reward_model={tmp_path}/run/round{rounds}/reward" in sample
@@ -317,6 +352,7 @@ def test_the_speech_pipeline_freezes_a_text_tuned_model_and_trains_its_baseline(
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         configs = {s.short: compose("train", overrides=s.command[3:]) for s in plan.steps if s.tool == "train"}
     assert configs["lm"].stage.init_from == str(tmp_path)
+    assert plan.final_model() == tmp_path / "run" / "setup" / "phrases" / "export"  # final_model: phrases
     runs = {"speech": ("lm", "speech_data", False), "text_only": ("lm", "speech_data", True),  # one word per clip
             "phrases": ("speech", "phrases_data", False),  # then 1 to 3 words, each run continuing its own
             "text_only_phrases": ("text_only", "phrases_data", True)}
@@ -325,3 +361,61 @@ def test_the_speech_pipeline_freezes_a_text_tuned_model_and_trains_its_baseline(
         assert cfg.stage._target_.endswith("SpeechAdapterStage") and cfg.stage.withhold_audio is withheld
         assert cfg.stage.init_from == f"{tmp_path}/run/setup/{start}/export"
         assert cfg.data.data_dir == f"{tmp_path}/run/setup/{data}/data"
+
+
+def test_a_prepare_steps_document_counts_are_its_documents_and_rankings(tmp_path, prepared_corpus,
+                                                                         prepared_preferences):
+    """Text counts documents (one per file of the fixture: 34 modules, as prose and as code); preference
+    rankings count as documents too (each one document of the packed rows), not 0."""
+    from herd.pipeline import Step, step_metrics
+
+    def metrics(prepared: Path) -> dict[str, float]:
+        return step_metrics(Step("setup/p", "setup", "p", 0, "prepare", tmp_path, prepared), {})
+
+    text = metrics(prepared_corpus)
+    files = {name: len(list((prepared_corpus.parent / name).iterdir())) for name in ("prose", "code")}
+    assert text["prose/documents"] == files["prose"] and text["code/documents"] == files["code"] == 34
+    rankings = metrics(prepared_preferences)
+    manifest = json.loads((prepared_preferences / "manifest.json").read_text())["sources"]["preferences"]
+    in_rows = sum(split["documents"] for split in manifest["splits"].values())  # document ids in the shards
+    assert rankings["preferences/documents"] == in_rows > 0
+
+
+def test_the_report_shows_training_curves_and_held_out_answers_of_the_first_and_the_last_policy(tmp_path):
+    """The training steps' TensorBoard curves as a figure; from the per-round rejection_sample finish steps'
+    sft.jsonl: round 0's and the last round's answer to the same prompts (joined by id, in round 0's order; a
+    prompt the last round did not answer is left out)."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    from herd.pipeline import TRAINING_FIGURE, write_report
+
+    heldout = {"name": "heldout", "tool": "rejection_sample", "per_round": True,
+               "args": ["policy=${policy:}", "reward_model=${start}", "num_samples=1"]}
+    plan = plan_from(_config({"round": [{"name": "x", "tool": "train", "args": ["experiment=tiny_sft"]}],
+                              "finish": [heldout]}, tmp_path, rounds=2))
+    for number in (1, 2):
+        writer = SummaryWriter(str(plan.by_name[f"round{number}/x"].dir / "tensorboard"))
+        for step in range(4):
+            writer.add_scalar("train/loss", 3.0 - step / number, step)
+        writer.add_scalar("val/loss", 2.5, 3)
+        writer.close()
+    answers = {0: [("a", "What is a?", "an a", 0.5), ("b", "What is b?", "a b", 1.25), ("c", "And c?", "c", 2.0)],
+               2: [("c", "And c?", "c, the letter", 2.5), ("a", "What is a?", "the first letter", 3.0)]}
+    for number, lines in answers.items():
+        folder = plan.by_name[f"finish/round{number}/heldout"].output
+        folder.mkdir(parents=True)
+        (folder / "sft.jsonl").write_text("".join(json.dumps(
+            {"id": key, "messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}],
+             "reward": reward}) + "\n" for key, question, answer, reward in lines))
+    summary = {"pipeline": "t", "status": "finished", "rounds": [], "steps": [], "final_model": None}
+    text = write_report(plan, summary).read_text()
+    assert f"![training curves]({TRAINING_FIGURE})" in text
+    assert (tmp_path / "run" / TRAINING_FIGURE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| round1/x | train | pending | - | - | `" in text and "[tensorboard](round1/x/tensorboard)" in text
+    section = text[text.index("## Held-out answers before and after (heldout)"):text.index("## Steps")]
+    expected = []
+    for key, question, before, reward, after, later in (("a", "What is a?", "an a", "0.5", "the first letter", "3"),
+                                                         ("c", "And c?", "c", "2", "c, the letter", "2.5")):
+        expected += [f"**{key}**", "", "```text", question, "```", "", f"round 0 (reward {reward}):", "", "```text",
+                     before, "```", "", f"round 2 (reward {later}):", "", "```text", after, "```", ""]
+    assert section.splitlines()[4:] == expected

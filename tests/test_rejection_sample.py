@@ -27,6 +27,7 @@ from herd.rejection_sample import (
     RejectionSampleError,
     Result,
     Sample,
+    describe,
     read_prompts,
     run,
     select,
@@ -150,6 +151,12 @@ def test_ranks_split_the_prompts_and_rank_zero_merges_them_in_order(setup, tmp_p
     assert _lines(tmp_path / "two" / "sft.jsonl") == _lines(tmp_path / "one" / "sft.jsonl")
     assert merged["reward"] == single["reward"] and merged["world_size"] == 2
     assert merged["skipped_prompts"] == {"no_pair": 5}  # one answer per prompt: no pairs
+    # an evaluation (one greedy answer per prompt) is described as one, not as a selection that kept no pairs
+    text = describe(merged)
+    mean = sum(stub_reward(line["messages"][-1]["content"]) for line in _lines(tmp_path / "one" / "sft.jsonl")) / 5
+    assert text.splitlines()[0].startswith(f"answered 5 prompts, one answer each: mean reward {mean:.3f} (sd ")
+    assert "answer F1 vs references: " in text
+    assert not any(word in text for word in ("kept", "pair", "SFT", "skipped"))
 
 
 def test_a_reward_model_directory_scores_the_answers(setup, tmp_path):

@@ -114,6 +114,7 @@ def test_fit_command_writes_json_png_and_tensorboard_with_the_held_out_check(tmp
     (tmp_path / metrics_run["name"] / "csv").mkdir()
     (tmp_path / metrics_run["name"] / "csv" / "metrics.csv").write_text(
         f"step,train/loss,val/loss\n10,9.0,\n20,8.0,{metrics_run['val_loss'] + 1.0}\n30,7.0,{metrics_run['val_loss']}\n")
+    (tmp_path / runs[1]["name"] / "tensorboard").mkdir()  # a run's TensorBoard folder, for the report's link
     loaded = {run["name"]: run for run in load_runs(tmp_path)}
     assert loaded[metrics_run["name"]]["val_loss"] == pytest.approx(metrics_run["val_loss"])
 
@@ -130,6 +131,17 @@ def test_fit_command_writes_json_png_and_tensorboard_with_the_held_out_check(tmp
     events.Reload()
     assert events.Scalars("scaling/alpha")[0].value == pytest.approx(law["alpha"], rel=1e-6)
     assert "scaling/figure" in events.Tags()["images"]
+    # report.md beside scaling.json: the figure, the laws and the held-out check as scaling.json has them, a row
+    # per run (held-out last) with a link to its TensorBoard folder where it has one
+    text = (tmp_path / "report.md").read_text()
+    assert "![IsoFLOP curves, N*(C) and L*(C)](scaling.png)" in text
+    assert f"alpha = {law['alpha']:.4f} (stderr {law['alpha_stderr']:.4f})" in text
+    assert f"predicted val/loss {held['predicted_loss']:.4f}, measured {held['measured_loss']:.4f}" in text
+    rows = [line for line in text[text.index("## Runs"):].splitlines() if line.startswith("| ") and "---" not in line]
+    assert len(rows) == 1 + len(runs) and rows[-1].startswith("| held_out-3e+22-big | big | 3e+22 |")
+    linked = runs[1]["name"]
+    assert f"| {linked} |" in text and f"[tensorboard]({linked}/tensorboard)" in text
+    assert sum("[tensorboard](" in row for row in rows) == 1
 
 
 def test_fit_of_a_folder_without_runs_exits_2(tmp_path, capsys):

@@ -9,7 +9,7 @@ resumes from is dropped first, because the resumed run logs those steps again:
 - CSV: rows of ``metrics.csv`` from that step on are removed, the rest is kept and appended to.
 
 The TensorBoard logger also fills the HPARAMS tab (:meth:`TensorBoardLogger.log_run_summary`: the
-flattened config with the run's final metrics) and leaves out Lightning's constant ``epoch``
+flattened config with the run's final metrics, the val metrics first) and leaves out Lightning's constant ``epoch``
 scalar, since herd's streams have no epochs.
 """
 
@@ -47,17 +47,26 @@ class TensorBoardLogger(_LightningTensorBoardLogger):
         """Write the HPARAMS entry of this run: ``params`` (flattened) and the names of ``metrics``.
 
         TensorBoard shows each metric's latest scalar of the same tag, so the end metrics of the run
-        (``val/loss``, ...) appear next to its config without being logged a second time.
+        (``val/loss``, ...) appear next to its config without being logged a second time. Its table
+        shows the first 5 metrics until others are ticked: the val metrics come first (:func:`metric_order`).
         """
         from torch.utils.tensorboard.summary import hparams
 
         flat = self._sanitize_params(_flatten_dict(params, delimiter="."))  # keys as Hydra overrides name them
         flat = {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in flat.items()}
-        experiment, start, end = hparams(flat, {k: float(v) for k, v in metrics.items()})
+        ordered = {k: float(metrics[k]) for k in metric_order(metrics)}
+        experiment, start, end = hparams(flat, ordered)
         writer = self.experiment._get_file_writer()
         for summary in (experiment, start, end):
             writer.add_summary(summary)
         writer.flush()
+
+
+def metric_order(names) -> list[str]:
+    """HPARAMS' column order: ``val/loss``, the other ``val/*`` metrics, then the rest (``train/loss``...),
+    each group in its given order."""
+    names = list(names)
+    return sorted(names, key=lambda k: (k != "val/loss", not k.startswith("val/")))
 
 
 class _AppendingWriter(ExperimentWriter):

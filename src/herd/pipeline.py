@@ -42,8 +42,14 @@ Where things go: everything lands in ``logs/pipeline/<run>/`` (``run`` defaults 
 name), one folder per step (``setup/sft``, ``round1/reward``, ``finish/round2/heldout``), so one
 ``tensorboard --logdir logs/pipeline/<run>`` shows every step. Each step folder holds the tool's
 own files, ``step.log`` (the step's console output) and ``step.json``: its command, status,
-wall and CPU seconds (of the step's processes), output and key metrics. ``summary.json`` lists every step with its output and metrics,
-and the per-round table of the pipeline's ``report`` columns, and is rewritten after each step.
+wall and CPU seconds (of the step's processes), output and key metrics. ``summary.json`` lists every
+step with its output and metrics, the per-round table of the pipeline's ``report`` columns and the
+final model (``final_model``: the output of the step the config's ``final_model`` names, else the
+last round's ``policy_step``), and is rewritten after each step. When the pipeline stops (finished,
+``until``, a failed step) it also writes ``report.md``: the final model, the per-round table with a
+figure of each column (``report_rounds.png``), the training steps' loss curves
+(``report_training.png``), held-out answers of the round-0 and the last policy side by side, and
+every step with links to its output, TensorBoard folder and log.
 
 Failures and resuming: a step that exits with an error stops the pipeline, naming the step and its
 log (exit status 1). Running the same command again skips every step that finished with the same
@@ -84,7 +90,7 @@ import hydra
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from herd import cli
+from herd import cli, reports
 from herd.commands import Interrupted, read_record, run_logged, running_pid, write_record
 from herd.interop import gguf
 from herd.paths import repo_root, resolve
@@ -302,6 +308,23 @@ class Plan:
             raise PipelineError(f"${{step:{reference}}} is {found.name}, which does not run before {view.step.name}")
         return found.output
 
+    def final_model(self) -> Path | None:
+        """The pipeline's result: the output of the step ``final_model`` names (``phrases``, ``setup/lm``,
+        ``last/dpo``), else the policy the last round ended with (its ``policy_step``); None without either."""
+        name = self.cfg.get("final_model")
+        if name is None:
+            step = self.by_name.get(f"round{self.rounds}/{self.cfg.get('policy_step')}") if self.rounds else None
+            return step.output if step is not None else None
+        reference = str(name).strip()
+        if reference.startswith("last/"):
+            reference = f"round{self.rounds}/{reference.removeprefix('last/')}"
+        candidates = [reference] if "/" in reference else [f"round{self.rounds}/{reference}", f"setup/{reference}"]
+        found = next((self.by_name[c] for c in candidates if c in self.by_name), None)
+        if found is None:
+            raise PipelineError(f"final_model={name}: no such step (looked for {candidates}); the steps are "
+                                f"{list(self.by_name)}")
+        return found.output
+
     def policy(self, view: View) -> str:
         """The policy entering the round of ``view`` (in finish steps: the policy round r ended with)."""
         step = view.step
@@ -446,12 +469,24 @@ class Runner:
                     break
         except (StepFailed, StepStillRunning) as err:
             self.records[err.step.name] = read_step(err.step)
-            self.write_summary("failed", failed=err.step.name)
+            self.write_report(self.write_summary("failed", failed=err.step.name))
             raise
         except BaseException:
             self.write_summary("interrupted")
             raise
-        return self.write_summary(status)
+        return self.write_report(self.write_summary(status))
+
+    def write_report(self, summary: dict[str, Any]) -> dict[str, Any]:
+        """Write ``report.md`` and its figures from the summary; a report that cannot be written is a
+        warning, never a failed pipeline."""
+        try:
+            path = write_report(self.plan, summary)
+        except Exception as err:  # the pipeline's own results stand without the report
+            logger.warning("herd.pipeline: could not write %s (%s: %s)", self.plan.run_dir / reports.REPORT_FILE,
+                           type(err).__name__, err)
+        else:
+            logger.info("herd.pipeline: report: %s", path)
+        return summary
 
     def _run_step(self, step: Step, resume: bool) -> dict[str, Any]:
         orphan = running_pid(step.dir / STEP_PID)
@@ -492,8 +527,10 @@ class Runner:
                   "skipped": bool(self.records.get(s.name, {}).get("skipped")),
                   "seconds": self.records.get(s.name, {}).get("seconds"),
                   "metrics": self.records.get(s.name, {}).get("metrics", {})} for s in self.plan.steps]
+        final = self.plan.final_model()
         summary = {"pipeline": self.plan.cfg.get("name"), "run_dir": str(self.plan.run_dir),
-                   "start": self.plan.cfg.get("start"), "status": status, "failed_step": failed,
+                   "start": self.plan.cfg.get("start"), "final_model": None if final is None else str(final),
+                   "status": status, "failed_step": failed,
                    "started": self.started, "updated": datetime.now().isoformat(timespec="seconds"),
                    "rounds": report(self.plan, self.records), "steps": steps}
         write_record(self.plan.run_dir / SUMMARY_FILE, summary)
@@ -528,15 +565,45 @@ def step_metrics(step: Step, records: Mapping[str, Mapping[str, Any]]) -> dict[s
     if step.tool == "rejection_sample":
         stats = json.loads((step.output / "stats.json").read_text())
         return flat_scalars({k: v for k, v in stats.items() if k != "options"})
+    if step.tool == "command":
+        return command_metrics(step)
     if step.tool == "prepare":
         manifest = json.loads((step.output / "manifest.json").read_text())
         out = {}
         for name, source in manifest.get("sources", {}).items():
-            for split, entry in source.get("splits", {}).items():
+            splits = source.get("splits", {})
+            for split, entry in splits.items():
                 out[f"{name}/{split}/rows"] = float(entry.get("rows", entry.get("examples", 0)))  # media: examples
-            out[f"{name}/documents"] = float(source.get("documents", 0))
+            out[f"{name}/documents"] = float(source_documents(source))
         return out
     return {}
+
+
+def command_metrics(step: Step) -> dict[str, float]:
+    """A command step's figures: the last value of each scalar in ``<step folder>/tensorboard`` (what
+    ``herd.evaluate`` writes there), and the numbers of its output when that is a JSON object file."""
+    out: dict[str, float] = {}
+    board = step.dir / "tensorboard"
+    if board.is_dir():
+        out |= {tag: values[-1].value for tag, values in read_scalars(board).items() if values}
+    if step.output.suffix == ".json" and step.output.is_file():
+        try:
+            data = json.loads(step.output.read_text())
+        except (OSError, ValueError):
+            data = None
+        if isinstance(data, dict):
+            out |= flat_scalars(data)
+    return out
+
+
+def source_documents(source: Mapping[str, Any]) -> int:
+    """A prepared source's documents: text and dialogs count ``documents``; preference rankings and media
+    count ``examples`` (a ranking, a captioned image: one document of the packed rows each); else the
+    splits' ``documents``."""
+    for key in ("documents", "examples"):
+        if source.get(key) is not None:
+            return int(source[key])
+    return int(sum(entry.get("documents", 0) for entry in source.get("splits", {}).values()))
 
 
 def training_metrics(folder: Path) -> dict[str, float]:
@@ -595,6 +662,166 @@ def format_report(rows: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join("  ".join(text.rjust(width) for text, width in zip(line, widths, strict=True)) for line in table)
 
 
+# --- report.md ----------------------------------------------------------------------------------
+
+ROUNDS_FIGURE = "report_rounds.png"
+TRAINING_FIGURE = "report_training.png"
+SAMPLE_ANSWERS = 3
+
+
+def write_report(plan: Plan, summary: Mapping[str, Any]) -> Path:
+    """``report.md`` in the run folder: the final model, the per-round table and its figure, every training
+    step's curves, held-out answers of the first and the last policy, and every step with its folders."""
+    base = plan.run_dir
+    lines = [f"# herd.pipeline: {summary.get('pipeline')} ({summary.get('status')})", ""]
+    final = summary.get("final_model")
+    if final is not None:
+        ready = Path(final).exists()
+        lines.append(f"- **final model**: {reports.link(final, base)}" + ("" if ready else " (not written yet)"))
+        if ready:
+            lines.append(f"  - chat with it: `python -m herd.chat model_dir={final}`")
+    if summary.get("failed_step"):
+        lines.append(f"- **failed step**: {summary['failed_step']} (its log: "
+                     f"{reports.link(plan.by_name[summary['failed_step']].dir / STEP_LOG, base)})")
+    steps = summary.get("steps", [])
+    seconds = sum(s.get("seconds") or 0 for s in steps)
+    lines += [f"- start: `{summary.get('start')}`",
+              f"- run folder: `{base}`; started {summary.get('started')}, updated {summary.get('updated')}; "
+              f"the steps' wall time {seconds / 60:.1f} min",
+              f"- TensorBoard (every step): `tensorboard --logdir {base}`",
+              f"- numbers: {reports.link(base / SUMMARY_FILE, base)}", ""]
+    rows = summary.get("rounds") or []
+    if rows:
+        columns = list(rows[0])
+        lines += ["## Per round", "", "Round 0 is the setup (and the policy entering round 1 for the finish steps).",
+                  "", *reports.table(rows, columns), ""]
+        figure = _rounds_figure(rows, base / ROUNDS_FIGURE)
+        if figure is not None:
+            lines += [f"![per-round figures]({reports.relative(figure, base)})", ""]
+    training = _training_figure(plan, base / TRAINING_FIGURE)
+    if training is not None:
+        lines += ["## Training curves", "",
+                  "train/loss (lines) and val/loss (points) of every training step, by round.", "",
+                  f"![training curves]({reports.relative(training, base)})", ""]
+    lines += answer_samples(plan)
+    lines += ["## Steps", ""]
+    done = {s["name"]: s for s in steps}
+    table = []
+    for step in plan.steps:
+        record = done.get(step.name, {})
+        metrics = record.get("metrics") or {}
+        loss = (f"{metrics['val/loss@start']:.4g} -> {metrics['val/loss']:.4g}" if "val/loss@start" in metrics
+                else reports.number(metrics.get("val/loss")))
+        board = step.dir / "tensorboard"
+        table.append({"step": step.name, "tool": step.tool, "status": record.get("status", "pending"),
+                      "seconds": record.get("seconds"), "val/loss": loss,
+                      "output": _path_link(step.output, base),
+                      "TensorBoard": reports.link(board, base, "tensorboard") if board.is_dir() else "-",
+                      "log": reports.link(step.dir / STEP_LOG, base, "step.log") if (step.dir / STEP_LOG).exists()
+                      else "-"})
+    lines += reports.table(table, ["step", "tool", "status", "seconds", "val/loss", "output", "TensorBoard", "log"])
+    return reports.write(base / reports.REPORT_FILE, lines)
+
+
+def _path_link(path: Path, base: Path) -> str:
+    inside = base.resolve() in path.resolve().parents
+    return reports.link(path, base) if inside and path.exists() else f"`{path}`"
+
+
+def _rounds_figure(rows: Sequence[Mapping[str, Any]], path: Path) -> Path | None:
+    """One small plot per report column with a number in some round, the round on the x axis."""
+    numbers = [c for c in rows[0] if c not in ("round", "seconds", "cpu_seconds")
+               and any(isinstance(r.get(c), int | float) and not isinstance(r.get(c), bool) for r in rows)]
+    if not numbers:
+        path.unlink(missing_ok=True)
+        return None
+    figure, axes = reports.grid(len(numbers))
+    rounds = [int(r["round"]) for r in rows]
+    for axis, column in zip(axes, numbers, strict=True):
+        points = [(r["round"], r[column]) for r in rows if isinstance(r.get(column), int | float)]
+        axis.plot([p[0] for p in points], [p[1] for p in points], "o-")
+        axis.set_title(column)
+        axis.set_xticks(rounds)
+        axis.set_xlabel("round")
+        axis.grid(alpha=0.3)
+    return reports.save(figure, path)
+
+
+def _training_figure(plan: Plan, path: Path) -> Path | None:
+    """Per training step name (sft, reward, dpo...): each run's train/loss, and its val/loss as points."""
+    groups: dict[str, list[tuple[Step, dict]]] = {}
+    for step in plan.steps:
+        board = step.dir / "tensorboard"
+        if step.tool != "train" or step.average_of or not board.is_dir():
+            continue
+        scalars = read_scalars(board)
+        if scalars.get("train/loss") or scalars.get("val/loss"):
+            groups.setdefault(step.short, []).append((step, scalars))
+    if not groups:
+        path.unlink(missing_ok=True)
+        return None
+    figure, axes = reports.grid(len(groups))
+    for axis, (short, runs) in zip(axes, groups.items(), strict=True):
+        for step, scalars in runs:
+            label = step.name.replace(f"/{short}", "", 1)  # setup, round2, round2/seed1
+            train = scalars.get("train/loss", [])
+            line, = axis.plot([s.step for s in train], [s.value for s in train], lw=1, label=label)
+            val = scalars.get("val/loss", [])
+            axis.plot([s.step for s in val], [s.value for s in val], "o--", color=line.get_color(), ms=4, lw=0.8)
+        axis.set_title(short)
+        axis.set_xlabel("step")
+        axis.set_ylabel("loss")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7)
+    return reports.save(figure, path)
+
+
+def answer_samples(plan: Plan, count: int = SAMPLE_ANSWERS) -> list[str]:
+    """Markdown: the first ``count`` held-out prompts of each per-round ``rejection_sample`` finish step,
+    answered by the round-0 policy and by the last round's, with their rewards (from ``sft.jsonl``)."""
+    if plan.rounds == 0:
+        return []
+    out = []
+    finish = [s for s in plan.steps if s.section == "finish" and s.tool == "rejection_sample"
+              and s.spec is not None and s.spec.get("per_round")]
+    for short in dict.fromkeys(s.short for s in finish):
+        first = plan.by_name.get(f"finish/round0/{short}")
+        last = plan.by_name.get(f"finish/round{plan.rounds}/{short}")
+        if first is None or last is None:
+            continue
+        before, after = _answers(first.output / "sft.jsonl"), _answers(last.output / "sft.jsonl")
+        shared = [key for key in before if key in after][:count]
+        if not shared:
+            continue
+        out += [f"## Held-out answers before and after ({short})", "",
+                f"The first {len(shared)} prompts of {reports.link(first.output, plan.run_dir, first.name)}: the "
+                f"policy entering round 1 (round 0) against the last round's (round {plan.rounds}), each answer "
+                "with the reward the last reward model gave it.", ""]
+        for key in shared:
+            question, answer, reward = before[key]
+            _, later, later_reward = after[key]
+            out += [f"**{key}**", "", *reports.code_block(question), "",
+                    f"round 0 (reward {reports.number(reward)}):", "", *reports.code_block(answer), "",
+                    f"round {plan.rounds} (reward {reports.number(later_reward)}):", "", *reports.code_block(later), ""]
+    return out
+
+
+def _answers(path: Path) -> dict[str, tuple[str, str, float | None]]:
+    """``{id: (the last user message, the answer, its reward)}`` of an ``sft.jsonl``, in file order."""
+    if not path.is_file():
+        return {}
+    out = {}
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
+        try:
+            record = json.loads(line)
+            messages = record["messages"]
+            question = next(m["content"] for m in reversed(messages[:-1]) if m["role"] == "user")
+        except (ValueError, KeyError, TypeError, StopIteration):
+            continue
+        out[str(record.get("id", number))] = (str(question), str(messages[-1]["content"]), record.get("reward"))
+    return out
+
+
 # --- entry point --------------------------------------------------------------------------------
 
 
@@ -619,6 +846,7 @@ def plan_from(cfg: DictConfig) -> Plan:
     until = cfg.get("until")
     if until is not None and until not in plan.by_name:
         raise PipelineError(f"until={until}: no such step; the steps are {list(plan.by_name)}")
+    plan.final_model()  # a final_model that names no step is a config mistake too
     return plan
 
 
@@ -628,12 +856,18 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("dry_run"):
         for step in plan.steps:
             print(f"{step.name}:\n  {' '.join(step.command)}")
-        return {"steps": [s.name for s in plan.steps]}
+        final = plan.final_model()
+        if final is not None:
+            print(f"final model: {final}")
+        return {"steps": [s.name for s in plan.steps], "final_model": None if final is None else str(final)}
     plan.run_dir.mkdir(parents=True, exist_ok=True)
     logger.info("herd.pipeline: %d steps into %s", len(plan.steps), plan.run_dir)
     summary = Runner(plan, cfg.get("until")).run()
     logger.info("herd.pipeline: %s; summary: %s\n%s\nTensorBoard: tensorboard --logdir %s", summary["status"],
                 plan.run_dir / SUMMARY_FILE, format_report(summary["rounds"]), plan.run_dir)
+    if summary["final_model"] is not None and summary["status"] == "finished":
+        logger.info("herd.pipeline: final model: %s\n  chat with it: python -m herd.chat model_dir=%s",
+                    summary["final_model"], summary["final_model"])
     return summary
 
 

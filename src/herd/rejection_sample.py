@@ -505,8 +505,12 @@ def run(cfg: DictConfig, scorer: Scorer | None = None, rank: int | None = None,
         raise RejectionSampleError(f"prompts={cfg.prompts} (split={cfg.split}, offset={cfg.offset}) gives no prompts")
     mine = [Result(i, prompts[i]) for i in rank_share(len(prompts), rank, world_size)]
     if rank == 0:
-        logger.info("rejection sampling: %d prompts x %d samples on %d rank(s) into %s", len(prompts),
-                    cfg.num_samples, world_size, output)
+        if int(cfg.num_samples) == 1:
+            logger.info("answering %d prompts (one answer each, scored by the reward model) on %d rank(s) into %s",
+                        len(prompts), world_size, output)
+        else:
+            logger.info("rejection sampling: %d prompts x %d samples on %d rank(s) into %s", len(prompts),
+                        cfg.num_samples, world_size, output)
     seconds, tokens = _sample(cfg, mine, rank)
     board = Scalars(output / "tensorboard" if rank == 0 and cfg.tensorboard else None)
     seconds["score"] = _score(cfg, mine, scorer, board, rank)
@@ -680,13 +684,17 @@ def _write_atomic(path: Path, text: str) -> None:
     temporary.replace(path)
 
 
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
 def describe(summary: dict[str, Any]) -> str:
-    """Two lines for the console: rewards of single samples vs kept best, and what was kept."""
+    """Two lines for the console: rewards of single samples vs kept best, and what was kept; with one
+    answer per prompt (an evaluation: nothing is selected), the answers' mean reward and F1 instead."""
+    if summary.get("samples_per_prompt") == 1:
+        return describe_evaluation(summary)
     reward, kept = summary["reward"], summary["kept"]
-
-    def fmt(value: float | None) -> str:
-        return "n/a" if value is None else f"{value:.3f}"
-
+    fmt = _fmt
     lines = [f"reward: single sample {fmt(reward['mean_sample'])}, kept best {fmt(reward['mean_best'])} "
              f"(spread {fmt(reward['spread'])})",
              f"kept {kept['sft']}/{summary['prompts']} prompts for SFT, {kept['preferences']} preference pairs"
@@ -695,6 +703,22 @@ def describe(summary: dict[str, Any]) -> str:
         f1 = summary["answer_f1"]
         lines.append(f"answer F1 vs references: single sample {fmt(f1['mean_sample'])}, kept best "
                      f"{fmt(f1['mean_best'])}")
+    return "\n".join(lines)
+
+
+def describe_evaluation(summary: dict[str, Any]) -> str:
+    """An evaluation's lines (``num_samples=1``): the mean reward of the answers, their F1 against the
+    references, and the prompts that got no scored answer (and why)."""
+    reward = summary["reward"]
+    spread = f" (sd {reward['std_sample']:.3f})" if reward.get("std_sample") is not None else ""
+    lines = [f"answered {summary['prompts']} prompts, one answer each: mean reward {_fmt(reward['mean_sample'])}{spread}"]
+    if "answer_f1" in summary:
+        lines.append(f"answer F1 vs references: {_fmt(summary['answer_f1']['mean_sample'])}")
+    unscored = {k: v for k, v in summary["skipped_prompts"].items() if k != "no_pair"}  # no pair: by design
+    if unscored:
+        lines.append(f"{sum(unscored.values())} prompts without a scored answer: {unscored}")
+    if summary.get("unfinished_samples"):
+        lines.append(f"{summary['unfinished_samples']} answers were cut at max_new_tokens")
     return "\n".join(lines)
 
 

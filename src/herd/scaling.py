@@ -31,8 +31,10 @@ finished. Extra overrides go to every run (``trainer.accelerator=gpu``, ``data.b
    ``L*(C) + k * (ln tokens - ln N*(C))**2``, k the mean curvature of the fitted parabolas.
 
 It writes ``DIR/scaling.json`` (every number, the runs included), ``DIR/scaling.png`` (the IsoFLOP
-curves with their minima, N*(C) with its fit, and L*(C) with the held-out run) and TensorBoard
-scalars and the figure in ``DIR/tensorboard``.
+curves with their minima, N*(C) with its fit, and L*(C) with the held-out run), TensorBoard
+scalars and the figure in ``DIR/tensorboard``, and ``DIR/report.md``: the figure, the fitted laws
+and the held-out check, the minima, and every run with its val/loss and links to its TensorBoard
+folder and log.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ from typing import Any
 
 import numpy as np
 
-from herd import cli
+from herd import cli, reports
 from herd.commands import read_record, run_logged, write_record
 from herd.scalars import read_scalars
 
@@ -523,9 +525,48 @@ def write_fit(directory: str | Path) -> dict[str, Any]:
     if tensorboard.exists():
         shutil.rmtree(tensorboard)  # one fit per folder: a refit replaces the events
     write_tensorboard(summary, tensorboard, png)
+    markdown = write_report(summary, directory, png)
     print(report(summary))
-    print(f"written to {directory / FIT_FILE}, {png} and {tensorboard}")
+    print(f"written to {directory / FIT_FILE}, {png}, {markdown} and {tensorboard}")
     return summary
+
+
+def write_report(summary: dict[str, Any], directory: Path, png: Path) -> Path:
+    """``report.md`` beside scaling.json: the figure, the fitted laws, the held-out check, the IsoFLOP
+    minima, and every run with its val/loss and a link to its TensorBoard folder."""
+    law, loss_law = summary["N*(C) = A * C^alpha"], summary["L*(C) = B * C^-beta"]
+    lines = [f"# herd.scaling: {directory.name}", "",
+             f"IsoFLOP curves with their minima, N*(C) with its fit, and L*(C) with the held-out run "
+             f"(numbers: {reports.link(directory / FIT_FILE, directory)}).", "",
+             f"![IsoFLOP curves, N*(C) and L*(C)]({reports.relative(png, directory)})", "", "## Fits", "",
+             f"- N*(C) = A * C^alpha: A = {law['A']:.4g}, alpha = {law['alpha']:.4f} (stderr "
+             f"{law['alpha_stderr']:.4f}); the paper: A = 0.29, alpha = 0.53",
+             f"- L*(C) = B * C^-beta: B = {loss_law['B']:.4g}, beta = {loss_law['beta']:.4f}",
+             f"- curvature of the IsoFLOP parabolas (in ln tokens): {summary['curvature']:.4g}"]
+    held = summary.get("held_out")
+    if held:
+        lines.append(f"- held-out run {held['name']} ({held['params']:,} parameters, {held['tokens']:,.0f} tokens, "
+                     f"{held['budget']:.3g} FLOPs): predicted val/loss {held['predicted_loss']:.4f}, measured "
+                     f"{held['measured_loss']:.4f}, error {held['error']:+.4f} ({100 * held['relative_error']:+.2f}%)")
+    lines += [f"- warning: {w}" for w in summary["warnings"]]
+    minima = [{"budget": f"{iso['budget']:.3g}", "N* tokens": f"{iso['optimal_tokens']:,.0f}",
+               "L*": iso["optimal_loss"], "within the runs": iso["bracketed"], "runs": len(iso["tokens"])}
+              for iso in summary["isoflops"]]
+    lines += ["", "## IsoFLOP minima", "", *reports.table(minima, list(minima[0]) if minima else []), "", "## Runs", "",
+              f"TensorBoard, every run: `tensorboard --logdir {directory}`; the fit's scalars and figure: "
+              f"{reports.link(directory / 'tensorboard', directory, 'tensorboard')}.", ""]
+    runs = []
+    for run in sorted(summary["runs"], key=lambda r: (bool(r.get("held_out")), r.get("budget", 0), r.get("params", 0))):
+        folder = directory / str(run.get("name"))
+        board = folder / "tensorboard"
+        runs.append({"run": run.get("name"), "size": run.get("size"), "budget": f"{run.get('budget', 0):.3g}",
+                     "parameters": run.get("params"), "tokens": f"{run.get('tokens', 0):,.0f}",
+                     "val/loss": run.get("val_loss"), "held out": bool(run.get("held_out")),
+                     "TensorBoard": reports.link(board, directory, "tensorboard") if board.is_dir() else "-",
+                     "log": reports.link(folder / TRAIN_LOG, directory, TRAIN_LOG) if (folder / TRAIN_LOG).exists()
+                     else "-"})
+    lines += reports.table(runs, list(runs[0]) if runs else [])
+    return reports.write(directory / reports.REPORT_FILE, lines)
 
 
 def report(summary: dict[str, Any]) -> str:

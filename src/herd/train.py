@@ -1,8 +1,9 @@
-"""herd's training entry point: the one place where config becomes objects.
+"""Train one stage (pretraining, long context, SFT, reward, DPO, vision or speech adapter) and export the model.
 
-``train(cfg)`` instantiates the model config, DataModule, stage, callbacks, loggers and trainer,
-fits, optionally tests, and exports the final model as a Hugging Face directory. ``main()`` only
-wraps it for the command line::
+herd's training entry point, the one place where config becomes objects: ``train(cfg)``
+instantiates the model config, DataModule, stage, callbacks, loggers and trainer, fits, optionally
+tests, and exports the final model as a Hugging Face directory. ``main()`` only wraps it for the
+command line::
 
     python -m herd.train                                  # tiny pretraining on the embedded corpus
     python -m herd.train model=llama3_8b trainer=gpu strategy=ddp trainer.devices=8
@@ -429,7 +430,7 @@ RUN_KEYS = ("seed", "stage", "data", "trainer.accumulate_grad_batches", "trainer
 FREE_KEYS = ("data.num_workers", "data.pin_memory", "data.val_batch_size", "data.on_corrupt_shard", "data.seq_len",
              "data.expected_vocab_size", "data.expected_tokenizer_fingerprint", "stage.on_nonfinite",
              "stage.max_consecutive_skips", "stage.activation_checkpointing", "stage.compile_blocks", "stage.fsdp",
-             "stage.meta_init", "stage.loss_chunk_size")
+             "stage.meta_init", "stage.loss_chunk_size", "stage.allow_random_init")
 
 
 def data_fingerprint(datamodule) -> str | None:

@@ -120,3 +120,58 @@ def test_bad_nonfinite_settings_name_the_key(tmp_path, prepared_corpus):
                             ("stage.max_consecutive_skips=0", "stage.max_consecutive_skips")):
         with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
             train(compose_train(tmp_path, prepared_corpus, override))
+
+
+CONTINUING = {"long_context": "LongContextStage", "sft": "SFTStage", "reward": "RewardStage", "dpo": "DPOStage",
+              "vision_adapter": "VisionAdapterStage", "speech_adapter": "SpeechAdapterStage"}
+
+
+def _stage_from_config(tmp_path, *overrides):
+    from hydra.utils import instantiate
+
+    from herd.train import model_config_of
+
+    cfg = compose_train(tmp_path, None, *overrides)
+    return instantiate(cfg.stage, _partial_=True, _convert_="all")(model=model_config_of(cfg))
+
+
+def test_every_stage_that_continues_a_model_says_so_in_its_class():
+    """The stage configs whose class continues a model are exactly the six (pretrain does not)."""
+    from hydra.utils import get_class
+    from omegaconf import OmegaConf
+
+    from herd.presets import config_dir
+
+    continuing = set()
+    for path in sorted((config_dir() / "stage").glob("*.yaml")):
+        target = OmegaConf.load(path).get("_target_")
+        if get_class(target).continues_model:
+            continuing.add(path.stem)
+        assert (get_class(target).__name__ == CONTINUING[path.stem]) if path.stem in CONTINUING else True
+    assert continuing == set(CONTINUING)
+
+
+@pytest.mark.parametrize("stage", sorted(CONTINUING))
+def test_a_stage_that_continues_a_model_refuses_no_init_from_unless_random_init_is_allowed(tmp_path, stage):
+    with pytest.raises(ValueError) as refused:
+        _stage_from_config(tmp_path, f"stage={stage}")
+    message = str(refused.value)
+    assert message.startswith(f"stage={stage} continues a trained model and needs stage.init_from=<model directory>: ")
+    assert message.endswith("or stage.allow_random_init=true to start from random weights on purpose (tests, smoke runs)")
+    assert "\n" not in message
+    built = _stage_from_config(tmp_path, f"stage={stage}", "stage.allow_random_init=true")  # the escape
+    assert type(built).__name__ == CONTINUING[stage] and built.init_from is None
+    built.configure_model()  # random weights
+    assert sum(p.numel() for p in built.model.parameters()) > 0
+
+
+def test_an_experiment_without_init_from_fails_before_anything_runs(tmp_path, prepared_corpus, prepared_images):
+    """experiment=tiny_vision (its stage.init_from: null, required) is refused by herd.train's build as one line;
+    a pretraining run needs none."""
+    from herd.train import build
+
+    cfg = compose_train(tmp_path, prepared_corpus, "experiment=tiny_vision", "data.num_workers=0")
+    cfg.data.data_dir = str(prepared_images)
+    with pytest.raises(ConfigError, match=r"^stage=vision_adapter continues a trained model and needs stage\.init_from"):
+        build(cfg)
+    assert type(_stage_from_config(tmp_path)).__name__ == "PretrainStage"

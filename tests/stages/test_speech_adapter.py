@@ -95,7 +95,7 @@ def test_a_run_continues_from_its_export(tmp_path, prepared_corpus, prepared_spe
 
 def stage_with_model(**kwargs) -> SpeechAdapterStage:
     stage = SpeechAdapterStage(model=ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97,
-                                                 multiple_of=16),
+                                                 multiple_of=16), allow_random_init=True,
                                speech=dict(dim=32, n_layers=1, n_heads=4, ffn_dim=64, adapter_dim=32,
                                            adapter_heads=4, adapter_ffn_dim=64), **kwargs)
     stage.configure_model()

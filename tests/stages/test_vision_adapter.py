@@ -82,7 +82,7 @@ def test_the_export_is_an_mllama_directory_with_the_same_logits(trained):
 
 def stage_with_model(**kwargs) -> VisionAdapterStage:
     stage = VisionAdapterStage(model=ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97,
-                                                 multiple_of=16),
+                                                 multiple_of=16), allow_random_init=True,
                                vision=dict(image_size=16, patch_size=4, dim=32, n_layers=2, n_global_layers=1,
                                            n_heads=4, ffn_dim=64, feature_layers=[0], cross_attention_every=1),
                                **kwargs)

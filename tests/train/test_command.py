@@ -16,10 +16,12 @@ STEPS = 8
 QUIET = {"trainer.enable_progress_bar=false", "callbacks.progress_bar=null"}
 
 
-def herd_train(log_dir: Path, run_dir: Path | None, *overrides: str, data_dir: Path | None = None):
-    """Run the command with stdout and stderr redirected to files, as under sbatch or nohup."""
+def herd_train(log_dir: Path, run_dir: Path | None, *overrides: str, data_dir: Path | None = None,
+               command: tuple[str, ...] = ("-m", "herd.train")):
+    """Run the command with stdout and stderr redirected to files, as under sbatch or nohup
+    (``command``: ``-m herd train`` runs it as the herd command's subcommand)."""
     run = [f"hydra.run.dir={run_dir}"] if run_dir else []
-    cmd = [sys.executable, "-m", "herd.train", *[o for o in small_overrides(data_dir) if o not in QUIET],
+    cmd = [sys.executable, *command, *[o for o in small_overrides(data_dir) if o not in QUIET],
            f"paths.log_dir={log_dir}", *run, *overrides]
     out, err = log_dir / "stdout.txt", log_dir / "stderr.txt"
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -77,11 +79,16 @@ def test_tensorboard_hparams_hold_the_config_and_the_final_metrics(finished_run)
     assert hparams["stage.optimizer.lr"].number_value == pytest.approx(3e-3)
     assert hparams["model.dim"].number_value == 64
     assert hparams["trainer.max_steps"].number_value == STEPS
-    metrics = {info.name.tag for info in data["experiment"].experiment.metric_infos}
-    assert {"val/loss", "val/perplexity", "train/loss"} <= metrics
+    names = [info.name.tag for info in data["experiment"].experiment.metric_infos]
+    assert {"val/loss", "val/perplexity", "train/loss"} <= set(names)
+    # TensorBoard shows the first 5 metric columns until others are ticked: val/loss, then the val metrics
+    validation = [name for name in names if name.startswith("val/")]
+    assert names[0] == "val/loss" and names[:len(validation)] == validation and len(validation) >= 3
     scalars = events.Tags()["scalars"]
     assert "val/loss" in scalars and "epoch" not in scalars  # the hparams metric reads the val/loss scalar
     assert events.Scalars("val/loss")[-1].step == STEPS - 1  # the last validation (Lightning counts from 0)
+    # before training, and every 4 steps: the last step is on the interval and validated once
+    assert [e.step for e in events.Scalars("val/loss")] == [0, 3, 7]
 
 
 @pytest.mark.slow
@@ -97,9 +104,14 @@ def test_a_run_that_cannot_start_fails_early_and_is_marked(tmp_path, prepared_co
 
 @pytest.mark.slow
 def test_debug_fast_leaves_nothing_for_resume_auto(tmp_path, prepared_corpus):
-    status, _, stderr = herd_train(tmp_path, None, "debug=fast", data_dir=prepared_corpus)
+    # `herd train debug=fast` (python -m herd train: the console script's main without its installation)
+    status, stdout, stderr = herd_train(tmp_path, None, "debug=fast", data_dir=prepared_corpus,
+                                        command=("-m", "herd", "train"))
     assert status == 0, stderr[-3000:]
-    assert list((tmp_path / "pretrain" / "debug").iterdir())  # the smoke test's own folder
+    run_dir, = (tmp_path / "pretrain" / "debug").iterdir()  # the smoke test's own folder
+    assert stdout.count("herd: training finished.") == 1
+    assert "herd: training finished." in (run_dir / "train.log").read_text()  # Hydra's job name: train
+    assert (run_dir / "export" / "config.json").is_file()
     assert not (tmp_path / "pretrain" / "runs").exists()
     assert not list(tmp_path.rglob("*.ckpt"))
     status, stdout, stderr = herd_train(tmp_path, None, "resume=auto", "trainer.max_steps=1", "export=false",

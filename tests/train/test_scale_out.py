@@ -20,7 +20,7 @@ SMALL = ["model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_head
          "trainer.enable_model_summary=false", "callbacks.text_samples=null", "trainer.log_every_n_steps=1",
          "trainer.precision=32-true", "logger=csv", "validate_first=false", "stage.optimizer.lr=1e-2",
          "stage.scheduler.total_steps=6",
-         "stage.scheduler.warmup_steps=2", "trainer.val_check_interval=100"]
+         "stage.scheduler.warmup_steps=2", "trainer.val_check_interval=100", "callbacks.final_validation=null"]
 GLOBAL_BATCH = 8
 
 

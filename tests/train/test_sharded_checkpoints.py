@@ -21,7 +21,8 @@ ARGS = ["model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads
         "callbacks.progress_bar=null", "trainer.enable_model_summary=false", "callbacks.text_samples=null",
         "trainer.log_every_n_steps=1", "trainer.precision=32-true", "logger=csv", "validate_first=false",
         "stage.optimizer.lr=1e-2", f"stage.scheduler.total_steps={STEPS}", "stage.scheduler.warmup_steps=2",
-        "trainer.val_check_interval=100", f"trainer.max_steps={STEPS}", "strategy=fsdp2", "trainer.devices=2",
+        "trainer.val_check_interval=100", "callbacks.final_validation=null", f"trainer.max_steps={STEPS}",
+        "strategy=fsdp2", "trainer.devices=2",
         f"callbacks.last_checkpoint.every_n_train_steps={EVERY}", "callbacks.best_checkpoint=null", "export=false"]
 
 

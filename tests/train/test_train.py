@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 from hydra.errors import ConfigCompositionException
+from hydra.utils import get_class
 from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM
 
@@ -71,7 +72,8 @@ def test_every_config_group_option_composes_and_instantiates(tmp_path, prepared_
     if cfg.trainer.accelerator == "gpu" and not torch.cuda.is_available():
         assert cfg.trainer.precision == "bf16-mixed"
         return
-    if option in ("sft", "reward", "dpo", "checkpoint"):  # these need a model to start from
+    if option == "checkpoint" or (group == "stage" and get_class(cfg.stage._target_).continues_model):
+        # these need a model to start from
         shape = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items()
                  if v is not None and k != "from_checkpoint"}
         start = hf.save(Transformer(ModelConfig.from_dict(shape)), tmp_path / "start")
@@ -109,9 +111,7 @@ def test_every_experiment_runs_with_fast_dev_run(tmp_path, prepared_corpus, prep
         if cfg.stage._target_.endswith(stage):
             cfg.data = OmegaConf.merge(OmegaConf.load(config_dir() / "data" / f"{data}.yaml"),
                                        {"data_dir": str(request.getfixturevalue(fixture)), "num_workers": 0})
-    if OmegaConf.is_missing(cfg.stage, "init_from") or cfg.stage._target_.endswith(
-            ("SFTStage", "RewardStage", "DPOStage")):
-        # stages that continue a model get a small one
+    if get_class(cfg.stage._target_).continues_model:  # stages that continue a model get a small one
         start = tmp_path / "start_model"
         hf.save(Transformer(ModelConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))), start)
         cfg.stage.init_from = str(start)
@@ -279,6 +279,16 @@ def test_resuming_with_settings_that_change_the_run_is_refused_listing_them(tmp_
                         "trainer.log_every_n_steps=1", "callbacks.last_checkpoint.every_n_train_steps=1",
                         "stage.on_nonfinite=skip_step", "data.num_workers=0")
     assert train(cfg)["trainer"].global_step == 4
+
+
+def test_a_checkpoint_from_before_allow_random_init_resumes_without_a_difference():
+    """stage.allow_random_init (new in the config) changes nothing a resume continues: it is not listed."""
+    from herd.train import run_differences
+
+    old = {"seed": 1, "stage": {"init_from": "/m", "optimizer": {"lr": 0.1}}}
+    new = {"seed": 1, "stage": {"init_from": "/m", "allow_random_init": False, "optimizer": {"lr": 0.1}}}
+    assert run_differences(old, new) == []
+    assert run_differences(old, {**new, "seed": 2}) == ["seed: 1 (checkpoint) vs 2 (config)"]
 
 
 def model_directory(tmp_path, prepared_corpus, tokenizer_dir=None):

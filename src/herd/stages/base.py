@@ -65,11 +65,29 @@ class NonFiniteError(RuntimeError):
     """Training produced a non-finite loss, gradient or weight; the message gives the step and the fix."""
 
 
+def check_init_from(stage: type[BackboneStage], init_from: str | None, allow_random_init: bool) -> None:
+    """The one rule for the stages that continue a trained model: no ``init_from`` is refused, unless
+    ``allow_random_init`` (tests, smoke runs), which starts from random weights with a warning."""
+    if not stage.continues_model or init_from:
+        return
+    if not allow_random_init:
+        raise ValueError(f"stage={stage.stage_name} continues a trained model and needs stage.init_from=<model "
+                         f"directory>: {stage.starts_from}; or stage.allow_random_init=true to start from random "
+                         "weights on purpose (tests, smoke runs)")
+    logs.warning(logger, f"stage.allow_random_init=true: stage={stage.stage_name} starts from random weights, which "
+                         "it cannot learn anything useful from (fine for tests and smoke runs)")
+
+
 class BackboneStage(L.LightningModule):
     """A LightningModule around one :class:`~herd.model.Transformer`."""
 
     # Whether stage.init_from may be a reward-model directory (only the reward stage continues one).
     starts_from_reward_models = False
+    # A stage that continues a trained model (long context, SFT, reward, DPO, the adapters) refuses to
+    # start without stage.init_from (check_init_from), naming itself and what it starts from.
+    continues_model = False
+    stage_name = "pretrain"
+    starts_from = ""
     # The end-of-run summary: the metrics it prints (start -> end), and whether val/loss is a
     # next-token loss (then it is compared with a uniform guess and the data's unigram entropy).
     summary_metrics: tuple[str, ...] = ("val/loss", "val/accuracy", "val/answer_f1")
@@ -90,8 +108,10 @@ class BackboneStage(L.LightningModule):
         meta_init: bool | None = None,
         on_nonfinite: str = "stop",
         max_consecutive_skips: int = 10,
+        allow_random_init: bool = False,
     ) -> None:
         super().__init__()
+        check_init_from(type(self), init_from, allow_random_init)
         if model is None and init_from is None:
             raise ValueError(
                 "a stage needs a model config (model=...) or a model directory (stage.init_from=...)"
@@ -448,13 +468,10 @@ class AdapterStage(BackboneStage):
     """
 
     skipped_key: str | None = None
+    continues_model = True
 
     def __init__(self, *args, init_from: str | None = None, **kwargs) -> None:
         super().__init__(*args, init_from=init_from, **kwargs)
-        if init_from is None:
-            logs.warning(logger, f"stage.init_from is not set: {type(self).__name__} trains its adapter on a randomly "
-                                 "initialised, frozen backbone, which can learn nothing useful (fine for tests); start "
-                                 "from a model directory, e.g. the export of a pretraining run")
         self._backbone_fingerprint: list[int] | None = None
         self._tokenizer_object = None
         self.val_loss, self.val_accuracy = MeanMetric(), MeanMetric()

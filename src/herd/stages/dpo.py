@@ -93,6 +93,9 @@ def row_key(tokens: torch.Tensor, response_ids: torch.Tensor) -> str:
 class DPOStage(BackboneStage):
     """DPO with an NLL term on the chosen responses; see the module docstring."""
 
+    continues_model = True
+    stage_name = "dpo"
+    starts_from = "the policy to optimise (and its reference), e.g. an SFT export (logs/tiny_sft/runs/<run>/export)"
     summary_metrics = ("val/loss", "val/rewards/margin", "val/rewards/accuracy", "val/logps/chosen", "val/nll")
     next_token_loss = False
 
@@ -105,9 +108,6 @@ class DPOStage(BackboneStage):
         reference: str = "precompute",
         **kwargs,
     ) -> None:
-        if not init_from:
-            raise ValueError("stage=dpo needs stage.init_from=<model directory>: the policy to optimise (and its "
-                             "reference), e.g. an SFT export (logs/tiny_sft/runs/<run>/export)")
         if reference not in REFERENCES:
             raise ValueError(f"stage.reference={reference!r}: use precompute (reference log-probs computed once "
                              "before training) or live (a frozen copy of the starting model)")

@@ -74,3 +74,12 @@ class PretrainStage(BackboneStage):
         self.log("val/loss", loss, prog_bar=True, sync_dist=False)
         self.log("val/perplexity", torch.exp(loss), sync_dist=False)
         self.log("val/accuracy", accuracy, sync_dist=False)
+
+
+class LongContextStage(PretrainStage):
+    """Long-context continued pretraining (stage=long_context): :class:`PretrainStage` continuing a model
+    directory, with the context schedule (``callbacks.context_schedule``) lengthening its sequences."""
+
+    continues_model = True
+    stage_name = "long_context"
+    starts_from = "the model to extend, e.g. the export of a pretraining run (logs/pretrain/runs/<run>/export)"

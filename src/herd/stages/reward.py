@@ -87,11 +87,13 @@ class RewardStage(BackboneStage):
     summary_metrics = ("val/loss", "val/accuracy", *(f"val/accuracy_{a}v{b}" for a, b in LOGGED_RANK_PAIRS))
     next_token_loss = False
 
-    def __init__(self, *args, init_from: str | None = None, **kwargs) -> None:
-        if not init_from:
-            raise ValueError("stage=reward needs stage.init_from=<model directory>: the model to turn into a reward "
-                             "model, e.g. an SFT export (logs/tiny_sft/runs/<run>/export) or a Llama 3 checkpoint")
-        super().__init__(*args, init_from=init_from, **kwargs)
+    continues_model = True
+    stage_name = "reward"
+    starts_from = ("the model to turn into a reward model, e.g. an SFT export (logs/tiny_sft/runs/<run>/export) or a "
+                   "Llama 3 checkpoint, or a reward model to continue")
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
         self.value_head: nn.Linear | None = None
         self.val_loss = MeanMetric()
         self.val_accuracy = MeanMetric()
@@ -105,7 +107,7 @@ class RewardStage(BackboneStage):
         if not self.model_config.tie_embeddings:
             self.model.output.requires_grad_(False)
         head = nn.Linear(self.model_config.dim, 1, bias=False, device=self.model.norm.weight.device)
-        if hf.is_reward_model(self.init_from):
+        if self.init_from is not None and hf.is_reward_model(self.init_from):
             head.weight.data.copy_(hf.read_reward_head(self.init_from, self.model_config.dim))
         else:
             init_value_head(head)

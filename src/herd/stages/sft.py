@@ -17,8 +17,7 @@ from herd.stages.pretrain import PretrainStage
 class SFTStage(PretrainStage):
     """PretrainStage that must start from a model directory (``stage.init_from``)."""
 
-    def __init__(self, *args, init_from: str | None = None, **kwargs) -> None:
-        if not init_from:
-            raise ValueError("stage=sft needs stage.init_from=<model directory>, e.g. the export of a pretraining "
-                             "run (logs/pretrain/runs/<run>/export) or a Llama 3 checkpoint folder")
-        super().__init__(*args, init_from=init_from, **kwargs)
+    continues_model = True
+    stage_name = "sft"
+    starts_from = ("the model to fine-tune, e.g. the export of a pretraining run (logs/pretrain/runs/<run>/export) "
+                   "or a Llama 3 checkpoint folder")

@@ -83,6 +83,8 @@ class SpeechAdapterStage(AdapterStage):
     # ----------------------------------------------------------------------------------- model
 
     stage_name = "speech_adapter"
+    starts_from = ("the language model under the adapter, e.g. the export of a pretraining or SFT run "
+                   "(logs/pretrain/runs/<run>/export), or a speech model directory whose encoder and adapter continue")
 
     def is_adapter_directory(self, path: str) -> bool:
         """A speech model directory (this stage's export): its encoder and adapter continue."""

@@ -97,6 +97,8 @@ class VisionAdapterStage(AdapterStage):
     # ----------------------------------------------------------------------------------- model
 
     stage_name = "vision_adapter"
+    starts_from = ("the language model under the adapter, e.g. the export of a pretraining run "
+                   "(logs/pretrain/runs/<run>/export), or a Llama 3.2 Vision (Mllama) directory whose adapter continues")
 
     def is_adapter_directory(self, path: str) -> bool:
         """A Llama 3.2 Vision (Mllama) directory: its adapter continues."""
