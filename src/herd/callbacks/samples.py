@@ -11,6 +11,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from herd.data.tokenizer import Tokenizer
 from herd.model import generate
+from herd.stages.parallelize import is_sharded
 
 
 class TextSamples(L.Callback):
@@ -43,13 +44,20 @@ class TextSamples(L.Callback):
         if trainer.global_step != self._last_step:
             self.log_samples(trainer, pl_module)
 
-    @rank_zero_only
     def log_samples(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Generate and write one text entry per prompt at the current step."""
+        """Generate and write one text entry per prompt at the current step (rank 0 writes).
+
+        A sharded model (FSDP2) computes only with every rank taking part, so then every rank
+        generates the same continuations; otherwise rank 0 alone does.
+        """
         loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
         if not loggers or not self.prompts or self.tokenizer_path is None:
             return
+        if rank_zero_only.rank != 0 and not is_sharded(pl_module.model):
+            return
         texts = self.complete(pl_module.model)
+        if rank_zero_only.rank != 0:
+            return
         for i, text in enumerate(texts):
             for logger in loggers:
                 logger.experiment.add_text(f"samples/{i}", text, global_step=trainer.global_step)

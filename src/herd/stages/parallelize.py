@@ -136,6 +136,11 @@ def compile_blocks(model: Transformer) -> None:
         model.layers[index] = torch.compile(block)
 
 
+def is_sharded(model: nn.Module) -> bool:
+    """Whether any parameter is a DTensor (FSDP2, tensor parallel): a forward then needs every rank."""
+    return any(isinstance(param, DTensor) for param in model.parameters())
+
+
 def local_parameter_count(model: nn.Module) -> int:
     """Elements of the parameters this rank holds (its shards, for DTensors)."""
     total = 0
@@ -336,7 +341,7 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     For a sharded model this is a collective: every rank must call it; rank 0 gets the weights,
     the other ranks an empty dict.
     """
-    if not any(isinstance(p, DTensor) for p in model.parameters()):
+    if not is_sharded(model):
         return model.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
