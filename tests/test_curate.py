@@ -71,3 +71,14 @@ def test_a_missing_language_model_is_one_line_naming_what_to_pass(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("herd.curate: blocks.language.model is not set: pass "
                                                    "blocks.language.model=py3langid")
+
+
+def test_keep_work_keeps_every_stage_file(tmp_path):
+    (tmp_path / "a.txt").write_text(" ".join(plain_prose()[:3]))
+    out = tmp_path / "out"
+    result = curate(_compose("curate", [f"output_dir={out}", "~sources", f"+sources={{prose: {{input: {tmp_path / 'a.txt'}}}}}",
+                                        "blocks.decontaminate.enabled=false", "keep_work=true"]))
+    (work,) = out.glob(".curate-*")
+    stages = sorted(path.name for path in work.glob("*.jsonl"))
+    assert stages == ["00-sources.jsonl", *(f"{n:02d}-{s.name}.jsonl" for n, s in enumerate(result.blocks, start=1))]
+    assert len(stages) > 2

@@ -204,3 +204,107 @@ def test_reward_accuracy_of_a_saved_reward_model_matches_rewards_computed_alone(
     assert results.value("reward_accuracy", "accuracy") == pytest.approx(sum(m > 0 for m in margins) / 8)
     assert results.value("reward_accuracy", "margin") == pytest.approx(sum(margins) / 8, abs=1e-4)
     assert details["reward_accuracy"]["n"] == 8
+
+
+# ------------------------------------------------------------------------------ exclude=contaminated.jsonl
+
+
+def quiz_file(tmp_path):
+    """Six items with questions long enough for the 8-gram decontamination (ids quiz.jsonl:1..6)."""
+    from helpers.curation import random_text
+
+    path = tmp_path / "quiz.jsonl"
+    lines = [{"question": f"{random_text(100 + i, 12)} number {i}?", "choices": [f"{random_text(200 + i, 3)} {k}"
+                                                                                 for k in range(3)], "answer": i % 3}
+             for i in range(6)]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path
+
+
+def test_items_decontamination_lists_are_left_out_and_the_rest_scored_as_before(tmp_path, prepared_corpus,
+                                                                                  monkeypatch):
+    from helpers.curation import documents, random_text, run_block  # the curate extra (datatrove)
+    from herd.curation.decontaminate import Decontaminate
+    from herd.evaluation import mcq as mcq_module
+
+    items = quiz_file(tmp_path)
+    planted = json.loads(items.read_text().splitlines()[2])
+    training = documents([random_text(seed, 100) for seed in range(5)]
+                         + [f"Seen on a forum: {planted['question']} {' '.join(planted['choices'])} thanks"])
+    block = Decontaminate("decontaminate", {"eval_sets": {"quiz": {"input": str(items),
+                                                                   "fields": ["question", "choices"]}}})
+    run_block(block, training, tmp_path / "work")
+    listed = block.write_list(tmp_path / "contaminated.jsonl")
+    assert [json.loads(line)["id"] for line in listed.read_text().splitlines()] == ["quiz.jsonl:3"]
+
+    scored = []   # {(context, continuation): score} of each run
+    original = mcq_module.continuation_logprobs
+
+    def spy(model, requests, *args, **kwargs):
+        scores = original(model, requests, *args, **kwargs)
+        scored[-1].update(zip(requests, scores, strict=True))
+        return scores
+
+    monkeypatch.setattr(mcq_module, "continuation_logprobs", spy)
+    model_dir = exported_model(tmp_path, prepared_corpus)
+    common = [f"model_dir={model_dir}", "tasks=[mcq]", f"mcq.items={items}", "mcq.formats=[question_answer]",
+              "mcq.labels=[letters]", "batch_size=1"]   # one item a forward pass: its scores do not depend on the others
+    runs = []
+    for extra in ([], [f"exclude={listed}"]):
+        scored.append({})
+        cfg = compose_evaluate(*common, *extra)
+        runs.append((cfg, *evaluate(cfg)))
+    (_, before, found_before), (cfg, after, found_after) = runs
+    assert found_before["mcq"].n_items == 6 and found_after["mcq"].n_items == 5
+    tokenizer = Tokenizer.load(model_dir)
+    contexts = {tokenizer.decode(list(context)) for context, _ in scored[1]}
+    assert not any(planted["question"] in text for text in contexts)
+    assert all(scored[1][request] == scored[0][request] for request in scored[1])   # the rest, scored as before
+    planted_requests = sum(planted["question"] in tokenizer.decode(list(context)) for context, _ in scored[0])
+    assert planted_requests > 0 and len(scored[0]) - len(scored[1]) == planted_requests
+    for norm in ("raw", "per_token", "per_char"):
+        assert (found_after["mcq"].correct[norm] == np.delete(found_before["mcq"].correct[norm], 2, axis=1)).all()
+    row = next(r for r in after.rows if r.metric == "excluded")
+    assert (row.task, row.value, row.n) == ("mcq/quiz", 1, 6)
+    assert not any(r.metric == "excluded" for r in before.rows)
+    assert f"excluded from mcq/quiz: 1 of 6 (listed in {listed})" in report(cfg, after, found_after)
+
+
+def test_excluded_reward_pairs_are_left_out(tmp_path, prepared_corpus, monkeypatch):
+    monkeypatch.setattr(hf, "load_reward_model", lambda path, **_: TokenSumReward())
+    pairs = tmp_path / "pairs.jsonl"
+    records = [{"prompt": f"Say {i}", "chosen": "no " * (i % 3 + 1), "rejected": "ok " * (i % 2 + 1)} for i in range(6)]
+    records[1]["id"] = "p1"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in records))
+    listed = tmp_path / "contaminated.jsonl"
+    listed.write_text(json.dumps({"set": "pairs", "id": "p1"}) + "\n" + json.dumps({"set": "pairs", "id": "pairs.jsonl:4"})
+                      + "\n" + json.dumps({"set": "other", "id": "elsewhere"}) + "\n")
+    common = [f"model_dir={tmp_path / 'never_loaded'}", "tasks=[reward_accuracy]", f"tokenizer={prepared_corpus / 'tokenizer'}",
+              f"reward_model={tmp_path}"]
+    whole, _ = evaluate(compose_evaluate(*common, f"reward_accuracy.pairs={pairs}"))
+    results, details = evaluate(compose_evaluate(*common, f"reward_accuracy.pairs={pairs}", f"exclude={listed}"))
+    assert details["reward_accuracy"]["n"] == 4 and results.value("reward_accuracy", "excluded") == 2
+    rest = tmp_path / "rest.jsonl"
+    rest.write_text("".join(json.dumps(r) + "\n" for i, r in enumerate(records) if i not in (1, 3)))
+    alone, _ = evaluate(compose_evaluate(*common, f"reward_accuracy.pairs={rest}"))
+    assert results.value("reward_accuracy", "accuracy") == alone.value("reward_accuracy", "accuracy")
+    assert whole.value("reward_accuracy", "accuracy") != alone.value("reward_accuracy", "accuracy")
+
+
+def test_a_missing_or_malformed_exclusion_list_stops_before_the_model_loads(tmp_path):
+    bad = tmp_path / "contaminated.jsonl"
+    bad.write_text('{"set": "quiz", "id": "a"}\n{"set": "quiz"}\n')
+    for path, error, problem in ((tmp_path / "missing.jsonl", FileNotFoundError, "no such file"),
+                                 (bad, ValueError, ":2: expected an object with a string 'id'")):
+        with pytest.raises(error, match=f"^exclude={path}.*{problem}.*or exclude=null$"):
+            evaluate(compose_evaluate(f"model_dir={tmp_path / 'never_loaded'}", "tasks=[mcq]", f"exclude={path}"))
+
+
+def test_a_list_of_every_item_is_refused(tmp_path, prepared_corpus):
+    items = quiz_file(tmp_path)
+    listed = tmp_path / "contaminated.jsonl"
+    listed.write_text("".join(json.dumps({"set": "quiz", "id": f"quiz.jsonl:{n}"}) + "\n" for n in range(1, 7)))
+    cfg = compose_evaluate(f"model_dir={exported_model(tmp_path, prepared_corpus)}", "tasks=[mcq]",
+                           f"mcq.items={items}", f"exclude={listed}")
+    with pytest.raises(ValueError, match="lists every one of the 6 items of mcq/quiz: nothing is left"):
+        evaluate(cfg)

@@ -17,6 +17,11 @@ Tasks are chosen by ``tasks=[...]`` (default ``[perplexity,needle,mcq]``)::
 - ``reward_accuracy``: how often ``reward_model`` prefers the right response
   (:mod:`herd.evaluation.reward`); skipped, with the reason recorded, without a reward model.
 
+``exclude=<contaminated.jsonl>`` (written by ``herd.curate``'s decontaminate block) leaves out the
+items it lists from ``mcq`` and ``reward_accuracy``, matched by id (:mod:`herd.evaluation.exclude`);
+each set records how many it left out (metric ``excluded``). ``perplexity`` and ``needle`` read
+prepared data, whose documents are not named, and are not filtered.
+
 Every number goes to ``<run folder>/results.json`` (schema in :mod:`herd.evaluation.results`) and
 to TensorBoard (``<run folder>/tensorboard``); the needle table also to ``needle.json``. Two or
 more results files are compared with::
@@ -29,9 +34,9 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import hydra
 import torch
@@ -45,6 +50,7 @@ from herd.data.manifest import Manifest
 from herd.data.tokenizer import Tokenizer
 from herd.evaluation import mcq as mcq_module
 from herd.evaluation.batching import rows_per_batch
+from herd.evaluation.exclude import Excluded, load_excluded
 from herd.evaluation.needle import NeedleResult, collect_haystack, needle_accuracy
 from herd.evaluation.perplexity import source_perplexities
 from herd.evaluation.results import Results, compare_table, load_results
@@ -58,6 +64,7 @@ from herd.presets import config_dir
 
 logger = logs.get_logger(__name__)
 
+T = TypeVar("T")
 TASKS = ("perplexity", "needle", "mcq", "reward_accuracy")
 DEFAULT_HOLDOUT_FRACTION = 0.02  # herd.prepare's default val_fraction
 
@@ -68,6 +75,7 @@ class Evaluation:
     def __init__(self, cfg: DictConfig) -> None:
         check_quantize(cfg.get("quantize"))
         self.cfg = cfg
+        self.excluded: Excluded | None = load_excluded(resolve(cfg.exclude)) if cfg.get("exclude") else None
         self.model_dir = gguf.model_dir(resolve(cfg.model_dir))  # a .gguf file: its converted directory
         self._model: torch.nn.Module | None = None
         self._tokenizer: Tokenizer | None = None
@@ -89,6 +97,21 @@ class Evaluation:
     def autocast(self) -> contextlib.AbstractContextManager:
         """bf16 autocast when ``bf16=true``, else nothing."""
         return torch.autocast(torch.device(self.cfg.device).type, dtype=torch.bfloat16, enabled=bool(self.cfg.bf16))
+
+    def leave_out(self, results: Results, task: str, items: Sequence[T], item_id: Callable[[T], str],
+                  unit: str = "items") -> list[T]:
+        """The items whose id ``exclude`` does not list; records (metric ``excluded``) and logs how many it
+        left out of ``task``. Refuses to leave out every item. Without ``exclude``: the items."""
+        if self.excluded is None:
+            return list(items)
+        kept, dropped = self.excluded.split(items, item_id)
+        results.add(task, "excluded", len(dropped), len(items))
+        logs.info(logger, f"herd.evaluate: {task}: left out {len(dropped)} of {len(items)} {unit} listed in "
+                          f"{self.excluded.path}")
+        if not kept:
+            raise ValueError(f"exclude={self.excluded.path} lists every one of the {len(items)} {unit} of {task}: "
+                             f"nothing is left to evaluate; evaluate another set, or exclude=null")
+        return kept
 
     def batch_size(self, seq_len: int) -> int:
         """``batch_size``, or the memory rule of :mod:`herd.evaluation.batching` for rows of ``seq_len``."""
@@ -190,6 +213,7 @@ def mcq_task(run: Evaluation, results: Results) -> mcq_module.MCQResult:
     """Accuracy by log-likelihood under the robustness variants, with the spread across them."""
     cfg = run.cfg.mcq
     name, items = mcq_items(run)
+    items = run.leave_out(results, f"mcq/{name}", items, lambda item: item.id)
     positions = min(len(item.choices) for item in items) if cfg.orders else 0
     variants = mcq_module.robustness_variants(list(cfg.formats), list(cfg.labels), positions)
     model = run.model
@@ -222,6 +246,7 @@ def reward_accuracy_task(run: Evaluation, results: Results) -> dict[str, float] 
         pairs = pairs_from_items(mcq_items(run)[1])
     else:
         pairs = load_pairs(resolve(pairs_source))
+    pairs = run.leave_out(results, "reward_accuracy", pairs, lambda pair: pair.id, "pairs")
     chat = chat_format(tokenizer, str(run.cfg.get("chat_template", "auto")))
     accuracy, margin, n = reward_accuracy(reward_model, chat, pairs, batch_size=8)
     results.add("reward_accuracy", "accuracy", accuracy, n)
@@ -258,6 +283,9 @@ def report(cfg: DictConfig, results: Results, details: dict[str, Any]) -> str:
     if details.get("reward_accuracy") is not None:
         found = details["reward_accuracy"]
         lines.append(f"\nreward accuracy {found['accuracy']:.3f} (margin {found['margin']:.3f}, {found['n']} pairs)")
+    for row in results.rows:
+        if row.metric == "excluded":
+            lines.append(f"\nexcluded from {row.task}: {int(row.value)} of {row.n} (listed in {cfg.exclude})")
     for skipped in results.skipped:
         lines.append(f"\nskipped {skipped['task']}: {skipped['reason']}")
     return "\n".join(lines)

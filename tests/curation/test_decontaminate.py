@@ -40,3 +40,17 @@ def test_eight_gram_overlap_finds_planted_items_and_lists_them(tmp_path):
 
     removing = Decontaminate("decontaminate", {**options, "action": "remove"})
     assert removed_ids(run_block(removing, documents(training), tmp_path / "remove")) == {"web/4"}
+
+
+def test_stdlib_mcq_items_carry_the_ids_herd_evaluate_gives_them(tmp_path):
+    from herd.curation.decontaminate import _eval_items
+    from herd.evaluation.mcq import load_items, stdlib_items
+
+    checked = {item.id: item for item in _eval_items("mcq", "stdlib:mcq", ["text"])}
+    for item in stdlib_items(holdout_fraction=0.02, max_items=40):
+        assert item.choices[item.answer] in checked[item.id].text   # the right answer is part of the item
+    quiz = tmp_path / "quiz.jsonl"
+    quiz.write_text(json.dumps({"question": QUESTION, "choices": ["a", "b"], "answer": 0}) + "\n\n"
+                    + json.dumps({"id": "q9", "question": "Why?", "choices": ["a", "b"], "answer": 1}) + "\n")
+    found = [item.id for item in _eval_items("quiz", str(quiz), ["question", "choices"])]
+    assert found == [item.id for item in load_items(quiz)] == ["quiz.jsonl:1", "q9"]

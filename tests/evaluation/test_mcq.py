@@ -221,6 +221,7 @@ def test_jsonl_items_are_read_and_bad_lines_named(tmp_path):
     loaded = load_items(good)
     assert [(i.question, i.choices, i.answer) for i in loaded] == [("2+2?", ("3", "4"), 1),
                                                                     ("Sky?", ("blue", "green", "red"), 0)]
+    assert [i.id for i in loaded] == ["items.jsonl:1", "items.jsonl:3"]   # the file's name and line
     for line, message in [({"question": "q", "choices": ["a"], "answer": 0}, "at least 2 choices"),
                           ({"question": "q", "choices": ["a", "b"], "answer": 2}, "not the index"),
                           ({"question": "q", "choices": ["a", "a"], "answer": 0}, "not all different"),

@@ -9,10 +9,15 @@ hide an overlap.
 ``eval_sets`` maps a name to an input: a jsonl file of items (``fields``: the fields whose text
 makes the item, e.g. ``[question, choices, answer]``; lists are joined), a text file or folder, or
 herd's own held-out sets: ``stdlib:sft`` (the embedded questions and answers, each dialog's messages
-joined). Every item of every set is checked; the block keeps the training documents (``action:
+joined) and ``stdlib:mcq`` (the embedded multiple-choice items of ``herd.evaluate``: each documented
+public stdlib definition, its signature and the first sentence of its docstring, which is the
+right answer; the item ids are the definition's dotted names, as ``herd.evaluate`` gives them,
+whichever modules it holds out). Every item of every set is checked; the block keeps the training documents (``action:
 report``) or removes those that share an n-gram with a contaminated item (``action: remove``).
 The report lists the contaminated items, and ``contaminated.jsonl`` in the output folder holds
-their ids for the evaluation to leave out.
+their ids for the evaluation to leave out (``herd.evaluate exclude=<output_dir>/contaminated.jsonl``).
+A jsonl item's id is its ``id`` field, else ``<file name>:<line number>``, as ``herd.evaluate``
+names the items it reads from jsonl.
 """
 
 from __future__ import annotations
@@ -29,9 +34,11 @@ from datatrove.utils.text import simplify_text
 from herd.curation.blocks import Block, CurationError, Documents, Verdict
 from herd.curation.documents import SourceInput, read_sources
 from herd.curation.words import WORDS
-from herd.data.embedded.sft import STDLIB_SFT, stdlib_sft
+from herd.data.embedded.sft import STDLIB_SFT, stdlib_definitions, stdlib_sft
 from herd.data.inputs import jsonl_records, raise_bad_input
 from herd.paths import resolve
+
+STDLIB_MCQ = "stdlib:mcq"
 
 
 @dataclass
@@ -126,6 +133,10 @@ def _eval_items(name: str, spec: Any, fields: list[str]) -> Iterator[EvalItem]:
     if item.split("?")[0] == STDLIB_SFT:
         for dialog in stdlib_sft():
             yield EvalItem(name, dialog.id, "\n".join(m["content"] for m in dialog.messages), 0)
+        return
+    if item == STDLIB_MCQ:
+        for definition in stdlib_definitions():
+            yield EvalItem(name, definition.name, f"{definition.signature}\n{definition.summary}", 0)
         return
     path = resolve(item)
     if path.is_file() and path.suffix.lower() in (".jsonl", ".ndjson"):

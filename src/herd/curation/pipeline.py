@@ -8,8 +8,9 @@ file per source (``split_by: source``) or per knowledge bucket (``split_by: buck
 ``{"text", "id", "source", ...annotations}``: what ``herd.prepare`` reads as a jsonl source. The
 report (:mod:`herd.curation.report`) goes beside them.
 
-Stage files live in a hidden work folder inside ``output_dir``, removed at the end unless
-``keep_work`` is set. A source named in a block's ``sources`` must exist; ``skip_sources`` names
+Stage files live in a hidden work folder inside ``output_dir``: each is removed once the next
+block has read it, and the folder at the end, unless ``keep_work`` is set (then every stage file
+stays: ``00-sources.jsonl``, then ``<number>-<block>.jsonl`` after each block). A source named in a block's ``sources`` must exist; ``skip_sources`` names
 that do not exist are ignored (the defaults skip ``code`` for the prose heuristics).
 """
 
@@ -233,7 +234,8 @@ def run_curation(cfg: Mapping[str, Any]) -> CurationResult:
             following = work / f"{number:02d}-{block.name}.jsonl"
             stats.append(_run_block(block, applies, current, following, work / block.name, counter.unit,
                                     max_examples, example_chars))
-            current.unlink()
+            if not cfg.get("keep_work"):
+                current.unlink()
             current = following
             if isinstance(block, Decontaminate):
                 stats[-1].notes["list"] = str(block.write_list(out / "contaminated.jsonl"))

@@ -49,8 +49,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from herd.data.embedded.corpus import module_name, stdlib_dir, stdlib_files
-from herd.data.embedded.sft import module_definitions
+from herd.data.embedded.sft import stdlib_definitions
 from herd.data.kinds import assign_split
 from herd.logs import Progress
 from herd.model.loss import target_logps
@@ -189,8 +188,9 @@ def render(item: Item, format_name: str, labels_name: str) -> tuple[str, list[st
 def load_items(path: str | Path) -> list[Item]:
     """Items from a jsonl file, one ``{"question": str, "choices": [str, ...], "answer": ...}`` per line.
 
-    ``answer`` is the 0-based index of the right choice, or its letter (``"B"``). Blank lines are
-    skipped; anything else that is not such an item is an error naming the line.
+    ``answer`` is the 0-based index of the right choice, or its letter (``"B"``). An item's id is its
+    ``id`` field, else ``<file name>:<line number>`` (as ``herd.curate``'s decontaminate block names
+    it). Blank lines are skipped; anything else that is not such an item is an error naming the line.
     """
     path = Path(path)
     if not path.is_file():
@@ -205,13 +205,13 @@ def load_items(path: str | Path) -> list[Item]:
             record = json.loads(line)
         except ValueError as err:
             raise ValueError(f"{where}: not JSON ({err})") from None
-        items.append(_item_from_record(record, where))
+        items.append(_item_from_record(record, where, f"{path.name}:{number}"))
     if not items:
         raise ValueError(f"{path} holds no items")
     return items
 
 
-def _item_from_record(record: object, where: str) -> Item:
+def _item_from_record(record: object, where: str, default_id: str) -> Item:
     if not isinstance(record, dict):
         raise ValueError(f"{where}: expected an object with question, choices and answer")
     question, choices, answer = record.get("question"), record.get("choices"), record.get("answer")
@@ -225,7 +225,7 @@ def _item_from_record(record: object, where: str) -> Item:
         raise ValueError(f"{where}: 'answer' must be the 0-based index of the right choice or its letter, "
                          f"got {record.get('answer')!r}")
     try:
-        return Item(question.strip(), tuple(c.strip() for c in choices), answer, str(record.get("id", where)))
+        return Item(question.strip(), tuple(c.strip() for c in choices), answer, str(record.get("id", default_id)))
     except ValueError as err:
         raise ValueError(f"{where}: {err}") from None
 
@@ -247,17 +247,11 @@ def stdlib_items(
     :func:`herd.data.embedded.sft.module_definitions`) asks for the first sentence of its docstring among
     ``n_choices``: the right one and others drawn from the other held-out definitions. Right
     answers are spread evenly over the positions. ``seed`` fixes the draws; ``max_items`` keeps
-    an evenly spread subset.
+    an evenly spread subset. An item's id is the definition's dotted name
+    (``json.decoder.JSONDecoder.decode``), as ``herd.curate``'s decontaminate block names it
+    (eval set ``stdlib:mcq``).
     """
-    root = (root or stdlib_dir()).resolve()
-    pool = []
-    for path in stdlib_files(root):
-        relative = path.relative_to(root).as_posix()
-        module = module_name(relative)
-        if any(part.startswith("_") for part in module.split(".")):
-            continue
-        if assign_split(relative, holdout_fraction) == "val":
-            pool += module_definitions(path.read_bytes(), module)
+    pool = list(stdlib_definitions(root, keep=lambda relative: assign_split(relative, holdout_fraction) == "val"))
     summaries = sorted({d.summary for d in pool})
     if len(summaries) < n_choices:
         raise ValueError(f"only {len(summaries)} different docstrings in the stdlib modules held out at "
@@ -273,7 +267,7 @@ def stdlib_items(
         wrong = rng.sample([s for s in summaries if s != definition.summary], n_choices - 1)
         choices = (*wrong[:position], definition.summary, *wrong[position:])
         items.append(Item(f"Which docstring belongs to `{definition.signature}`?", choices, position,
-                          f"{definition.module}.{definition.qualname}"))
+                          definition.name))
     return items
 
 

@@ -8,7 +8,8 @@ Every measured number is one row with the same seven keys::
 - ``task`` names what was run (``perplexity``, ``needle``, ``mcq``, ``reward_accuracy``);
 - ``metric`` names the number inside the task, with ``/`` separating its parts (a source, a
   statistic, a variant): ``loss/code``, ``accuracy_per_char/std``, ``accuracy_raw/labels=none``;
-- ``n`` is how many things the value averages (tokens for a loss, items for an accuracy);
+- ``n`` is how many things the value averages (tokens for a loss, items for an accuracy); the
+  ``excluded`` metric of a set (``herd.evaluate exclude=...``) counts the items left out, of ``n``;
 - ``seed`` is the evaluation's seed, ``herd_version`` the version of herd that measured it.
 
 ``results.json`` holds ``{"schema": "herd.evaluate/1", "model": ..., "seed": ...,

@@ -29,16 +29,18 @@ class Pair:
     prompt: str
     chosen: str
     rejected: str
+    id: str = ""      # the item's id (pairs of one multiple-choice item share it)
 
 
 def pairs_from_items(items: Sequence[Item]) -> list[Pair]:
     """One pair per wrong choice of each item: (question, right choice, that wrong choice)."""
-    return [Pair(item.question, item.choices[item.answer], wrong)
+    return [Pair(item.question, item.choices[item.answer], wrong, item.id)
             for item in items for i, wrong in enumerate(item.choices) if i != item.answer]
 
 
 def load_pairs(path: str | Path) -> list[Pair]:
-    """Pairs from a jsonl file of ``{"prompt": str, "chosen": str, "rejected": str}`` lines."""
+    """Pairs from a jsonl file of ``{"prompt": str, "chosen": str, "rejected": str}`` lines; a pair's id is
+    its ``id`` field, else ``<file name>:<line number>``."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"reward_accuracy.pairs={path}: no such file; give a jsonl file of "
@@ -54,7 +56,8 @@ def load_pairs(path: str | Path) -> list[Pair]:
         if not isinstance(record, dict) or not all(isinstance(record.get(k), str) for k in ("prompt", "chosen",
                                                                                              "rejected")):
             raise ValueError(f"{path}:{number}: expected string fields prompt, chosen and rejected")
-        pairs.append(Pair(record["prompt"], record["chosen"], record["rejected"]))
+        pairs.append(Pair(record["prompt"], record["chosen"], record["rejected"],
+                          str(record.get("id", f"{path.name}:{number}"))))
     if not pairs:
         raise ValueError(f"{path} holds no pairs")
     return pairs

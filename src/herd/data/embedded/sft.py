@@ -31,10 +31,11 @@ should assign whole groups, so that no module's functions are in both splits.
 from __future__ import annotations
 
 import ast
+import itertools
 import logging
 import random
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -164,16 +165,27 @@ def stdlib_sft(
     """
     if per_definition < 1:
         raise ValueError(f"stdlib_sft: per_definition={per_definition} must be at least 1")
-    root = (root or stdlib_dir()).resolve()
-    for path in stdlib_files(root):
-        module = module_name(path.relative_to(root).as_posix())
-        if any(part.startswith("_") for part in module.split(".")):
-            continue
-        found = module_definitions(path.read_bytes(), module)
+    for _, found in itertools.groupby(stdlib_definitions(root), key=lambda definition: definition.module):
         for count, definition in enumerate(found):
             if max_per_module is not None and count >= max_per_module:
                 break
             yield from definition_dialogs(definition, seed, prompts_only, per_definition, system)
+
+
+def stdlib_definitions(root: Path | None = None, keep: Callable[[str], bool] | None = None) -> Iterator[Definition]:
+    """The documented public definitions of the public stdlib modules at ``root``, in sorted module path
+    order, then source order: those :func:`stdlib_sft` asks about.
+
+    ``keep``, if given, is asked about each module's file path relative to ``root``
+    (``json/decoder.py``) and leaves out the modules it refuses, before they are parsed.
+    """
+    root = (root or stdlib_dir()).resolve()
+    for path in stdlib_files(root):
+        relative = path.relative_to(root).as_posix()
+        module = module_name(relative)
+        if any(part.startswith("_") for part in module.split(".")) or (keep is not None and not keep(relative)):
+            continue
+        yield from module_definitions(path.read_bytes(), module)
 
 
 def definition_dialogs(
