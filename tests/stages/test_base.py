@@ -43,8 +43,8 @@ class NaNAtSteps:
     def __init__(self, steps, stage_holder):
         self.steps, self.holder = set(steps), stage_holder
 
-    def __call__(self, model, batch, chunk_size=None):
-        loss, n_tokens = self.original(model, batch, chunk_size)
+    def __call__(self, model, batch, chunk_size=None, context=None):
+        loss, n_tokens = self.original(model, batch, chunk_size, context=context)
         stage = self.holder["stage"]
         if stage is not None and stage.training and stage.trainer.global_step in self.steps:
             loss = loss * float("nan")
