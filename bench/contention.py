@@ -4,8 +4,9 @@ The training is the tiny preset's pretraining step as ``make train`` takes it (`
 ``--seq`` tokens, bf16 autocast, herd's next-token loss, backward, AdamW), in a process of its own
 started with one of two thread settings:
 
-- herd: :func:`herd.threads.choose` for one rank with ``--workers`` loader workers (the
-  ``data.num_workers`` of configs/data/stdlib.yaml), as ``herd.train`` applies it;
+- herd: :func:`herd.threads.choose` for one rank, as ``herd.train`` applies it for ``make train``:
+  the cores other processes keep busy at the start are left to them, and ``--workers`` media loader
+  workers get a core each (0: ``make train``'s loader reads packed token shards, which takes none);
 - default: torch's own choice (one thread per core of the machine).
 
 Each setting runs alone, then beside a competitor, started before and stopped after: by default
@@ -19,7 +20,7 @@ at most 2.5x slower than alone, printed against both herd's choice alone and tor
 OMP_NUM_THREADS), one at a time, in this one invocation.
 
     python bench/contention.py
-    python bench/contention.py --steps 5 --workers 0
+    python bench/contention.py --steps 5 --workers 1     # as if the loader decoded media
 """
 
 from __future__ import annotations
@@ -99,7 +100,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=512)
-    parser.add_argument("--workers", type=int, default=1, help="loader workers herd's choice leaves room for")
+    parser.add_argument("--workers", type=int, default=0, help="media loader workers herd's choice leaves a core")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--competitor", choices=sorted(COMPETITORS), default="torch")
     args = parser.parse_args()

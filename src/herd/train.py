@@ -30,7 +30,7 @@ import hydra
 import lightning as L
 import torch
 from hydra.errors import InstantiationException
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -213,10 +213,13 @@ def _lightning_trainer(cfg: DictConfig) -> DictConfig:
 
 def thread_budget(cfg: DictConfig) -> threads.ThreadBudget:
     """torch's intra-op threads for this process (:mod:`herd.threads`): ``trainer.threads``, or herd's
-    choice from the cores it may use, the ranks sharing them and ``data.num_workers``."""
+    choice from the cores it may use, those other processes keep busy, the ranks sharing them and the
+    loader workers that decode media (``data.num_workers`` of a DataModule with ``decodes_media``)."""
+    target = cfg.data.get("_target_")
+    media = bool(target) and getattr(get_class(target), "decodes_media", False)
     try:
-        return threads.choose(workers=int(cfg.data.get("num_workers") or 0), devices=_devices_per_node(cfg.trainer),
-                              threads=cfg.trainer.get("threads"))
+        return threads.choose(workers=int(cfg.data.get("num_workers") or 0) if media else 0,
+                              devices=_devices_per_node(cfg.trainer), threads=cfg.trainer.get("threads"))
     except ValueError as err:
         raise ConfigError(str(err)) from err
 

@@ -81,6 +81,9 @@ class MediaDataModule(L.LightningDataModule):
         seq_len: accepted for the shared data options; examples keep their own length.
     """
 
+    # Its loader workers decode images or audio: each keeps a core busy (herd.threads leaves them one).
+    decodes_media = True
+
     kind = ""  # the source kind read ("image")
     skipped_key = ""  # the per-batch skip count's key and the state's ("skipped_images")
     new_ids = 0  # ids past the tokenizer's vocabulary that the rows may hold
