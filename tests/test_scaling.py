@@ -135,7 +135,7 @@ def test_fit_command_writes_json_png_and_tensorboard_with_the_held_out_check(tmp
     # per run (held-out last) with a link to its TensorBoard folder where it has one
     text = (tmp_path / "report.md").read_text()
     assert "![IsoFLOP curves, N*(C) and L*(C)](scaling.png)" in text
-    assert f"alpha = {law['alpha']:.4f} (stderr {law['alpha_stderr']:.4f})" in text
+    assert f"alpha = {law['alpha']:.4f} (stderr {law['alpha_stderr']:.4f};" in text
     assert f"predicted val/loss {held['predicted_loss']:.4f}, measured {held['measured_loss']:.4f}" in text
     rows = [line for line in text[text.index("## Runs"):].splitlines() if line.startswith("| ") and "---" not in line]
     assert len(rows) == 1 + len(runs) and rows[-1].startswith("| held_out-3e+22-big | big | 3e+22 |")

@@ -534,21 +534,12 @@ def write_fit(directory: str | Path) -> dict[str, Any]:
 def write_report(summary: dict[str, Any], directory: Path, png: Path) -> Path:
     """``report.md`` beside scaling.json: the figure, the fitted laws, the held-out check, the IsoFLOP
     minima, and every run with its val/loss and a link to its TensorBoard folder."""
-    law, loss_law = summary["N*(C) = A * C^alpha"], summary["L*(C) = B * C^-beta"]
     lines = [f"# herd.scaling: {directory.name}", "",
              f"IsoFLOP curves with their minima, N*(C) with its fit, and L*(C) with the held-out run "
              f"(numbers: {reports.link(directory / FIT_FILE, directory)}).", "",
              f"![IsoFLOP curves, N*(C) and L*(C)]({reports.relative(png, directory)})", "", "## Fits", "",
-             f"- N*(C) = A * C^alpha: A = {law['A']:.4g}, alpha = {law['alpha']:.4f} (stderr "
-             f"{law['alpha_stderr']:.4f}); the paper: A = 0.29, alpha = 0.53",
-             f"- L*(C) = B * C^-beta: B = {loss_law['B']:.4g}, beta = {loss_law['beta']:.4f}",
+             *(f"- {line}" for line in fit_lines(summary)),
              f"- curvature of the IsoFLOP parabolas (in ln tokens): {summary['curvature']:.4g}"]
-    held = summary.get("held_out")
-    if held:
-        lines.append(f"- held-out run {held['name']} ({held['params']:,} parameters, {held['tokens']:,.0f} tokens, "
-                     f"{held['budget']:.3g} FLOPs): predicted val/loss {held['predicted_loss']:.4f}, measured "
-                     f"{held['measured_loss']:.4f}, error {held['error']:+.4f} ({100 * held['relative_error']:+.2f}%)")
-    lines += [f"- warning: {w}" for w in summary["warnings"]]
     minima = [{"budget": f"{iso['budget']:.3g}", "N* tokens": f"{iso['optimal_tokens']:,.0f}",
                "L*": iso["optimal_loss"], "within the runs": iso["bracketed"], "runs": len(iso["tokens"])}
               for iso in summary["isoflops"]]
@@ -571,7 +562,6 @@ def write_report(summary: dict[str, Any], directory: Path, png: Path) -> Path:
 
 def report(summary: dict[str, Any]) -> str:
     """The fitted numbers as text."""
-    law, loss_law = summary["N*(C) = A * C^alpha"], summary["L*(C) = B * C^-beta"]
     lines = ["IsoFLOP minima:"]
     for iso in summary["isoflops"]:
         runs = ", ".join(f"{s} {t:,.0f} tok -> {v:.4f}" for s, t, v in zip(iso["sizes"], iso["tokens"], iso["losses"],
@@ -580,16 +570,21 @@ def report(summary: dict[str, Any]) -> str:
                                             else "  (outside the tokens tried)")
         lines.append(f"  {iso['budget']:.3g} FLOPs: N* = {iso['optimal_tokens']:,.0f} tokens, "
                      f"L* = {iso['optimal_loss']:.4f}{flag}\n    runs: {runs}")
-    lines.append(f"N*(C) = A * C^alpha: A = {law['A']:.4g}, alpha = {law['alpha']:.4f} "
-                 f"(stderr {law['alpha_stderr']:.4f}; the paper: A = 0.29, alpha = 0.53)")
-    lines.append(f"L*(C) = B * C^-beta: B = {loss_law['B']:.4g}, beta = {loss_law['beta']:.4f}")
+    return "\n".join([*lines, *fit_lines(summary)])
+
+
+def fit_lines(summary: dict[str, Any]) -> list[str]:
+    """The fitted laws, the held-out check and the warnings, a line each (the text and the Markdown report)."""
+    law, loss_law = summary["N*(C) = A * C^alpha"], summary["L*(C) = B * C^-beta"]
+    lines = [f"N*(C) = A * C^alpha: A = {law['A']:.4g}, alpha = {law['alpha']:.4f} "
+             f"(stderr {law['alpha_stderr']:.4f}; the paper: A = 0.29, alpha = 0.53)",
+             f"L*(C) = B * C^-beta: B = {loss_law['B']:.4g}, beta = {loss_law['beta']:.4f}"]
     held = summary.get("held_out")
     if held:
         lines.append(f"held-out run {held['name']} ({held['params']:,} parameters, {held['tokens']:,.0f} tokens, "
                      f"{held['budget']:.3g} FLOPs): predicted val/loss {held['predicted_loss']:.4f}, measured "
                      f"{held['measured_loss']:.4f}, error {held['error']:+.4f} ({100 * held['relative_error']:+.2f}%)")
-    lines += [f"warning: {w}" for w in summary["warnings"]]
-    return "\n".join(lines)
+    return lines + [f"warning: {w}" for w in summary["warnings"]]
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -111,3 +111,22 @@ def two_document_batch(vocab_size: int = 97):
     targets[:, 24] = IGNORE  # the last token of a document predicts nothing
     targets[:, -1] = IGNORE
     return {"tokens": tokens, "document_ids": document_ids, "targets": targets}
+
+
+def start_then_kill(command: list[str], env: dict[str, str], ready, timeout: float = 600) -> None:
+    """Run ``command``, SIGKILL it (and the processes it started, such as a second rank) as soon as
+    ``ready()`` is true, and check that it was still running then."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    deadline = time.time() + timeout
+    while not ready() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed mid-way"
+

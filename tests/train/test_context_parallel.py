@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import csv
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from helpers.training import small_overrides
+from helpers.training import small_overrides, start_then_kill
 
 # Stage 0: rows of 128, the two ranks read rows of their own (context_parallel: 1), 2 x 2 x 128 = 512
 # tokens a step, 4 steps. Stage 1: rows of 256 shared by both ranks (context_parallel: 2), 2 x 256 =
@@ -57,15 +55,8 @@ def test_a_context_stage_change_resumes_exactly_after_a_kill(tmp_path, prepared_
     assert any(tag.startswith("samples/") for tag in events.Tags()["tensors"])
 
     killed = tmp_path / "killed"
-    process = subprocess.Popen(command(prepared_corpus, killed), env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, start_new_session=True)
     last = killed / "checkpoints" / "last.ckpt"
-    deadline = time.time() + 600
-    while not (last / ".metadata").exists() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    os.killpg(process.pid, signal.SIGKILL)  # the launcher and its second rank
-    process.wait()
-    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed mid-way"
+    start_then_kill(command(prepared_corpus, killed), env, (last / ".metadata").exists)  # both ranks
 
     resumed = tmp_path / "resumed"
     result = subprocess.run(command(prepared_corpus, resumed, f"ckpt_path={last}"), env=env, capture_output=True,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers.training import small_overrides
+from helpers.training import small_overrides, start_then_kill
 
 STEPS = 16
 
@@ -39,15 +39,8 @@ def test_sigkill_then_resume_continues_the_same_loss_curve(tmp_path, prepared_co
     assert len(reference) == STEPS
 
     killed = tmp_path / "killed"
-    process = subprocess.Popen(command(prepared_corpus, killed), env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
     last = killed / "checkpoints" / "last.ckpt"
-    deadline = time.time() + 600
-    while not last.exists() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed mid-way"
+    start_then_kill(command(prepared_corpus, killed), env, last.exists)
 
     resumed = tmp_path / "resumed"
     result = subprocess.run(command(prepared_corpus, resumed, f"ckpt_path={last}"), env=env, capture_output=True,
