@@ -23,7 +23,7 @@ responses of L/4. herd's path (the output layer on the scored positions only, in
 backward recomputes them) against today's full-logit path, written out here as herd had it:
 ``model(...)`` gives (L, vocab) logits, upcast to float32 whole for the cross-entropy. Peak memory is the peak
 resident memory above the start of the step, each step in a fresh process. The full-logit step
-runs only where ~4 float32 (L, vocab) buffers fit in half of the memory available now; where they
+runs only where ~4 float32 (L, vocab) buffers fit in ``--memory-share`` (half) of the memory available now; where they
 do not (8K at 128,256 needs ~16 GiB), its peak is estimated as herd's step at that length plus the
 full-logit step's excess over herd's measured at the longest length that ran, scaled by the
 length ratio (the excess is the (L, vocab) buffers: linear in L). The line says which.
@@ -38,6 +38,7 @@ rows), best of ``--rounds``, alternating; target DPO >= 0.9x SFT.
 
     python bench/preference.py                      # all three parts
     python bench/preference.py --parts memory --lengths 2048 8192 --dim 128
+    python bench/preference.py --parts memory --memory-share 0.9    # measure the 8K full-logit step (~17 GiB)
     python bench/preference.py --parts layout --prompt 768 --response 32 --batch 8 --threads 1
 """
 
@@ -240,7 +241,7 @@ def memory(args) -> None:
             herd = measured[length, "herd"] = pool.apply(_measured_peak_mib, (args, length, False))
         need = herd + 16 * length * args.vocab / 2**20  # ~4 float32 (length, vocab) buffers live at once
         full, how = None, "measured"
-        if need < 0.5 * available_mib():
+        if need < args.memory_share * available_mib():
             with spawn.Pool(1) as pool:
                 full = measured[length, "full-logit"] = pool.apply(_measured_peak_mib, (args, length, True))
         else:  # too big for this machine now: herd's step plus the logit excess of the longest run, scaled
@@ -308,6 +309,8 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=128256, help="vocabulary of the memory and speed parts")
     parser.add_argument("--dim", type=int, default=128, help="backbone width of the memory and speed parts")
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192], help="row lengths of the memory part")
+    parser.add_argument("--memory-share", type=float, default=0.5,
+                        help="share of the available memory the full-logit step may need to run (else it is estimated)")
     parser.add_argument("--speed-length", type=int, default=2048)
     parser.add_argument("--speed-rows", type=int, default=2)
     args = parser.parse_args()
