@@ -189,7 +189,6 @@ def _model_parallel_strategy_class():
                 raise ValueError(f"strategy.context_parallel_size must be a positive integer, got "
                                  f"{context_parallel_size!r}")
             self._context_parallel_size = context_parallel_size
-
             self._active_context = context_parallel_size  # ranks sharing a row now (a divisor of the above)
             self._contexts: dict[int, ContextParallel | None] = {}
 
