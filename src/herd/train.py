@@ -270,6 +270,15 @@ def _check_strategy(cfg: DictConfig) -> None:
     if on_cpu and (target.endswith("fsdp1_strategy") or target.endswith("FSDPStrategy") or target == "fsdp"):
         raise ConfigError("strategy=fsdp (Lightning's FSDPStrategy, FSDP1) needs GPUs; on a CPU use strategy=fsdp2 "
                           "(FSDP2 through ModelParallelStrategy), which shards the same way and runs on gloo")
+    context = strategy.get("context_parallel_size", 1) if OmegaConf.is_dict(strategy) else 1
+    stage = cfg.stage.get("_target_")
+    if isinstance(context, int) and context > 1 and stage and not get_class(stage).supports_context_parallel:
+        raise ConfigError(f"strategy.context_parallel_size={context}: stage {stage.rsplit('.', 1)[-1]} does not run "
+                          "under context parallelism; use it with stage=pretrain, long_context or sft, or set "
+                          "strategy.context_parallel_size=1")
+    if isinstance(context, int) and context > 1 and cfg.data.get("seq_len") and cfg.data.seq_len % (2 * context):
+        raise ConfigError(f"data.seq_len={cfg.data.seq_len} does not cut into 2 x strategy.context_parallel_size = "
+                          f"{2 * context} equal chunks: use a multiple of {2 * context}")
 
 
 def _check_optimizer(stage) -> None:

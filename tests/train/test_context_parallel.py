@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from helpers.training import small_overrides, start_then_kill
+from helpers.training import compose_train, small_overrides, start_then_kill
+from herd.train import ConfigError, build
 
 # Stage 0: rows of 128, the two ranks read rows of their own (context_parallel: 1), 2 x 2 x 128 = 512
 # tokens a step, 4 steps. Stage 1: rows of 256 shared by both ranks (context_parallel: 2), 2 x 256 =
@@ -67,3 +69,14 @@ def test_a_context_stage_change_resumes_exactly_after_a_kill(tmp_path, prepared_
     for step, (loss, tokens) in after.items():
         assert loss == pytest.approx(reference[step][0], rel=1e-5), step
         assert tokens == reference[step][1]
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["experiment=tiny_reward", "stage.allow_random_init=true"], "RewardStage does not run under context parallelism"),
+    (["data.seq_len=66"], "data.seq_len=66 does not cut into 2 x strategy.context_parallel_size = 4"),
+])
+def test_what_context_parallelism_cannot_run_is_refused_before_anything_is_built(tmp_path, prepared_corpus,
+                                                                                  overrides, message):
+    cfg = compose_train(tmp_path, prepared_corpus, "strategy=fsdp2_cp", "trainer.devices=2", *overrides)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        build(cfg)
