@@ -15,7 +15,7 @@ of logs, attachments and foreign documents (``python bench/curate.py /tmp/noisy 
 
 The documents that ``herd.prepare ... val_fraction=0.1`` puts in the val split of
 ``stdlib:prose`` (the hash of their path, :func:`herd.data.kinds.assign_split`) are held out: they
-are not in noisy_prose.jsonl, and val_prose.jsonl holds them, clean.
+are not in noisy_prose.jsonl, and val_prose.jsonl holds them, clean, with their ids (their paths).
 """
 import base64
 import json
