@@ -187,7 +187,8 @@ def build_attention_mask(
         return cache.attention_mask(q_len)
     if query_index is None and document_ids is None and response_ids is None:
         return None
-    if query_index is None:
+    whole_row = query_index is None
+    if whole_row:
         query_index = torch.arange(q_len, device=device)
     kv_len = kv_len if kv_len is not None else q_len
     if document_ids is None and response_ids is not None:
@@ -197,11 +198,11 @@ def build_attention_mask(
     causal = query_index[:, None] >= torch.arange(kv_len, device=device)[None, :]  # (q_len, kv_len)
     if document_ids is None:
         return causal[None, None]  # (1, 1, q_len, kv_len)
-    query_documents = document_ids.index_select(1, query_index)
+    query_documents = document_ids if whole_row else document_ids.index_select(1, query_index)
     allowed = query_documents[:, :, None] == document_ids[:, None, :]  # (batch, q_len, kv_len): same document
     if response_ids is not None:
         key_is_prompt = (response_ids == 0)[:, None, :]
-        query_responses = response_ids.index_select(1, query_index)
+        query_responses = response_ids if whole_row else response_ids.index_select(1, query_index)
         allowed = allowed & (key_is_prompt | (query_responses[:, :, None] == response_ids[:, None, :]))
     return (allowed & causal)[:, None]  # (batch, 1, q_len, kv_len)
 

@@ -90,6 +90,11 @@ _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_t
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
+def local(tensor: torch.Tensor, context: ContextParallel | None, dim: int = 1) -> torch.Tensor:
+    """This rank's places of ``tensor`` (whole rows along ``dim``) under ``context``; the tensor itself without."""
+    return context.shard(tensor, dim) if context is not None else tensor
+
+
 def _to_row_order(parts: torch.Tensor, size: int) -> torch.Tensor:
     """(size * local, ...) parts in rank order -> (seq, ...) in row order (dim 0)."""
     chunk = parts.shape[0] // (2 * size)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from herd.constants import IGNORE_INDEX
-from herd.model.context import ContextParallel
+from herd.model.context import ContextParallel, local
 from herd.model.transformer import Transformer
 
 LOGIT_BUDGET = 1 << 25  # float32 logits in one chunk when no chunk_size is given (128 MiB)
@@ -74,7 +74,7 @@ def next_token_loss(
     the batch holds whole rows and the mean and count are those of this rank's places.
     """
     hidden = model.hidden_states(batch["tokens"], document_ids=batch.get("document_ids"), context=context)
-    rows, targets, _ = scored(hidden, _local(batch["targets"], context))
+    rows, targets, _ = scored(hidden, local(batch["targets"], context))
     n_tokens = targets.new_tensor(targets.numel())
     total = -target_logps(rows, model.output.weight, targets, chunk_size).sum()
     return total / n_tokens.clamp(min=1), n_tokens
@@ -89,7 +89,7 @@ def next_token_scores(
     the model ranks first (greedy next-token accuracy). One forward pass; the head runs on the
     predicted positions only, one chunk at a time. Under ``context`` parallelism: of this rank's places."""
     hidden = model.hidden_states(batch["tokens"], document_ids=batch.get("document_ids"), context=context)
-    rows, targets, _ = scored(hidden, _local(batch["targets"], context))
+    rows, targets, _ = scored(hidden, local(batch["targets"], context))
     return target_scores(rows, model.output.weight, targets, chunk_size)
 
 
@@ -148,9 +148,6 @@ def chunked_cross_entropy(
 # ---------------------------------------------------------------------------------- internals
 
 
-def _local(tensor: torch.Tensor, context: ContextParallel | None) -> torch.Tensor:
-    """This rank's places of a (batch, seq) tensor under context parallelism; the tensor itself without."""
-    return context.shard(tensor) if context is not None else tensor
 
 
 def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:

@@ -41,6 +41,7 @@ from herd.data.loaders.ranks import data_parallel_size
 from herd.interop import gguf, hf
 from herd.model import ModelConfig, Transformer
 from herd.model.context import ContextParallel
+from herd.model.context import local as context_local
 from herd.model.loss import target_logps, target_scores
 from herd.stages import accumulation
 from herd.stages.parallelize import (
@@ -224,8 +225,7 @@ class BackboneStage(L.LightningModule):
 
     def local(self, tensor: torch.Tensor) -> torch.Tensor:
         """This rank's places of a (batch, seq) tensor of whole rows under context parallelism; else itself."""
-        context = self.context
-        return context.shard(tensor) if context is not None else tensor
+        return context_local(tensor, self.context)
 
     def _wants_meta_init(self) -> bool:
         return self.meta_init if self.meta_init is not None else self.model_config.num_params() >= 1e9

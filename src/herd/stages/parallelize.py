@@ -228,7 +228,7 @@ def _model_parallel_strategy_class():
         def _context_group(self, size: int) -> ContextParallel:
             mesh = self._device_mesh
             if size == self._context_parallel_size:
-                return ContextParallel(mesh["context_parallel"].get_group())
+                return context_parallel(mesh)
             ranks = mesh.mesh  # (data, context, tensor) global ranks
             mine = None
             for data in range(ranks.shape[0]):
