@@ -332,6 +332,8 @@ def test_every_training_step_composes_a_train_config(name, tmp_path):
                 assert cfg.stage.optimizer.lr == 1.0e-5 and cfg.model.dim == 4096
             if name == "tiny_posttrain" and step.short == "sft":  # a round's SFT must not undo the last DPO
                 assert cfg.stage.optimizer.lr == (1.0e-3 if step.section == "setup" else 3.0e-4)
+            if name == "tiny_posttrain" and step.short == "reward":  # tiny_reward's 3e-4 stays near chance
+                assert cfg.stage.optimizer.lr == 1.0e-3
             if step.short == "dpo":
                 assert (cfg.stage.beta, cfg.stage.nll_weight) == (0.1, 0.2)
                 assert set(cfg.data.sources) == {"rankings", "sampled"}
