@@ -25,6 +25,21 @@ def test_text_folders_and_jsonl(tmp_path):
     assert [(d.id, d.text) for d in single] == [("b.txt", "bee")]
 
 
+def test_a_jsonl_lines_own_id_names_the_document_and_decides_its_split(tmp_path):
+    from herd.data.kinds import assign_split
+
+    lines = ['{"text": "a", "id": "os/path.py"}', '{"text": "b", "id": 7}', '{"text": "c", "id": ""}',
+             '{"text": "d", "id": true}', '{"text": "e"}']
+    (tmp_path / "curated.jsonl").write_text("\n".join(lines) + "\n")
+    docs = list(iter_documents(str(tmp_path / "curated.jsonl")))
+    assert [d.id for d in docs] == ["os/path.py", "7", "curated.jsonl:3", "curated.jsonl:4", "curated.jsonl:5"]
+    # the split of a curated document is the split its input had under the same id
+    ids = [f"module{i}.py" for i in range(400)]
+    (tmp_path / "many.jsonl").write_text("".join(f'{{"text": "x", "id": "{i}"}}\n' for i in ids))
+    held_out = {d.id for d in iter_documents(str(tmp_path / "many.jsonl")) if assign_split(d.id, 0.1) == "val"}
+    assert held_out == {i for i in ids if assign_split(i, 0.1) == "val"} and 10 < len(held_out) < 80
+
+
 @pytest.mark.parametrize(
     ("line", "message"),
     [

@@ -133,7 +133,11 @@ def jsonl_documents(
     text_field: str = "text",
     on_bad_input: OnBadInput = raise_bad_input,
 ) -> Iterator[Document]:
-    """One document per non-blank line of a jsonl file; bad lines are reported as ``file:line``."""
+    """One document per non-blank line of a jsonl file; bad lines are reported as ``file:line``.
+
+    A document's id is the line's ``id`` field where it has one (a non-empty string or an integer:
+    ``herd.curate`` writes its inputs' ids there, so a curated corpus keeps their train/val split),
+    else ``<doc_id>:<line>``."""
     doc_id = doc_id or path.name
     for line_number, record in jsonl_records(path, on_bad_input, f"a {text_field!r} field"):
         where = f"{path}:{line_number}"
@@ -142,7 +146,9 @@ def jsonl_documents(
         except BadInputError as err:
             on_bad_input(err)
             continue
-        yield Document(f"{doc_id}:{line_number}", text)
+        own = record.get("id")
+        own = str(own) if (isinstance(own, str) and own) or (isinstance(own, int) and not isinstance(own, bool)) else None
+        yield Document(own or f"{doc_id}:{line_number}", text)
 
 
 @contextmanager
