@@ -175,3 +175,14 @@ def test_an_experiment_without_init_from_fails_before_anything_runs(tmp_path, pr
     with pytest.raises(ConfigError, match=r"^stage=vision_adapter continues a trained model and needs stage\.init_from"):
         build(cfg)
     assert type(_stage_from_config(tmp_path)).__name__ == "PretrainStage"
+
+
+def test_annealing_without_init_from_is_refused(tmp_path, prepared_corpus):
+    """experiment=anneal_valuation anneals a partly trained model: without stage.init_from it would anneal
+    random weights, so it is refused like the other stages that continue a model."""
+    from herd.train import build
+
+    cfg = compose_train(tmp_path, prepared_corpus, "experiment=anneal_valuation",
+                        f"data.sources.candidate.data_dir={prepared_corpus}", "data.sources.candidate.source=prose")
+    with pytest.raises(ConfigError, match=r"^stage=anneal continues a trained model and needs stage\.init_from"):
+        build(cfg)

@@ -83,3 +83,12 @@ class LongContextStage(PretrainStage):
     continues_model = True
     stage_name = "long_context"
     starts_from = "the model to extend, e.g. the export of a pretraining run (logs/pretrain/runs/<run>/export)"
+
+
+class AnnealStage(PretrainStage):
+    """Annealing a partly trained model (``experiment=anneal_valuation``): :class:`PretrainStage`
+    continuing a model directory, its LR falling to 0 over ``anneal_tokens``."""
+
+    continues_model = True
+    stage_name = "anneal"
+    starts_from = "the partly trained model to anneal, e.g. the export of a pretraining run (logs/pretrain/runs/<run>/export)"
