@@ -319,6 +319,16 @@ def test_the_post_training_pipelines_compose_and_resolve(name, tmp_path):
     assert f"{tmp_path}/run/round{rounds}/sample/sft.jsonl" in commands[f"round{rounds}/sample_sft_data"]
 
 
+@pytest.mark.parametrize("name", ["tiny_posttrain", "llama3_8b_posttrain", "real_posttrain"])
+def test_the_held_out_evaluations_score_every_answer_and_never_fail_for_want_of_kept_ones(name, tmp_path):
+    """A policy whose greedy answers never end (measured: one start's round-1 DPO policy, 48 of 48 cut at
+    max_new_tokens) is an evaluation's finding: min_kept=0, and the cut answers are counted in the table."""
+    plan = plan_from(_compose(name, f"start={tmp_path}", f"run_dir={tmp_path / 'run'}"))
+    evaluations = [s for s in plan.steps if s.section == "finish" and s.tool == "rejection_sample"]
+    assert evaluations and all("min_kept=0" in s.command for s in evaluations)
+    assert "heldout/unfinished_samples" in plan.cfg.report.values()
+
+
 @pytest.mark.parametrize("name", ["tiny_posttrain", "llama3_8b_posttrain"])
 def test_every_training_step_composes_a_train_config(name, tmp_path):
     plan = plan_from(_compose(name, f"start={tmp_path}", f"run_dir={tmp_path / 'run'}"))
