@@ -4,7 +4,8 @@ Each start is the main job (``python -m herd.train``, what ``make train`` runs) 
 ``seed`` (its validation loss is the first table). From each start's export:
 
 - ``posttrain``: ``python -m herd.pipeline pipeline=tiny_posttrain`` (its steps keep their own
-  seeds); the columns of its ``summary.json``, per round;
+  seeds); the columns of its ``summary.json``, per round, and the held-out reward's gain over
+  round 0 (each start has its own judge, so only the gain compares across starts);
 - ``vision``: ``python -m herd.train experiment=tiny_vision seed=<seed>`` (and with
   ``--vision-baseline`` its text-only baseline, ``stage.withhold_images=true``); the last validation;
 - ``speech``: ``python -m herd.pipeline pipeline=tiny_speech until=setup/text_only`` (the
@@ -33,7 +34,7 @@ from pathlib import Path
 from herd.pipeline import training_metrics
 
 PARTS = ("posttrain", "vision", "speech")
-POSTTRAIN = ("held-out reward", "held-out F1", "SFT val/answer_f1", "RM val/accuracy", "DPO val margin")
+POSTTRAIN = ("held-out reward", "gain", "held-out F1", "held-out cut", "SFT val/answer_f1", "RM val/accuracy", "DPO val margin")
 VISION = ("val/loss", "val/caption_exact", "val/caption_word_accuracy")
 SPEECH = ("speech val/loss", "speech val/wer", "text-only val/loss", "text-only val/wer")
 
@@ -98,8 +99,11 @@ def posttrain(logs: Path, exports: dict[int, Path], extra: list[str]) -> list[di
     summaries = {seed: pipeline(logs, "tiny_posttrain", seed, export, extra) for seed, export in exports.items()}
     rounds: dict[str, dict[int, dict[str, float]]] = {}
     for seed, summary in summaries.items():
+        first = summary["rounds"][0].get("held-out reward")
         for row in summary["rounds"]:
-            rounds.setdefault(f"round {row['round']}", {})[seed] = row
+            # each start's judge (its last reward model) has its own scale: the gain over its round 0 compares
+            gain = None if first is None or row.get("held-out reward") is None else row["held-out reward"] - first
+            rounds.setdefault(f"round {row['round']}", {})[seed] = {**row, "gain": gain}
         print(f"  seed {seed}: final model {summary.get('final_model')}")
     return table(f"pipeline=tiny_posttrain from {len(exports)} starts", POSTTRAIN, rounds)
 
