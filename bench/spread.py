@@ -34,7 +34,8 @@ from pathlib import Path
 from herd.pipeline import training_metrics
 
 PARTS = ("posttrain", "vision", "speech")
-POSTTRAIN = ("held-out reward", "gain", "held-out F1", "held-out cut", "SFT val/answer_f1", "RM val/accuracy", "DPO val margin")
+POSTTRAIN = ("single reward", "kept reward", "held-out reward", "gain", "held-out F1", "held-out cut", "SFT val/answer_f1",
+             "RM val/accuracy", "DPO val margin")
 VISION = ("val/loss", "val/caption_exact", "val/caption_word_accuracy")
 SPEECH = ("speech val/loss", "speech val/wer", "text-only val/loss", "text-only val/wer")
 
@@ -86,8 +87,7 @@ def table(title: str, columns: tuple[str, ...], rows: dict[str, dict[int, dict[s
                 entry[column] = {"mean": statistics.fmean(values), "min": min(values), "max": max(values),
                                  "values": values}
         out.append(entry)
-        print(f"| {label} | " + " | ".join(cell([m[c] for m in per_seed.values() if m.get(c) is not None])
-                                          for c in columns) + " |")
+        print(f"| {label} | " + " | ".join(cell(entry[c]["values"]) if c in entry else "" for c in columns) + " |")
     for label, per_seed in rows.items():
         for seed, metrics in per_seed.items():
             print(f"  {label}, seed {seed}: " + ", ".join(f"{c} {metrics[c]:.3f}" for c in columns

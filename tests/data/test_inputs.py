@@ -31,8 +31,12 @@ def test_a_jsonl_lines_own_id_names_the_document_and_decides_its_split(tmp_path)
     lines = ['{"text": "a", "id": "os/path.py"}', '{"text": "b", "id": 7}', '{"text": "c", "id": ""}',
              '{"text": "d", "id": true}', '{"text": "e"}']
     (tmp_path / "curated.jsonl").write_text("\n".join(lines) + "\n")
-    docs = list(iter_documents(str(tmp_path / "curated.jsonl")))
-    assert [d.id for d in docs] == ["os/path.py", "7", "curated.jsonl:3", "curated.jsonl:4", "curated.jsonl:5"]
+    bad = []
+    docs = list(iter_documents(str(tmp_path / "curated.jsonl"), on_bad_input=bad.append))
+    assert [d.id for d in docs] == ["os/path.py", "7", "curated.jsonl:5"]
+    # any other id is a bad line, named
+    assert [(e.reason, e.location) for e in bad] == [("not_a_string", f"{tmp_path / 'curated.jsonl'}:{n}") for n in (3, 4)]
+    assert "field 'id' must be a non-empty string or an integer, got ''" in str(bad[0])
     # the split of a curated document is the split its input had under the same id
     ids = [f"module{i}.py" for i in range(400)]
     (tmp_path / "many.jsonl").write_text("".join(f'{{"text": "x", "id": "{i}"}}\n' for i in ids))

@@ -24,7 +24,7 @@ from typing import Any
 
 from datatrove.data import Document
 
-from herd.data.inputs import BadInputError, OnBadInput, check_text, folder_files, jsonl_records
+from herd.data.inputs import BadInputError, OnBadInput, check_text, folder_files, jsonl_records, record_id
 from herd.data.kinds.text import iter_documents
 from herd.data.tokenizer import Tokenizer
 
@@ -89,6 +89,7 @@ def _file_documents(source: SourceInput, path: Path, doc_id: str, on_bad_input: 
             continue
         try:
             check_text(text, where, f"the {source.text_field!r} field", "fix or remove the line")
+            own = record_id(record, where)
         except BadInputError as err:
             on_bad_input(err)
             continue
@@ -96,7 +97,7 @@ def _file_documents(source: SourceInput, path: Path, doc_id: str, on_bad_input: 
         for key, name in (("url", source.url_field), ("date", source.date_field)):
             if name and record.get(name) is not None:
                 metadata[key] = str(record[name])
-        yield Document(text=text, id=f"{doc_id}:{line}", metadata=metadata)
+        yield Document(text=text, id=own or f"{doc_id}:{line}", metadata=metadata)
 
 
 def write_documents(path: Path, documents: Iterable[Document]) -> int:

@@ -135,20 +135,32 @@ def jsonl_documents(
 ) -> Iterator[Document]:
     """One document per non-blank line of a jsonl file; bad lines are reported as ``file:line``.
 
-    A document's id is the line's ``id`` field where it has one (a non-empty string or an integer:
-    ``herd.curate`` writes its inputs' ids there, so a curated corpus keeps their train/val split),
-    else ``<doc_id>:<line>``."""
+    A document's id is the line's ``id`` field where it has one (:func:`record_id`), else
+    ``<doc_id>:<line>``."""
     doc_id = doc_id or path.name
     for line_number, record in jsonl_records(path, on_bad_input, f"a {text_field!r} field"):
         where = f"{path}:{line_number}"
         try:
             text = _record_text(record, where, text_field)
+            own = record_id(record, where)
         except BadInputError as err:
             on_bad_input(err)
             continue
-        own = record.get("id")
-        own = str(own) if (isinstance(own, str) and own) or (isinstance(own, int) and not isinstance(own, bool)) else None
         yield Document(own or f"{doc_id}:{line_number}", text)
+
+
+def record_id(record: Mapping[str, Any], where: str) -> str | None:
+    """A jsonl text line's own ``id`` (None without one), which names its document and decides its split:
+    ``herd.curate`` writes its inputs' ids there, so a curated corpus keeps their train/val split. An integer
+    id is taken as its decimal string; any other ``id`` than a non-empty string is a BadInputError
+    (``not_a_string``) at ``where``."""
+    value = record.get("id")
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if value is not None and (not isinstance(value, str) or not value):
+        raise BadInputError(f"{where}: field 'id' must be a non-empty string or an integer, got {value!r}; fix or "
+                            "remove the line", "not_a_string", where)
+    return value
 
 
 @contextmanager
