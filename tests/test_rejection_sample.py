@@ -18,6 +18,7 @@ from herd.data.chat import Llama3Format
 from herd.data.kinds.dialog import jsonl_dialogs
 from herd.data.kinds.preference import jsonl_rankings
 from herd.data.tokenizer import Tokenizer, train_tokenizer
+from herd.evaluation.answers import token_f1
 from herd.inference import score_dialogs
 from herd.interop import hf
 from herd.model import ModelConfig, RewardModel, Transformer
@@ -192,3 +193,33 @@ def test_a_run_that_keeps_nothing_fails_and_says_why(setup, tmp_path):
     with pytest.raises(RejectionSampleError, match=r"0 pairs of 5 prompts, fewer than min_kept=1.* were cut at max_new_tokens=6"):
         run(_cfg(setup, tmp_path, "keep_unfinished=false"), scorer=stub_scorer)
     assert not (tmp_path / "stats.json").exists() and (tmp_path / "samples.jsonl").exists()
+
+
+def test_judge_answer_f1_ranks_the_answers_by_token_f1_against_the_reference(setup, tmp_path):
+    # references made of textwrap's own words, so that the random policy's answers overlap them
+    reference = " ".join(inspect.getsource(textwrap).split()[:400])
+    prompts = tmp_path / "with_references.jsonl"
+    prompts.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Question {i}?"},
+                                                        {"role": "assistant", "content": reference}]}) + "\n"
+                               for i in range(4)))
+    cfg = _cfg(setup, tmp_path / "out", f"prompts={prompts}", "judge=answer_f1", "max_new_tokens=12")
+    cfg.reward_model = "???"  # not read: the judge needs no reward model
+    stats = run(cfg)
+    rewards = []
+    for line, kept in zip(_lines(tmp_path / "out" / "samples.jsonl"), _lines(tmp_path / "out" / "sft.jsonl"),
+                          strict=True):
+        usable = [s for s in line["samples"] if s["unusable"] is None]
+        f1 = [token_f1(s["content"], reference) for s in usable]
+        assert [s["reward"] for s in usable] == pytest.approx(f1)
+        assert kept["reward"] == pytest.approx(max(f1))
+        rewards += f1
+    assert max(rewards) > 0  # the answers share words with the references: the ranking is not all ties
+    assert stats["options"]["judge"] == "answer_f1" and stats["options"]["reward_model"] is None
+    assert stats["answer_f1"]["mean_best"] == pytest.approx(stats["reward"]["mean_best"])
+    # a prompt without a reference answer is refused before anything is sampled
+    with pytest.raises(RejectionSampleError, match=r"judge=answer_f1 needs a reference answer for every prompt, "
+                                                   r"and 'wrap' has none"):
+        run(_cfg(setup, tmp_path / "refused", "judge=answer_f1"))
+    assert not (tmp_path / "refused" / "samples.jsonl").exists()
+    with pytest.raises(RejectionSampleError, match=r"judge='people': use one of \('reward_model', 'answer_f1'\)"):
+        run(_cfg(setup, tmp_path / "bad", "judge=people"))

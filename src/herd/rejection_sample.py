@@ -25,6 +25,11 @@ How it runs, on each rank:
    one is the rejected response when ``best - worst > min_margin``; otherwise the prompt gives
    no pair (all its answers tie).
 
+The judge (``judge``) is the reward model by default. ``judge=answer_f1`` rates each answer by its
+token F1 against the prompt's reference answer instead (every prompt must have one; ``reward_model``
+is not read): a stand-in for the people who rank each round's samples in the paper, so that a
+pipeline can train its reward model on rankings of the current policy's own answers.
+
 Several ranks (``torchrun``, or any launcher that sets ``RANK``/``WORLD_SIZE``): rank r takes
 prompts r, r + W, r + 2W, ... Each rank writes its results to ``parts/``; rank 0 merges them in
 prompt order once every rank is done, so the output is the same file whatever the number of
@@ -82,7 +87,7 @@ from typing import Any
 import hydra
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from herd.cli import user_errors
@@ -111,6 +116,8 @@ Messages = list[dict[str, Any]]
 # Rewards of dialogs (each a prompt and one assistant answer), in order.
 Scorer = Callable[[Sequence[Messages]], list[float]]
 SPLITS = ("train", "val", "all")
+# Who scores the answers: the reward model, or token F1 against each prompt's reference answer.
+JUDGES = ("reward_model", "answer_f1")
 OUTPUTS = ("sft.jsonl", "preferences.jsonl", "samples.jsonl")
 STATS_FILE = "stats.json"
 PARTS = "parts"
@@ -473,6 +480,8 @@ def check_options(cfg: DictConfig) -> None:
     if cfg.max_prompts is not None and cfg.max_prompts < 1 or cfg.offset < 0:
         raise RejectionSampleError(f"max_prompts={cfg.max_prompts}, offset={cfg.offset}: max_prompts must be "
                                    "positive (or null: all) and offset >= 0")
+    if cfg.judge not in JUDGES:
+        raise RejectionSampleError(f"judge={cfg.judge!r}: use one of {JUDGES}")
     if cfg.dtype not in FP32_BF16:
         raise RejectionSampleError(f"dtype={cfg.dtype!r}: use fp32 or bf16")
     if cfg.temperature == 0 and cfg.num_samples > 1:
@@ -484,8 +493,7 @@ def run(cfg: DictConfig, scorer: Scorer | None = None, rank: int | None = None,
         world_size: int | None = None) -> dict[str, Any] | None:
     """Sample, score, select and write (see the module docstring); rank 0 returns the stats.
 
-    ``scorer`` replaces the reward model (``reward_model`` is then not read): it maps dialogs to
-    rewards. ``rank``/``world_size`` override the launcher's (every rank must be run, rank 0
+    ``scorer`` replaces the judge (``reward_model`` is then not read): it maps dialogs to rewards. ``rank``/``world_size`` override the launcher's (every rank must be run, rank 0
     last when there is no process group).
     """
     check_options(cfg)
@@ -511,6 +519,8 @@ def run(cfg: DictConfig, scorer: Scorer | None = None, rank: int | None = None,
         else:
             logger.info("rejection sampling: %d prompts x %d samples on %d rank(s) into %s", len(prompts),
                         cfg.num_samples, world_size, output)
+    if scorer is None and cfg.judge == "answer_f1":
+        scorer = reference_scorer(mine)  # before sampling: a prompt without a reference is refused at once
     seconds, tokens = _sample(cfg, mine, rank)
     board = Scalars(output / "tensorboard" if rank == 0 and cfg.tensorboard else None)
     seconds["score"] = _score(cfg, mine, scorer, board, rank)
@@ -534,8 +544,9 @@ def run(cfg: DictConfig, scorer: Scorer | None = None, rank: int | None = None,
     summary |= {"samples_per_prompt": int(cfg.num_samples), "world_size": world_size,
                 "tokens": {"generated_rank0": tokens, "per_second_rank0": tokens / max(seconds["generate"], 1e-9)},
                 "seconds": seconds,
-                "options": {k: cfg[k] for k in ("policy", "reward_model", "prompts", "split", "temperature",
-                                                "top_p", "top_k", "max_new_tokens", "min_margin", "seed")}}
+                "options": {k: None if OmegaConf.is_missing(cfg, k) else cfg[k]
+                            for k in ("policy", "judge", "reward_model", "prompts", "split", "temperature",
+                                      "top_p", "top_k", "max_new_tokens", "min_margin", "seed")}}
     _write_atomic(output / STATS_FILE, json.dumps(summary, indent=2) + "\n")
     for file in files:
         file.unlink()
@@ -607,6 +618,30 @@ def _score(cfg: DictConfig, mine: list[Result], scorer: Scorer | None, board: Sc
     per_call = max(1, int(cfg.score_batch_size) * 4 // int(cfg.num_samples))
     score_results(mine, scorer, chat, max_len, per_call, on_chunk)
     return progress.close()
+
+
+def reference_scorer(results: Sequence[Result]) -> Scorer:
+    """A scorer that rates an answer by its token F1 against its prompt's reference answer.
+
+    It stands in for the people who rank a round's samples in the paper: ``judge=answer_f1`` with
+    prompts that carry references (``stdlib:sft``, or jsonl lines ending with the assistant's answer).
+    """
+    references = {}
+    for result in results:
+        if result.prompt.reference is None:
+            raise RejectionSampleError(f"judge=answer_f1 needs a reference answer for every prompt, and "
+                                       f"{result.prompt.id!r} has none: use prompts whose messages end with the "
+                                       "assistant's answer (or stdlib:sft), or judge=reward_model")
+        references[_prompt_key(result.prompt.messages)] = result.prompt.reference
+
+    def score(dialogs: Sequence[Messages]) -> list[float]:
+        return [token_f1(dialog[-1]["content"], references[_prompt_key(dialog[:-1])]) for dialog in dialogs]
+
+    return score
+
+
+def _prompt_key(messages: Messages) -> str:
+    return json.dumps(messages, sort_keys=True)
 
 
 def _reward_scorer(cfg: DictConfig, chat: ChatFormat) -> tuple[Scorer, int]:
