@@ -317,6 +317,14 @@ def test_the_post_training_pipelines_compose_and_resolve(name, tmp_path):
     assert f"policy={tmp_path}/run/round{rounds - 1}/dpo" in sample  # each round samples from the last DPO model
     assert f"reward_model={tmp_path}/run/round{rounds}/reward" in sample
     assert f"{tmp_path}/run/round{rounds}/sample/sft.jsonl" in commands[f"round{rounds}/sample_sft_data"]
+    if name == "tiny_posttrain":  # the reward model also learns from annotated pairs of the policy's own answers
+        annotate = commands[f"round{rounds}/annotate"]
+        assert "judge=answer_f1" in annotate and f"policy={tmp_path}/run/round{rounds - 1}/dpo" in annotate
+        # the same shuffle as the sample step, from where its prompts end: the two never share a question
+        assert f"seed={rounds}" in sample and f"seed={rounds}" in annotate and "offset=" not in sample
+        assert f"offset={plan.cfg.prompts_per_round}" in annotate
+        assert f"{tmp_path}/run/round{rounds}/annotate/preferences.jsonl" in commands[f"round{rounds}/annotated_data"]
+        assert f"{tmp_path}/run/round{rounds}/annotated_data/data" in commands[f"round{rounds}/reward"]
 
 
 @pytest.mark.parametrize("name", ["tiny_posttrain", "llama3_8b_posttrain", "real_posttrain"])
@@ -344,6 +352,8 @@ def test_every_training_step_composes_a_train_config(name, tmp_path):
                 assert cfg.stage.optimizer.lr == (1.0e-3 if step.section == "setup" else 3.0e-4)
             if name == "tiny_posttrain" and step.short == "reward":  # tiny_reward's 3e-4 stays near chance
                 assert cfg.stage.optimizer.lr == 1.0e-3
+                assert set(cfg.data.sources) == {"rankings", "annotated"}
+                assert cfg.data.sources.annotated.data_dir.endswith(f"round{step.round}/annotated_data/data")
             if step.short == "dpo":
                 assert (cfg.stage.beta, cfg.stage.nll_weight) == (0.1, 0.2)
                 assert set(cfg.data.sources) == {"rankings", "sampled"}
