@@ -221,5 +221,13 @@ def test_judge_answer_f1_ranks_the_answers_by_token_f1_against_the_reference(set
                                                    r"and 'wrap' has none"):
         run(_cfg(setup, tmp_path / "refused", "judge=answer_f1"))
     assert not (tmp_path / "refused" / "samples.jsonl").exists()
+    # the same question with two references: which one an answer is scored against would be a guess
+    twice = tmp_path / "twice.jsonl"
+    twice.write_text("".join(json.dumps({"id": name, "messages": [{"role": "user", "content": "Same?"},
+                                                                  {"role": "assistant", "content": answer}]}) + "\n"
+                             for name, answer in (("a", "yes"), ("b", "no"))))
+    with pytest.raises(RejectionSampleError, match=r"prompts 'a' and 'b' ask the same question with different "
+                                                   r"reference answers"):
+        run(_cfg(setup, tmp_path / "twice", f"prompts={twice}", "judge=answer_f1"))
     with pytest.raises(RejectionSampleError, match=r"judge='people': use one of \('reward_model', 'answer_f1'\)"):
         run(_cfg(setup, tmp_path / "bad", "judge=people"))

@@ -493,8 +493,9 @@ def run(cfg: DictConfig, scorer: Scorer | None = None, rank: int | None = None,
         world_size: int | None = None) -> dict[str, Any] | None:
     """Sample, score, select and write (see the module docstring); rank 0 returns the stats.
 
-    ``scorer`` replaces the judge (``reward_model`` is then not read): it maps dialogs to rewards. ``rank``/``world_size`` override the launcher's (every rank must be run, rank 0
-    last when there is no process group).
+    ``scorer`` replaces the judge (``reward_model`` is then not read): it maps dialogs to rewards.
+    ``rank``/``world_size`` override the launcher's (every rank must be run, rank 0 last when there
+    is no process group).
     """
     check_options(cfg)
     started = time.monotonic()
@@ -626,16 +627,22 @@ def reference_scorer(results: Sequence[Result]) -> Scorer:
     It stands in for the people who rank a round's samples in the paper: ``judge=answer_f1`` with
     prompts that carry references (``stdlib:sft``, or jsonl lines ending with the assistant's answer).
     """
-    references = {}
+    references: dict[str, tuple[str, str]] = {}  # prompt -> (reference, id of the prompt that gave it)
     for result in results:
-        if result.prompt.reference is None:
+        prompt = result.prompt
+        if prompt.reference is None:
             raise RejectionSampleError(f"judge=answer_f1 needs a reference answer for every prompt, and "
-                                       f"{result.prompt.id!r} has none: use prompts whose messages end with the "
+                                       f"{prompt.id!r} has none: use prompts whose messages end with the "
                                        "assistant's answer (or stdlib:sft), or judge=reward_model")
-        references[_prompt_key(result.prompt.messages)] = result.prompt.reference
+        key = _prompt_key(prompt.messages)
+        reference, first = references.setdefault(key, (prompt.reference, prompt.id))
+        if reference != prompt.reference:
+            raise RejectionSampleError(f"judge=answer_f1: prompts {first!r} and {prompt.id!r} ask the same question "
+                                       "with different reference answers, so an answer's F1 is ambiguous; keep one "
+                                       "of them")
 
     def score(dialogs: Sequence[Messages]) -> list[float]:
-        return [token_f1(dialog[-1]["content"], references[_prompt_key(dialog[:-1])]) for dialog in dialogs]
+        return [token_f1(dialog[-1]["content"], references[_prompt_key(dialog[:-1])][0]) for dialog in dialogs]
 
     return score
 
