@@ -88,8 +88,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     for run_logger in trainer.loggers:
         run_logger.log_hyperparams(hyperparameters)
     if cfg.validate_first and resume is None and not trainer.fast_dev_run:
-        validated = trainer.validate(stage, datamodule=datamodule, verbose=False)[0]
-        stage.start_metrics = {k: float(v) for k, v in validated.items()}
+        validated = trainer.validate(stage, datamodule=datamodule, verbose=False)
+        if validated:  # nothing without val shards (the data module has said that validation is skipped)
+            stage.start_metrics = {k: float(v) for k, v in validated[0].items()}
     # finishing: the run's own checkpoint is at max_steps (the run was stopped after saving it, before its
     # export): fit restores it, trains no step and runs the end-of-training hooks (e.g. checkpoint averaging)
     # the checkpoint is set on the trainer (not passed to fit) so that callbacks see it from on_fit_start on,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -384,3 +385,21 @@ def test_model_checkpoint_takes_the_shape_of_stage_init_from(tmp_path, prepared_
     cfg = compose_train(tmp_path, prepared_corpus, "model=checkpoint", f"stage.init_from={start}")  # dim=64 given
     with pytest.raises(ConfigError, match="model.dim: 48 .checkpoint. vs 64 .config.; .*leave them null"):
         build(cfg)
+
+
+def test_a_run_on_data_without_val_shards_trains_and_exports_unvalidated(tmp_path, prepared_corpus):
+    """A folder prepared from train-split inputs only (a pipeline's sampled data) has no val shards: the run
+    trains and exports with no val metrics (the data module says validation is skipped), no IndexError."""
+    import shutil
+
+    data = tmp_path / "train_only"
+    shutil.copytree(prepared_corpus, data)
+    manifest = json.loads((data / "manifest.json").read_text())
+    for source in manifest["sources"].values():
+        for shard in source["splits"]["val"]["shards"]:
+            (data / shard["path"]).unlink()
+        source["splits"]["val"]["shards"] = []
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    result = train(compose_train(tmp_path, data, "trainer.max_steps=2", "callbacks.text_samples=null"))
+    assert result["trainer"].global_step == 2 and (Path(result["export_dir"]) / "config.json").is_file()
+    assert result["start"] == {} and not any(key.startswith("val/") for key in result["metrics"])
