@@ -15,8 +15,7 @@ Each table gives the mean and the range (min..max) over the starts, then each st
 whole report is written to ``<logs>/spread.json``. Everything runs one command at a time in this
 process's environment; finished runs and pipeline steps are reused when the command is run again,
 so a killed run continues where it stopped. On an idle 2-core machine a start takes about 6 minutes,
-its post-training pipeline 20 to 25 (the annotation steps add about 100 s a round), a vision run
-about 7 and the speech steps about 6.
+its post-training pipeline about 15, a vision run about 7 and the speech steps about 6.
 
     python bench/spread.py                                # every part, seeds 1 2 3, logs under logs/spread/
     python bench/spread.py --parts vision --seeds 1 2 3 4 5
