@@ -35,8 +35,7 @@ from herd.pipeline import training_metrics
 
 PARTS = ("posttrain", "vision", "speech")
 POSTTRAIN = ("single reward", "kept reward", "single F1", "kept F1", "held-out reward", "gain", "held-out F1",
-             "held-out cut", "SFT val/answer_f1",
-             "RM val/accuracy", "DPO val margin")
+             "held-out cut", "SFT val/answer_f1", "RM val/accuracy", "DPO val margin")
 VISION = ("val/loss", "val/caption_exact", "val/caption_word_accuracy")
 SPEECH = ("speech val/loss", "speech val/wer", "text-only val/loss", "text-only val/wer")
 
